@@ -1,0 +1,3 @@
+from piarec.cli import main
+
+raise SystemExit(main())

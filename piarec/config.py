@@ -1,0 +1,294 @@
+"""Typed configuration for the whole pipeline.
+
+One :class:`PipelineConfig` describes every stage. It is loaded from a YAML file
+(the embedded local default ships inside the package as ``defaults/local.yaml``)
+and then overridden by environment variables of the form
+``PIAREC__SECTION__KEY=value`` (values are parsed as YAML scalars, so
+``PIAREC__TRAINING__EPOCHS=30`` is an int and ``PIAREC__PIA__ENABLED=false`` a bool).
+
+Unknown keys and wrong types fail with :class:`ConfigError`, naming the key.
+Nothing here touches the filesystem or global state at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from piarec.errors import ConfigError
+
+ENV_PREFIX = "PIAREC__"
+CONFIG_ENV = "PIAREC_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    # Root for everything the pipeline writes: a local folder or s3://bucket/prefix.
+    root: str = "piarec-work"
+    # Where raw events live; defaults to <root>/events.
+    events: str | None = None
+
+    @property
+    def events_uri(self) -> str:
+        return self.events or join_uri(self.root, "events")
+
+    @property
+    def snapshots_uri(self) -> str:
+        return join_uri(self.root, "snapshots")
+
+    @property
+    def recommendations_uri(self) -> str:
+        return join_uri(self.root, "recommendations")
+
+
+class EventsSchema(_Section):
+    # Column names in the events dataset (mapping for sources that name them differently).
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    type_col: str = "event_type"
+    ts_col: str = "ts"
+    watch_col: str = "watch_seconds"
+
+
+class PositiveRule(_Section):
+    # An event is a positive when its type is listed here...
+    event_types: list[str] = Field(default_factory=lambda: ["play", "complete"])
+    # ...and it was watched at least this long (seconds). 0 disables the check.
+    min_watch_seconds: int = Field(60, ge=0)
+
+
+class FilterConfig(_Section):
+    # Training-only filters; they never remove a user from daily scoring.
+    min_user_positives: int = Field(5, ge=1)  # as in the method's preprocessing
+    min_item_users: int = Field(1, ge=1)
+    # Users with more positives than this are dropped as bots / shared accounts.
+    max_user_positives: int | None = Field(None, ge=1)
+
+
+class SplitConfig(_Section):
+    # Held-out users are chosen by a salted hash of user_id: stable week after week.
+    salt: str = "piarec-split-v1"
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    # Share of a held-out user's positives given to the model; the rest is predicted.
+    fold_in_fraction: float = Field(0.8, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_users(self) -> "SplitConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("split.val_fraction + split.test_fraction must be below 0.9")
+        return self
+
+
+class ModelConfig(_Section):
+    # Encoder: I -> hidden -> latent (Liang et al. 2018); tanh between layers.
+    # "deeper" adds two latent-wide layers (the PIA paper's appendix D.2).
+    encoder: Literal["shallow", "deeper"] = "shallow"
+    hidden_dim: int = Field(600, ge=1)
+    latent_dim: int = Field(200, ge=1)
+    # Decoder hidden layers; [] is the PIA paper's 200 -> I, [600] is Liang's 200 -> 600 -> I.
+    decoder_hidden: list[int] = Field(default_factory=list)
+    # Probability of keeping an input item during training (input masking).
+    keep_prob: float = Field(0.5, gt=0.0, le=1.0)
+
+    @property
+    def extra_encoder_layers(self) -> int:
+        return {"shallow": 0, "deeper": 2}[self.encoder]
+
+
+class PIAConfig(_Section):
+    # Personalized Item Alignment regularizer (Eq. 8-10 of the PIA paper).
+    enabled: bool = True
+    lambda_a: float = Field(0.1, ge=0.0)  # starting weight; tuned on validation
+    lambda_scale: float = Field(2.0, ge=1.0)  # multiplier when validation stalls
+    patience: int = Field(5, ge=1)  # rho: epochs without improvement before a raise
+    lambda_max: float = Field(8.0, ge=0.0)  # cap on the schedule
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(500, ge=1)
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    beta_cap: float = Field(0.2, ge=0.0)
+    anneal_steps: int = Field(200_000, ge=1)  # beta grows linearly to beta_cap over these steps
+    # Stop after this many epochs without validation improvement (None = run all epochs).
+    early_stop_patience: int | None = Field(None, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = Field(2000, ge=1)
+
+
+class ScoringConfig(_Section):
+    k: int = Field(100, ge=1)
+    # Days of history that define active users, histories and seen titles at date D.
+    history_days: int = Field(90, ge=1)
+    # Event types that make a title "seen" (never recommended), positive or not.
+    seen_types: list[str] = Field(default_factory=lambda: ["play", "complete"])
+    batch_size: int = Field(4096, ge=1)
+    model_uri: str = "models:/piarec@champion"
+    arm: str = "champion"
+
+
+class MlflowConfig(_Section):
+    # None = a SQLite store under the storage root (local default).
+    tracking_uri: str | None = None
+    # None = <root>/mlartifacts for a local root.
+    artifact_location: str | None = None
+    experiment: str = "piarec"
+    registered_model: str = "piarec"
+
+
+class SparkConfig(_Section):
+    master: str = "local[*]"
+    app_name: str = "piarec"
+    shuffle_partitions: int = Field(8, ge=1)
+    driver_memory: str = "4g"
+    # Extra Spark properties passed verbatim.
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class GateConfig(_Section):
+    # The minimal promotion gate: the challenger must beat popularity on validation NDCG@100.
+    metric: str = "ndcg@100"
+    min_uplift_over_popularity: float = 0.0
+
+
+class PipelineConfig(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    events: EventsSchema = Field(default_factory=EventsSchema)
+    window_days: int = Field(90, ge=1)  # training window: [window_end - window_days, window_end)
+    positive: PositiveRule = Field(default_factory=PositiveRule)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pia: PIAConfig = Field(default_factory=PIAConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{_local_abspath(self.storage.root)}/mlflow.db"
+
+    def artifact_location(self) -> str | None:
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        if is_s3(self.storage.root):
+            return join_uri(self.storage.root, "mlartifacts")
+        return Path(_local_abspath(self.storage.root), "mlartifacts").as_uri()
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or an ``s3://`` URI."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _local_abspath(path: str) -> str:
+    if is_s3(path):
+        raise ConfigError(
+            f"mlflow.tracking_uri must be set when storage.root is on S3 ({path!r})"
+        )
+    return os.path.abspath(path)
+
+
+def _default_yaml() -> dict[str, Any]:
+    text = resources.files("piarec").joinpath("defaults/local.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"environment override {'.'.join(path)}: {key} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Collect ``PIAREC__A__B=v`` variables into a nested dict ``{"a": {"b": v}}``."""
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        _set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """Load the pipeline configuration.
+
+    Precedence, lowest first: the packaged local default, the YAML file at ``path``
+    (or ``$PIAREC_CONFIG``), ``PIAREC__*`` environment variables, then ``overrides``
+    (a nested dict, used by the CLI for explicit options).
+    """
+    environ = os.environ if environ is None else environ
+    data = _default_yaml()
+    path = path or environ.get(CONFIG_ENV)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        data = deep_merge(data, loaded)
+    data = deep_merge(data, env_overrides(environ))
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration: {_describe(err)}") from None

@@ -1,0 +1,119 @@
+"""MLflow wiring: tracking setup, model registration, aliases and model resolution.
+
+Nothing here runs at import time; every function takes the pipeline config and sets
+the tracking URI explicitly, so the same code talks to a local SQLite store or a server.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from piarec.bundle import ModelBundle, load_bundle
+from piarec.config import PipelineConfig
+from piarec.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: where its bundle lies locally and what it is."""
+
+    local_dir: str
+    name: str | None
+    version: str | None
+    run_id: str | None
+    uri: str
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id, "uri": self.uri}
+
+
+def client(cfg: PipelineConfig):
+    """An MlflowClient bound to the configured tracking URI (imports mlflow lazily)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = cfg.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(cfg: PipelineConfig) -> str:
+    """The experiment id for ``cfg.mlflow.experiment``, created with its artifact location."""
+    c = client(cfg)
+    exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.artifact_location())
+
+
+def register_version(
+    cfg: PipelineConfig, run_id: str, artifact_path: str, *, description: str = "", tags: dict[str, str] | None = None
+) -> str:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    name = cfg.mlflow.registered_model
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="Multi-VAE + PIA recommendations")
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {}, description=description)
+    return str(mv.version)
+
+
+def set_alias(cfg: PipelineConfig, alias: str, version: str) -> None:
+    client(cfg).set_registered_model_alias(cfg.mlflow.registered_model, alias, str(version))
+
+
+def alias_version(cfg: PipelineConfig, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(cfg).get_model_version_by_alias(cfg.mlflow.registered_model, alias).version)
+    except MlflowException:
+        return None
+
+
+def resolve_model(cfg: PipelineConfig, uri: str) -> ModelRef:
+    """Resolve ``models:/name@alias``, ``models:/name/version``, ``runs:/id/path`` or a
+    local bundle directory to a local copy of the bundle."""
+    if not uri.startswith(("models:/", "runs:/")):
+        if not os.path.isdir(uri):
+            raise ModelNotFoundError(f"model {uri!r} is neither a models:/ or runs:/ URI nor a directory")
+        return ModelRef(os.path.abspath(uri), None, None, None, uri)
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    name = version = run_id = None
+    try:
+        if uri.startswith("models:/"):
+            ref = uri[len("models:/"):]
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = c.get_model_version_by_alias(name, alias)
+            else:
+                name, _, ver = ref.partition("/")
+                mv = c.get_model_version(name, ver)
+            version, run_id, source = str(mv.version), mv.run_id, mv.source
+        else:
+            run_id = uri[len("runs:/"):].split("/", 1)[0]
+            source = uri
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source)
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"model {uri!r} cannot be resolved: {exc.message}") from None
+    return ModelRef(local, name, version, run_id, uri)
+
+
+def load_model(cfg: PipelineConfig, uri: str) -> tuple[ModelBundle, ModelRef]:
+    ref = resolve_model(cfg, uri)
+    return load_bundle(ref.local_dir, ref.info()), ref
