@@ -158,7 +158,7 @@ class SparkConfig(_Section):
 
 class GateConfig(_Section):
     # The minimal promotion gate: the challenger must beat popularity on validation NDCG@100.
-    metric: str = "ndcg@100"
+    metric: str = "ndcg_at_100"
     min_uplift_over_popularity: float = 0.0
 
 

@@ -43,7 +43,7 @@ def summarize(topk: np.ndarray, held_out: CSR) -> dict[str, float]:
     """The protocol's headline numbers: Recall@20, Recall@50, NDCG@100 (means over users
     with at least one held-out item)."""
     return {
-        "recall@20": float(np.nanmean(recall_at_k(topk, held_out, 20))),
-        "recall@50": float(np.nanmean(recall_at_k(topk, held_out, 50))),
-        "ndcg@100": float(np.nanmean(ndcg_at_k(topk, held_out, 100))),
+        "recall_at_20": float(np.nanmean(recall_at_k(topk, held_out, 20))),
+        "recall_at_50": float(np.nanmean(recall_at_k(topk, held_out, 50))),
+        "ndcg_at_100": float(np.nanmean(ndcg_at_k(topk, held_out, 100))),
     }

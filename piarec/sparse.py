@@ -1,7 +1,8 @@
 """A minimal CSR matrix of binary interactions, shared by training, evaluation and scoring.
 
 The pipeline never densifies a whole user-item matrix: batches are cut from CSR rows
-and turned into torch sparse tensors (training) or masks (scoring).
+(training feeds them to an embedding bag; scoring turns them into masks). No torch
+import here: the Spark build job reads snapshots through this module.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,6 @@ class CSR:
         # Gather every row's slice in one vectorised pass.
         offsets = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
         return CSR(indptr, self.indices[offsets], self.n_cols)
-
-    def to_torch(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A torch sparse CSR tensor of ones, shape [n_rows, n_cols]."""
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(self.indptr),
-            torch.from_numpy(self.indices.astype(np.int64)),
-            torch.ones(self.nnz, dtype=dtype),
-            size=(self.n_rows, self.n_cols),
-        ).to(device)
 
     def to_dense(self) -> np.ndarray:
         out = np.zeros((self.n_rows, self.n_cols), dtype=np.float32)

@@ -90,17 +90,19 @@ def remove(loc: Location) -> None:
         loc.fs.delete_file(loc.path)
 
 
-def publish_dir(tmp_uri: str, final_uri: str, manifest: dict[str, Any] | None = None) -> None:
+def publish_dir(
+    tmp_uri: str, final_uri: str, manifest: dict[str, Any] | None = None, manifest_name: str = "manifest.json"
+) -> None:
     """Replace ``final_uri`` with the finished contents of ``tmp_uri``.
 
-    ``manifest.json`` (when given) and then ``_SUCCESS`` are written into the temporary
+    The manifest (when given, as ``manifest_name``) and then ``_SUCCESS`` are written into the temporary
     prefix before it moves, so the published prefix is never visible without them.
     The old contents are first marked unpublished (their ``_SUCCESS`` removed), so a
     reader never mistakes a half-replaced prefix for a complete one.
     """
     tmp, final = resolve(tmp_uri), resolve(final_uri)
     if manifest is not None:
-        write_json(tmp.child("manifest.json"), manifest)
+        write_json(tmp.child(manifest_name), manifest)
     write_bytes(tmp.child(SUCCESS), b"")
     if exists(final):
         remove(final.child(SUCCESS))

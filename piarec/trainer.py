@@ -149,9 +149,9 @@ def train(
 
         # Validation on held-out users picks the model and drives lambda_A.
         metrics = evaluate_model(model, snap.val, tc.eval_batch_size)
-        improved = metrics["ndcg@100"] > best_ndcg
+        improved = metrics["ndcg_at_100"] > best_ndcg
         if improved:
-            best_ndcg, best_epoch, best_metrics, since_best = metrics["ndcg@100"], epoch, metrics, 0
+            best_ndcg, best_epoch, best_metrics, since_best = metrics["ndcg_at_100"], epoch, metrics, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1

@@ -41,9 +41,9 @@ def test_planted_structure_is_recovered(planted_snapshot):
     pop = evaluate_popularity(train_popularity(planted_snapshot.train), planted_snapshot.test)
     # Held-out items share the fold-in items' block: a model that learned the blocks ranks
     # them in its top 20; popularity cannot (the blocks are equally popular).
-    assert model["recall@20"] >= 0.8
-    assert model["recall@20"] >= 3 * pop["recall@20"]
-    assert result.best_epoch >= 1 and result.best_metrics["ndcg@100"] > 0
+    assert model["recall_at_20"] >= 0.8
+    assert model["recall_at_20"] >= 3 * pop["recall_at_20"]
+    assert result.best_epoch >= 1 and result.best_metrics["ndcg_at_100"] > 0
     losses = [r["nll"] for r in result.history]
     assert losses[-1] < losses[0]
 

@@ -1,0 +1,194 @@
+"""Reading a published training snapshot (written by ``pipelines/build_matrix.py``).
+
+Layout of ``<root>/window_end=YYYY-MM-DD/``::
+
+    interactions/   user_idx int32, item_idx int32, part string (train | fold_in | held_out)
+    users/          user_idx int32, user_id string, split string (train | val | test)
+    items/          item_idx int32, item_id string, n_users int32
+    manifest.json   schema_version, window, config used, counts, created_at
+    _SUCCESS        written last; a prefix without it is not a snapshot
+
+Plain pyarrow + numpy (no Spark), through :mod:`piarec.storage`, so local folders and
+``s3://`` read the same way. The files are checked against the manifest's counts, so a
+damaged or hand-edited snapshot fails here rather than as a silently worse model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from piarec.config import join_uri
+from piarec.errors import InputDataError
+from piarec.sparse import CSR
+from piarec.storage import Location, exists, is_published, read_json, resolve
+
+__all__ = [
+    "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot", "snapshot_uri",
+]
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+PARTS = ("train", "fold_in", "held_out")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Held-out users of one split (val or test); rows of all three fields are aligned."""
+
+    user_ids: np.ndarray  # object (str) [U_s], in user_idx order
+    fold_in: CSR  # [U_s, I] the model's input
+    held_out: CSR  # [U_s, I] items to predict
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A training snapshot in memory. Item positions are ``item_idx`` everywhere."""
+
+    uri: str
+    manifest: dict[str, Any]
+    item_ids: np.ndarray  # object (str) [I], position = item_idx
+    item_popularity: np.ndarray  # int64 [I], users per item (descending by construction)
+    train: CSR  # [U_train, I] all positives of train-split users
+    train_user_ids: np.ndarray  # object (str) [U_train], rows of ``train``
+    val: Split
+    test: Split
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+
+def snapshot_uri(root: str, window_end: date) -> str:
+    """``<root>/window_end=YYYY-MM-DD``: where the snapshot of a window lives."""
+    return join_uri(root, f"window_end={window_end.isoformat()}")
+
+
+def _read(loc: Location, name: str, columns: list[str]) -> pa.Table:
+    sub = loc.child(name)
+    if not exists(sub):
+        raise InputDataError(f"snapshot {loc.uri!r} has no {name}/ folder")
+    # Spark's own markers (_SUCCESS, .crc files) are skipped by the default ignore_prefixes.
+    table = ds.dataset(sub.path, filesystem=loc.fs, format="parquet").to_table(columns=columns)
+    return table
+
+
+def _is(column: pa.ChunkedArray, value: str) -> np.ndarray:
+    """bool [n]: ``column == value`` (null = False), vectorised in Arrow."""
+    return pc.fill_null(pc.equal(column, value), False).to_numpy(zero_copy_only=False)
+
+
+def _dense(values: np.ndarray, what: str, uri: str) -> None:
+    if not np.array_equal(values, np.arange(len(values))):
+        raise InputDataError(f"snapshot {uri!r}: {what} is not a dense 0..{len(values) - 1} index")
+
+
+def load_snapshot(uri: str) -> Snapshot:
+    """Load the published snapshot at ``uri`` (local path or ``s3://``).
+
+    Raises :class:`InputDataError` when the prefix is not published (no ``_SUCCESS``), the
+    schema version is unknown, indices are not dense, parts contradict splits, or the
+    files disagree with the manifest's counts.
+    """
+    if not is_published(uri):
+        raise InputDataError(
+            f"snapshot {uri!r} is not published (no _SUCCESS marker); "
+            "build it with pipelines/build_matrix.py or pick a published window"
+        )
+    loc = resolve(uri)
+    manifest = read_json(loc.child("manifest.json"))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise InputDataError(
+            f"snapshot {uri!r} has schema_version {manifest.get('schema_version')!r}; "
+            f"this code reads version {SCHEMA_VERSION}"
+        )
+
+    items = _read(loc, "items", ["item_idx", "item_id", "n_users"]).sort_by("item_idx")
+    _dense(items.column("item_idx").to_numpy(), "item_idx", uri)
+    item_ids = items.column("item_id").to_numpy().astype(object)
+    popularity = items.column("n_users").to_numpy().astype(np.int64)
+    n_items = len(item_ids)
+
+    users = _read(loc, "users", ["user_idx", "user_id", "split"]).sort_by("user_idx")
+    _dense(users.column("user_idx").to_numpy(), "user_idx", uri)
+    user_ids = users.column("user_id").to_numpy().astype(object)
+    split_col = users.column("split")
+    user_split = np.full(len(user_ids), -1, dtype=np.int8)
+    for code, name in enumerate(SPLITS):
+        user_split[_is(split_col, name)] = code
+    if (user_split < 0).any():
+        raise InputDataError(f"snapshot {uri!r}: users/ holds a split outside {SPLITS}")
+
+    inter = _read(loc, "interactions", ["user_idx", "item_idx", "part"])
+    u = inter.column("user_idx").to_numpy().astype(np.int64)
+    i = inter.column("item_idx").to_numpy().astype(np.int64)
+    if len(u) and (u.min() < 0 or u.max() >= len(user_ids) or i.min() < 0 or i.max() >= n_items):
+        raise InputDataError(f"snapshot {uri!r}: interactions point outside users/ or items/")
+    part_col = inter.column("part")
+    part = {p: _is(part_col, p) for p in PARTS}
+    row_split = user_split[u]
+    # Train users contribute only "train" rows; held-out users only fold_in / held_out.
+    if (part["train"] != (row_split == 0)).any() or not (
+        part["train"] | part["fold_in"] | part["held_out"]
+    ).all():
+        raise InputDataError(f"snapshot {uri!r}: interaction parts contradict user splits")
+
+    def rows_of(code: int, mask: np.ndarray) -> tuple[np.ndarray, CSR]:
+        members = np.flatnonzero(user_split == code)
+        local = np.full(len(user_ids), -1, dtype=np.int64)
+        local[members] = np.arange(len(members))
+        sel = mask & (row_split == code)
+        return user_ids[members], CSR.from_pairs(local[u[sel]], i[sel], len(members), n_items)
+
+    train_ids, train = rows_of(0, part["train"])
+    splits = {}
+    for code, name in ((1, "val"), (2, "test")):
+        ids, fold_in = rows_of(code, part["fold_in"])
+        _, held_out = rows_of(code, part["held_out"])
+        splits[name] = Split(ids, fold_in, held_out)
+
+    _check_counts(uri, manifest, n_items, {
+        "train": (len(train_ids), {"train": train.nnz, "fold_in": 0, "held_out": 0}),
+        **{name: (s.n_users, {"train": 0, "fold_in": s.fold_in.nnz, "held_out": s.held_out.nnz})
+           for name, s in splits.items()},
+    })
+    return Snapshot(
+        uri=loc.uri,
+        manifest=manifest,
+        item_ids=item_ids,
+        item_popularity=popularity,
+        train=train,
+        train_user_ids=train_ids,
+        val=splits["val"],
+        test=splits["test"],
+    )
+
+
+def _check_counts(
+    uri: str, manifest: dict[str, Any], n_items: int, found: dict[str, tuple[int, dict[str, int]]]
+) -> None:
+    """Compare users and nnz per split and part (and the item count) with the manifest."""
+    counts = manifest.get("counts", {})
+    expected_items = counts.get("after_user_filter", {}).get("items")
+    problems = []
+    if expected_items != n_items:
+        problems.append(f"items: manifest {expected_items}, files {n_items}")
+    for name, (n_users, nnz) in found.items():
+        want = counts.get("splits", {}).get(name, {})
+        if want.get("users") != n_users:
+            problems.append(f"{name} users: manifest {want.get('users')}, files {n_users}")
+        for p, n in nnz.items():
+            if want.get(p) != n:
+                problems.append(f"{name} {p} nnz: manifest {want.get(p)}, files {n}")
+    if problems:
+        raise InputDataError(f"snapshot {uri!r} disagrees with its manifest: {'; '.join(problems)}")

@@ -1,0 +1,67 @@
+"""The one place a SparkSession is built, so every job runs with the same settings.
+
+Settings that matter for correctness are fixed here rather than left to the cluster
+defaults: the session time zone is UTC (event dates, window edges and ``dt=`` partitions
+are all UTC days, see docs/architecture.md) and Arrow is on (``mapInArrow`` scoring and
+``toPandas`` in tests). Everything else comes from :class:`piarec.config.SparkConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyspark.sql import SparkSession
+
+from piarec.config import SparkConfig, is_s3
+
+__all__ = ["get_spark", "spark_path"]
+
+
+def get_spark(cfg: SparkConfig) -> SparkSession:
+    """Return the active SparkSession, creating it from ``cfg`` when there is none.
+
+    ``getOrCreate`` semantics: when a session exists (a test fixture, a notebook) it is
+    returned and only the runtime SQL settings are applied to it.
+
+    Under ``spark-submit`` the launcher owns the JVM: ``--master``, ``--name`` and
+    ``--driver-memory`` given there win, so ``cfg.master``, ``cfg.app_name`` and
+    ``cfg.driver_memory`` are not set (a master set in code would silently override the
+    cluster's). ``cfg.conf`` is applied last so an operator can override any default.
+    """
+    builder = (
+        SparkSession.builder.config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        # Event timestamps are compared with UTC day boundaries; never the machine's zone.
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    )
+    if not _under_spark_submit():
+        builder = (
+            builder.master(cfg.master)
+            .appName(cfg.app_name)
+            .config("spark.driver.memory", cfg.driver_memory)
+        )
+        if cfg.master.startswith("local"):
+            # No web UI for local runs: it only costs a port and start-up time.
+            builder = builder.config("spark.ui.enabled", "false")
+    for key, value in cfg.conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+def _under_spark_submit() -> bool:
+    # spark-submit (and the pyspark shell) start the JVM first and hand its gateway port
+    # to Python; a plain `python job.py` has none and PySpark launches the JVM itself.
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def spark_path(uri: str) -> str:
+    """The path Spark should read or write for a storage URI.
+
+    Local paths become absolute, so Spark and :mod:`piarec.storage` (which also makes them
+    absolute) name the same folder whatever the working directory of the executors is.
+    ``s3://`` URIs are passed through unchanged: the cluster maps the scheme onto the s3a
+    connector (``spark.hadoop.fs.s3.impl``), see docs/architecture.md.
+    """
+    if is_s3(uri) or "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(uri)

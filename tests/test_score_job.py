@@ -1,0 +1,258 @@
+"""The daily scoring job end to end on real local Spark and a hand-made events log."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from piarec.bundle import load_bundle, save_bundle
+from piarec.config import ModelConfig, load_config
+from piarec.model import MultiVAE
+from piarec.scorer import OUTPUT_SCHEMA, TopKScorer, map_histories
+from pipelines import score_users
+
+REPO = Path(__file__).resolve().parents[1]
+DAY = date(2026, 3, 10)
+N_ITEMS, K = 30, 5
+ITEMS = [f"t{i:02d}" for i in range(N_ITEMS)]
+
+
+def ts(day: date, hour: int = 12, minute: int = 0) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=timezone.utc)
+
+
+def make_events() -> list[tuple]:
+    """(user_id, item_id, event_type, ts, watch_seconds); window [03-03, 03-11) for 7 days."""
+    d = lambda n: DAY - timedelta(days=n)  # noqa: E731
+    ev = [
+        ("u1", "t01", "play", ts(d(1)), 120), ("u1", "t02", "play", ts(d(2)), 300),
+        ("u1", "t03", "complete", ts(DAY, 23, 59), 900), ("u1", "t04", "impression", ts(DAY), None),
+        # u2: t05 watched too briefly (seen, not positive); "new-1" is unknown to the model.
+        ("u2", "t05", "play", ts(d(3)), 10), ("u2", "t06", "play", ts(d(3)), 600),
+        ("u2", "new-1", "play", ts(d(4)), 600),
+        ("u3", "t07", "impression", ts(d(1)), None),  # impressions only: popularity
+        ("u4", "t08", "play", ts(d(9)), 600),  # active only before the window: absent
+        ("u5", "t09", "play", ts(DAY + timedelta(days=1), 0, 0), 600),  # at D+1 00:00: absent
+        ("u7", "new-2", "play", ts(d(2)), 600),  # only unknown titles: popularity
+        ("u7", "t10", "impression", ts(d(2)), None),
+    ]
+    ev += [("u6", t, "play", ts(d(5)), 600) for t in ITEMS[:27]]  # 3 unseen titles left
+    rng = np.random.default_rng(1)
+    for u in range(24):  # enough users for several Arrow batches and scorer chunks
+        for t in rng.choice(N_ITEMS, 6, replace=False):
+            ev.append((f"r{u:02d}", ITEMS[t], "play", ts(d(int(rng.integers(0, 7)))), int(rng.integers(0, 400))))
+    return ev
+
+
+def write_events(root: Path, events: list[tuple]) -> None:
+    table = pa.table(
+        {
+            "user_id": [e[0] for e in events], "item_id": [e[1] for e in events],
+            "event_type": [e[2] for e in events],
+            "ts": pa.array([e[3] for e in events], pa.timestamp("us", tz="UTC")),
+            "watch_seconds": pa.array([e[4] for e in events], pa.int32()),
+        }
+    )
+    days = np.array([e[3].date().isoformat() for e in events])
+    for day in sorted(set(days)):
+        part = root / f"dt={day}"
+        part.mkdir(parents=True)
+        pq.write_table(table.filter(pa.array(days == day)), part / "part-0.parquet")
+
+
+def expected_histories(events, cfg):
+    """Histories and seen titles by the documented rules, in plain Python."""
+    start, end = ts(DAY - timedelta(days=cfg.scoring.history_days), 0), ts(DAY + timedelta(days=1), 0)
+    users: dict[str, tuple[set, set]] = {}
+    for user, item, kind, when, watch in events:
+        if not start <= when < end:
+            continue
+        hist, seen = users.setdefault(user, (set(), set()))
+        if kind in cfg.positive.event_types and (watch or 0) >= cfg.positive.min_watch_seconds:
+            hist.add(item)
+        if kind in cfg.scoring.seen_types:
+            seen.add(item)
+    return {u: (sorted(h), sorted(s)) for u, (h, s) in users.items()}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    events = make_events()
+    write_events(root / "events", events)
+    torch.manual_seed(0)
+    model = MultiVAE(N_ITEMS, ModelConfig(hidden_dim=16, latent_dim=8))
+    popularity = np.random.default_rng(0).integers(0, 5, N_ITEMS).astype(np.float32)  # with ties
+    save_bundle(root / "model", model, np.array(ITEMS, dtype=object), popularity)
+    settings = {
+        "storage": {"root": str(root)},
+        "scoring": {"history_days": 7, "batch_size": 4, "k": K, "model_uri": str(root / "model")},
+        "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "1g",
+                  "conf": {"spark.sql.execution.arrow.maxRecordsPerBatch": "8"}},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(settings))
+    return root, events, load_config(root / "config.yaml", environ={})
+
+
+@pytest.fixture(scope="module")
+def spark(env):
+    from pipelines.spark import get_spark
+
+    session = get_spark(env[2].spark)
+    yield session
+    session.stop()
+
+
+def read_partition(path: Path) -> list[dict]:
+    # a plain Parquet read of the partition: _SUCCESS and _manifest.json are skipped
+    table = ds.dataset(path, format="parquet").to_table()
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False), table.schema
+    return table.to_pylist()
+
+
+def run_job(spark, env, k=K, arm="champion"):
+    root, _, cfg = env
+    return score_users.run(spark, cfg, str(root / "events"), DAY, str(root / "recs"), str(root / "model"), k, arm)
+
+
+def test_scores_every_active_user_once(spark, env):
+    root, events, cfg = env
+    manifest = run_job(spark, env)
+    rows = read_partition(root / "recs" / f"dt={DAY}" / "arm=champion")
+    by_user = {r["user_id"]: r for r in rows}
+    assert len(rows) == len(by_user)  # one row per user
+    expected = expected_histories(events, cfg)
+    assert set(by_user) == set(expected)
+    assert {"u1", "u2", "u3", "u6", "u7"} <= set(by_user) and not {"u4", "u5"} & set(by_user)
+
+    # Exactly what TopKScorer gives when run directly on the same histories.
+    bundle = load_bundle(root / "model")
+    users = sorted(expected)
+    history, unknown_h = map_histories([expected[u][0] for u in users], bundle.item_index(), N_ITEMS)
+    seen, unknown_s = map_histories([expected[u][1] for u in users], bundle.item_index(), N_ITEMS)
+    direct = TopKScorer(bundle, K).score(history, seen)
+    for b, user in enumerate(users):
+        row, c = by_user[user], direct.count[b]
+        assert row["item_ids"] == [ITEMS[i] for i in direct.item_idx[b, :c]], user
+        np.testing.assert_allclose(row["scores"], direct.scores[b, :c], rtol=1e-6, atol=0)
+        assert row["source"] == direct.source[b]
+        assert row["model_version"] == manifest["model"]["version"]
+        assert not set(row["item_ids"]) & set(expected[user][1]), f"{user} got a seen title"
+        assert len(row["item_ids"]) == (3 if user == "u6" else K)
+    assert by_user["u3"]["source"] == by_user["u7"]["source"] == "popularity"
+    assert by_user["u1"]["source"] == "model" and "t05" not in by_user["u2"]["item_ids"]
+
+    assert manifest["counts"] == {
+        "users": len(users),
+        "by_source": {"model": int((direct.source == "model").sum()),
+                      "popularity": int((direct.source == "popularity").sum())},
+    }
+    assert manifest["unknown_titles"] == unknown_h + unknown_s == 4  # new-1 and new-2, each history + seen
+
+
+def test_manifest_and_success_marker(spark, env):
+    root, _, _ = env
+    manifest = run_job(spark, env, arm="challenger")
+    final = root / "recs" / f"dt={DAY}" / "arm=challenger"
+    assert (final / "_SUCCESS").is_file()
+    assert json.loads((final / "_manifest.json").read_text()) == manifest
+    assert manifest["date"] == "2026-03-10" and manifest["k"] == K and manifest["arm"] == "challenger"
+    assert manifest["window"] == {"start": "2026-03-03", "end": "2026-03-11"}
+    assert manifest["model"]["uri"] == str(root / "model") and manifest["model"]["n_items"] == N_ITEMS
+    assert manifest["counts"]["users"] == len(read_partition(final))
+    parts = list(final.glob("*.parquet"))
+    assert parts and {f.name for f in final.iterdir() if not f.name.startswith((".", "_"))} == {
+        f.name for f in parts}
+    for part in parts:  # zstd everywhere; float scores written without a dictionary
+        meta = pq.ParquetFile(part).metadata
+        for g in range(meta.num_row_groups):
+            cols = {meta.row_group(g).column(i).path_in_schema: meta.row_group(g).column(i)
+                    for i in range(meta.num_columns)}
+            assert {c.compression for c in cols.values()} == {"ZSTD"}
+            assert "PLAIN_DICTIONARY" not in cols["scores.list.element"].encodings
+
+
+def test_rerun_replaces_partition(spark, env):
+    root, _, _ = env
+    first = run_job(spark, env, arm="rerun")
+    second = run_job(spark, env, k=2, arm="rerun")
+    final = root / "recs" / f"dt={DAY}" / "arm=rerun"
+    rows = read_partition(final)
+    assert len(rows) == len({r["user_id"] for r in rows}) == first["counts"]["users"]
+    assert max(len(r["item_ids"]) for r in rows) == 2
+    assert json.loads((final / "_manifest.json").read_text())["k"] == second["k"] == 2
+    leftovers = [p.name for p in final.parent.iterdir() if p.name.startswith(("_tmp-", "_old-"))]
+    assert leftovers == []
+
+
+class _CountingBroadcast:
+    def __init__(self, payload):
+        self._payload, self.reads = payload, 0
+
+    @property
+    def value(self):
+        self.reads += 1
+        return self._payload
+
+
+def test_worker_builds_model_once_per_version(env):
+    root, _, cfg = env
+    bundle, ref = score_users.load_model(cfg, str(root / "model"))
+    payload = score_users.bundle_payload(bundle, ref)
+    bc = _CountingBroadcast(payload)
+    batch = pa.RecordBatch.from_pydict(
+        {"user_id": ["a", "b"], "history": [["t01", "zz"], []], "seen": [["t01"], ["t02"]]},
+        schema=pa.schema([("user_id", pa.string()), ("history", pa.list_(pa.string())),
+                          ("seen", pa.list_(pa.string()))]),
+    )
+    score_users._WORKER_MODELS.clear()
+    threads = torch.get_num_threads()  # score_partition pins torch to one thread, as in a worker
+    try:
+        outs = [list(score_users.score_partition(iter([batch]), key=("1", payload["digest"]), broadcast=bc,
+                                                 k=3, batch_size=4)) for _ in range(3)]
+        list(score_users.score_partition(iter([batch]), key=("2", payload["digest"]), broadcast=bc,
+                                         k=3, batch_size=4))
+        cached = list(score_users._WORKER_MODELS)
+    finally:
+        torch.set_num_threads(threads)
+        score_users._WORKER_MODELS.clear()
+    assert bc.reads == 2  # three tasks of version "1" built the model once, then version "2" once
+    assert cached == [("2", payload["digest"])]  # the new version replaced the old one
+    out = outs[-1][0]
+    assert out.column("unknown_titles").to_pylist() == [1, 0]
+    assert out.column("source").to_pylist() == ["model", "popularity"]
+    assert "t01" not in out.column("item_ids").to_pylist()[0]  # seen
+    rebuilt = score_users.bundle_from_payload(payload)
+    for name, tensor in bundle.model.state_dict().items():
+        torch.testing.assert_close(rebuilt.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_spark_submit_from_checkout(env):
+    root, _, _ = env
+    submit = Path(sys.executable).parent / "spark-submit"
+    cmd = [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+           "pipelines/score_users.py", "--config", str(root / "config.yaml"), "--date", DAY.isoformat(),
+           "--arm", "submitted", "--k", "4"]
+    env_vars = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    done = subprocess.run(cmd, cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = [line for line in done.stdout.splitlines() if line.startswith("score_users ")]
+    assert len(summary) == 1 and "arm=submitted" in summary[0], done.stdout
+    final = root / "recommendations" / f"dt={DAY}" / "arm=submitted"  # defaults from the config
+    manifest = json.loads((final / "_manifest.json").read_text())
+    rows = read_partition(final)
+    assert manifest["counts"]["users"] == len(rows) and manifest["k"] == 4
+    assert max(len(r["item_ids"]) for r in rows) == 4
