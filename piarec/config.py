@@ -45,6 +45,11 @@ class StorageConfig(_Section):
         return join_uri(self.root, "snapshots")
 
     @property
+    def histories_uri(self) -> str:
+        """Daily user histories (user_id, history, seen) at <root>/histories/dt=YYYY-MM-DD/."""
+        return join_uri(self.root, "histories")
+
+    @property
     def recommendations_uri(self) -> str:
         return join_uri(self.root, "recommendations")
 
