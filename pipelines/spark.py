@@ -9,6 +9,7 @@ are all UTC days, see docs/architecture.md) and Arrow is on (``mapInArrow`` scor
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark.sql import SparkSession
 
@@ -43,6 +44,10 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         if cfg.master.startswith("local"):
             # No web UI for local runs: it only costs a port and start-up time.
             builder = builder.config("spark.ui.enabled", "false")
+            # Python workers must run the driver's interpreter (the project's virtualenv),
+            # not whatever `python3` is first on PATH, which may lack pyarrow and torch.
+            # PySpark reads only the environment variable for this, when the context starts.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
