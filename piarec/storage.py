@@ -36,12 +36,25 @@ class Location:
         return Location(self.fs, path, uri)
 
 
+S3_MAX_ATTEMPTS = 6  # transient S3 errors (5xx, throttling, timeouts) retried with back-off
+
+
 def resolve(uri: str) -> Location:
-    """Resolve a local path or ``s3://`` URI; S3 settings come from the AWS config chain."""
+    """Resolve a local path or ``s3://`` URI.
+
+    S3 endpoint, region and credentials come from the standard AWS configuration chain
+    (environment, profiles, instance roles), never from code or pipeline config.
+    """
     if _is_s3(uri):
-        norm = "s3://" + uri.split("://", 1)[1]
-        fs, path = pafs.FileSystem.from_uri(norm)
-        return Location(fs, path.rstrip("/"), norm.rstrip("/"))
+        norm = "s3://" + uri.split("://", 1)[1].rstrip("/")
+        # The AWS SDK reads region and credentials itself; the endpoint variables of the
+        # AWS configuration (used for S3-compatible stores) are passed on explicitly.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint or None,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        )
+        return Location(fs, norm[len("s3://"):], norm)
     path = os.path.abspath(uri)
     return Location(pafs.LocalFileSystem(), path, path)
 
@@ -93,23 +106,48 @@ def remove(loc: Location) -> None:
 def publish_dir(
     tmp_uri: str, final_uri: str, manifest: dict[str, Any] | None = None, manifest_name: str = "manifest.json"
 ) -> None:
-    """Replace ``final_uri`` with the finished contents of ``tmp_uri``.
+    """Replace ``final_uri`` with the finished contents of ``tmp_uri``, ``_SUCCESS`` last.
 
-    The manifest (when given, as ``manifest_name``) and then ``_SUCCESS`` are written into the temporary
-    prefix before it moves, so the published prefix is never visible without them.
     The old contents are first marked unpublished (their ``_SUCCESS`` removed), so a
-    reader never mistakes a half-replaced prefix for a complete one.
+    reader never mistakes a half-replaced prefix for a complete one; between that and
+    the new ``_SUCCESS`` the prefix reads as absent, never as partial.
+
+    Local filesystems move the whole folder with one rename (``_SUCCESS`` and the
+    manifest travel inside it). Object stores have no folder rename: there every object
+    is copied under the final prefix, the temporary prefix is deleted, and the manifest
+    and then ``_SUCCESS`` are written under the final prefix.
     """
     tmp, final = resolve(tmp_uri), resolve(final_uri)
-    if manifest is not None:
-        write_json(tmp.child(manifest_name), manifest)
-    write_bytes(tmp.child(SUCCESS), b"")
+    renames = isinstance(final.fs, pafs.LocalFileSystem)
+    if renames:
+        if manifest is not None:
+            write_json(tmp.child(manifest_name), manifest)
+        write_bytes(tmp.child(SUCCESS), b"")
     if exists(final):
         remove(final.child(SUCCESS))
-        old = resolve(temp_sibling(final_uri).replace("/_tmp-", "/_old-"))
-        final.fs.move(final.path, old.path)
-        final.fs.move(tmp.path, final.path)
-        remove(old)
-    else:
+        if renames:
+            old = resolve(temp_sibling(final_uri).replace("/_tmp-", "/_old-"))
+            final.fs.move(final.path, old.path)
+            final.fs.move(tmp.path, final.path)
+            remove(old)
+            return
+        remove(final)
+    if renames:
         final.fs.create_dir(final.path.rsplit("/", 1)[0], recursive=True)
         final.fs.move(tmp.path, final.path)
+        return
+    _copy_tree(tmp, final)
+    remove(tmp)
+    if manifest is not None:
+        write_json(final.child(manifest_name), manifest)
+    write_bytes(final.child(SUCCESS), b"")
+
+
+def _copy_tree(src: Location, dst: Location) -> None:
+    """Copy every file under ``src`` to the same relative path under ``dst`` (server-side
+    copies on S3: no bytes pass through this process)."""
+    selector = pafs.FileSelector(src.path, recursive=True)
+    for info in src.fs.get_file_info(selector):
+        if info.type == pafs.FileType.File:
+            rel = info.path[len(src.path):].lstrip("/")
+            src.fs.copy_file(info.path, dst.child(rel).path)
