@@ -36,7 +36,10 @@ class Location:
         return Location(self.fs, path, uri)
 
 
-S3_MAX_ATTEMPTS = 6  # transient S3 errors (5xx, throttling, timeouts) retried with back-off
+# Transient S3 errors (5xx, throttling, timeouts) are retried with exponential back-off.
+S3_MAX_ATTEMPTS = 6
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0  # a stalled request is abandoned (and retried) after this
 
 
 def resolve(uri: str) -> Location:
@@ -52,6 +55,8 @@ def resolve(uri: str) -> Location:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         fs = pafs.S3FileSystem(
             endpoint_override=endpoint or None,
+            connect_timeout=S3_CONNECT_TIMEOUT_S,
+            request_timeout=S3_REQUEST_TIMEOUT_S,
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         )
         return Location(fs, norm[len("s3://"):], norm)

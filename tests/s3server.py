@@ -59,3 +59,106 @@ def moto_s3(bucket: str = BUCKET):
                 os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that injects faults.
+
+    ``fail_first`` requests get a 503 SlowDown (or, with ``delay``, are held that many
+    seconds and dropped unanswered, so the client times out); later ones pass through.
+    ``fail_first=None`` fails every request. ``requests`` counts what reached the proxy.
+    """
+
+    def __init__(self, upstream: str, fail_first: int | None = 2, delay: float = 0.0):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        proxy = self
+        self.fail_first, self.delay, self.requests, self.faults = fail_first, delay, 0, 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _read_body(self) -> bytes:
+                """The body as sent; a chunked body keeps its framing (S3's aws-chunked
+                uploads carry checksum trailers inside it) and is forwarded chunked."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = []
+                while True:
+                    line = self.rfile.readline()
+                    raw.append(line)
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while True:  # trailers, then the blank line
+                            line = self.rfile.readline()
+                            raw.append(line)
+                            if line in (b"\r\n", b"\n", b""):
+                                return b"".join(raw)
+                    raw.append(self.rfile.read(size + 2))  # data + CRLF
+
+            def _handle(self):
+                body = self._read_body()
+                with proxy._lock:
+                    proxy.requests += 1
+                    fault = proxy.fail_first is None or proxy.requests <= proxy.fail_first
+                    proxy.faults += fault
+                if fault and proxy.delay:
+                    time.sleep(proxy.delay)  # the client times out; the request is dropped
+                    self.close_connection = True
+                    return
+                if fault:
+                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                # Hop-by-hop headers stay here: the body has been read already.
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "keep-alive")}
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    # A HEAD answer carries the object's length with no body: keep it.
+                    if k.lower() not in ("transfer-encoding", "connection") and (
+                            k.lower() != "content-length" or self.command == "HEAD"):
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            def _safe(self):
+                try:
+                    self._handle()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout the test injected)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _safe
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -69,3 +69,49 @@ def test_s3_settings_come_from_the_aws_environment(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(OSError):
         storage.read_bytes(storage.resolve(f"s3://{BUCKET}/x/y/f"))
+
+
+# ---------------------------------------------------------------- faults (issue: reliability)
+# A proxy on loopback between the client and the S3 server injects 503s and stalls.
+from s3server import FaultProxy  # noqa: E402
+
+
+def _staged(s3, name, files):
+    final = f"s3://{BUCKET}/faults/{name}/dt=2026-04-30"
+    tmp = _write_run("", final, files)
+    return tmp, final
+
+
+def test_transient_5xx_are_retried_and_publish_completes(s3, monkeypatch):
+    files = {"part-0.parquet": b"a" * 1000, "part-1.parquet": b"b" * 10}
+    tmp, final = _staged(s3, "5xx", files)
+    with FaultProxy(s3, fail_first=4) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage.publish_dir(tmp, final, {"run": "5xx"}, manifest_name="_manifest.json")
+        assert proxy.faults == 4 and proxy.requests > 4
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    listing = _listing(final)
+    assert storage.read_json(storage.resolve(final).child("_manifest.json")) == {"run": "5xx"}
+    assert listing == {**files, "_manifest.json": listing["_manifest.json"], "_SUCCESS": b""}
+    assert not storage.exists(storage.resolve(tmp))
+
+
+def test_stalled_requests_time_out_and_are_retried(s3, monkeypatch):
+    tmp, final = _staged(s3, "timeout", {"part-0.parquet": b"payload"})
+    storage.publish_dir(tmp, final)
+    monkeypatch.setattr(storage, "S3_REQUEST_TIMEOUT_S", 1.0)
+    with FaultProxy(s3, fail_first=1, delay=4) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        assert storage.read_bytes(storage.resolve(final).child("part-0.parquet")) == b"payload"
+        assert proxy.faults == 1 and proxy.requests >= 2
+
+
+def test_persistent_errors_fail_and_publish_nothing(s3, monkeypatch):
+    tmp, final = _staged(s3, "down", {"part-0.parquet": b"x"})
+    with FaultProxy(s3, fail_first=None) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        with pytest.raises(OSError, match="SlowDown|503|Service"):
+            storage.publish_dir(tmp, final)
+        assert proxy.requests == storage.S3_MAX_ATTEMPTS  # gave up after the retries
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    assert not storage.is_published(final)
