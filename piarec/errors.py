@@ -23,3 +23,7 @@ class ModelNotFoundError(PiarecError, LookupError):
 
 class GateRefused(PiarecError):
     """The promotion gate refused the challenger; the message holds the reasons."""
+
+
+class PathEscapeError(PiarecError, ValueError):
+    """A path built from configuration or parameters would leave its storage root."""

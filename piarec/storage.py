@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from piarec.errors import PathEscapeError
 
 SUCCESS = "_SUCCESS"
 
@@ -62,6 +65,21 @@ def resolve(uri: str) -> Location:
         return Location(fs, norm[len("s3://"):], norm)
     path = os.path.abspath(uri)
     return Location(pafs.LocalFileSystem(), path, path)
+
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.=-]+$")
+
+
+def child_uri(root: str, *segments: str) -> str:
+    """``root/seg1/seg2...`` where each segment is a single path component built from an
+    identifier (a date, an arm, a window): never ``..``, ``.``, empty, absolute or holding
+    a separator, so values from configuration or DAG params cannot leave ``root``."""
+    for seg in segments:
+        if not _SEGMENT.match(seg) or seg in (".", "..") or seg.startswith(".."):
+            raise PathEscapeError(
+                f"{seg!r} is not a safe path segment: use letters, digits, '_', '-', '.', '='"
+            )
+    return "/".join([root.rstrip("/"), *segments])
 
 
 def exists(loc: Location) -> bool:

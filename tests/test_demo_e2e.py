@@ -21,12 +21,15 @@ pytestmark = pytest.mark.slow
 
 USERS, ITEMS, DAYS, EPOCHS = 6000, 400, 120, 10
 START = dt.date(2026, 1, 1)
+# Planted in the environment the way real credentials arrive; must never be written out.
+SECRET = "planted-secret-7f3c9a1e5b"
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIAREC")}
+    env.update(AWS_SECRET_ACCESS_KEY=SECRET, MLFLOW_TRACKING_PASSWORD=SECRET)
     proc = subprocess.run(
         [sys.executable, "-m", "piarec", "demo", "--workdir", str(work), "--users", str(USERS),
          "--items", str(ITEMS), "--days", str(DAYS), "--epochs", str(EPOCHS)],
@@ -35,7 +38,7 @@ def demo(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((work / "demo-summary.json").read_text())
     events = ds.dataset(str(work / "events"), format="parquet", partitioning="hive").to_table().to_pandas()
-    return work, summary, proc.stdout, events
+    return work, summary, proc.stdout + proc.stderr, events
 
 
 def _utc(d: dt.date) -> pd.Timestamp:
@@ -47,6 +50,14 @@ def test_summary_is_printed(demo):
     assert "piarec demo — summary" in stdout
     assert f"version {summary['training']['version']}" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
+
+
+def test_secrets_never_reach_logs_manifests_or_mlflow(demo):
+    work, _, output, _ = demo
+    assert SECRET not in output
+    leaks = [p for p in work.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    assert (work / "mlflow.db").exists()  # the MLflow store (params, tags) was scanned too
 
 
 def test_snapshot_counts_match_a_direct_count_of_the_events(demo):
