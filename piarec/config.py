@@ -78,6 +78,17 @@ class FilterConfig(_Section):
     max_user_positives: int | None = Field(None, ge=1)
 
 
+class QualityConfig(_Section):
+    # Tolerable dirt in the events read (null or empty ids, a null ts, a ts outside the window
+    # inside an in-window dt partition, an event type not listed below) is dropped and counted
+    # in the manifest; above this share of the events read the job fails (InputDataError).
+    max_dirty_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # Event types the source may hold; any other type is dirt. null accepts every type.
+    known_event_types: list[str] | None = Field(
+        default_factory=lambda: ["impression", "click", "play", "complete"]
+    )
+
+
 class SplitConfig(_Section):
     # Held-out users are chosen by a salted hash of user_id: stable week after week.
     salt: str = "piarec-split-v1"
@@ -94,19 +105,39 @@ class SplitConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # Encoder: I -> hidden -> latent (Liang et al. 2018); tanh between layers.
-    # "deeper" adds two latent-wide layers (the PIA paper's appendix D.2).
-    encoder: Literal["shallow", "deeper"] = "shallow"
+    # Backbone: "multivae" (Liang et al. 2018) or "recvae" (Shenbin et al. 2020).
+    backbone: Literal["multivae", "recvae"] = "multivae"
+    # Multi-VAE encoder: I -> hidden -> latent (Liang et al. 2018); tanh between layers.
+    # "deeper" adds two latent-wide layers, "iaf" adds inverse-autoregressive flow steps
+    # after the base encoder (the PIA paper's appendix D.2). RecVAE ignores it.
+    encoder: Literal["shallow", "deeper", "iaf"] = "shallow"
     hidden_dim: int = Field(600, ge=1)
     latent_dim: int = Field(200, ge=1)
     # Decoder hidden layers; [] is the PIA paper's 200 -> I, [600] is Liang's 200 -> 600 -> I.
     decoder_hidden: list[int] = Field(default_factory=list)
     # Probability of keeping an input item during training (input masking).
     keep_prob: float = Field(0.5, gt=0.0, le=1.0)
+    # IAF encoder: number of flow steps and the width of each step's autoregressive net.
+    flow_steps: int = Field(2, ge=1)
+    flow_hidden: int = Field(400, ge=1)
+    # RecVAE: user-dependent KL weight beta_u = gamma * |x_u| (replaces the annealed beta),
+    # encoder passes then decoder passes over the data per epoch (alternating updates),
+    # and the composite prior's weights (standard normal, old posterior, wide normal).
+    recvae_gamma: float = Field(0.005, gt=0.0)
+    recvae_encoder_passes: int = Field(3, ge=1)
+    recvae_decoder_passes: int = Field(1, ge=1)
+    recvae_prior_weights: list[float] = Field(default_factory=lambda: [0.15, 0.75, 0.1])
 
     @property
     def extra_encoder_layers(self) -> int:
-        return {"shallow": 0, "deeper": 2}[self.encoder]
+        return {"shallow": 0, "deeper": 2, "iaf": 0}[self.encoder]
+
+    @model_validator(mode="after")
+    def _prior_weights_are_a_mixture(self) -> "ModelConfig":
+        w = self.recvae_prior_weights
+        if len(w) != 3 or min(w) <= 0 or abs(sum(w) - 1.0) > 1e-6:
+            raise ValueError("model.recvae_prior_weights must be three positive weights summing to 1")
+        return self
 
 
 class PIAConfig(_Section):
@@ -141,6 +172,27 @@ class ScoringConfig(_Section):
     batch_size: int = Field(4096, ge=1)
     model_uri: str = "models:/piarec@champion"
     arm: str = "champion"
+    # A/B in the same pass: when set, this model scores the users whose salted hash of
+    # user_id falls in the challenger's share and writes them under arm=<challenger_arm>;
+    # the others stay in arm=<arm>. The assignment depends on the salt and user_id only,
+    # so a user keeps their arm from day to day (change the salt to reshuffle).
+    challenger_uri: str | None = None
+    challenger_arm: str = "challenger"
+    challenger_share: float = Field(0.1, gt=0.0, le=1.0)
+    ab_salt: str = "piarec-ab-v1"
+    # `piarec score` engine: "spark" (the daily job) or "local" (one machine, no Spark;
+    # streams a prebuilt histories dataset in and Parquet out).
+    engine: Literal["spark", "local"] = "spark"
+    # Local engine: "auto" = the first CUDA GPU when present, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Decoder precision. "auto" = bf16 on a GPU, fp32 on the CPU. bf16 is followed by an
+    # exact correction pass, so the top-K and its scores never depend on this setting
+    # beyond fp32 rounding (see piarec/scorer.py).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Local engine worker threads, each scoring whole batches (null = one per CPU core).
+    threads: int | None = Field(None, ge=1)
+    # Local engine: rows per output Parquet file before the next file starts.
+    rows_per_file: int = Field(1_000_000, ge=1)
 
 
 class MlflowConfig(_Section):
@@ -150,6 +202,8 @@ class MlflowConfig(_Section):
     artifact_location: str | None = None
     experiment: str = "piarec"
     registered_model: str = "piarec"
+    # Log a validation-curve PNG per training run (needs matplotlib; skipped without it).
+    log_plots: bool = True
 
 
 class SparkConfig(_Section):
@@ -162,9 +216,18 @@ class SparkConfig(_Section):
 
 
 class GateConfig(_Section):
-    # The minimal promotion gate: the challenger must beat popularity on validation NDCG@100.
+    # The promotion gate (piarec/gate.py): challenger vs popularity and champion, evaluated
+    # by the gate on the same validation users of the challenger's snapshot.
+    # Every challenger must beat popularity on this validation metric by this relative uplift.
     metric: str = "ndcg_at_100"
     min_uplift_over_popularity: float = 0.0
+    # NDCG@100 and Recall@20 may be at most this much (relative) below the champion's.
+    tolerance: float = Field(0.02, ge=0.0, lt=1.0)
+    # Posterior collapse: at least this many latent units must be active (posterior-mean
+    # variance over validation users > 0.01, piarec/diagnostics.py).
+    min_active_units: int = Field(5, ge=0)
+    # At most this share of validation users may get exactly the popularity top-K.
+    max_popularity_share: float = Field(0.2, ge=0.0, le=1.0)
 
 
 class PipelineConfig(_Section):
@@ -173,6 +236,7 @@ class PipelineConfig(_Section):
     window_days: int = Field(90, ge=1)  # training window: [window_end - window_days, window_end)
     positive: PositiveRule = Field(default_factory=PositiveRule)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pia: PIAConfig = Field(default_factory=PIAConfig)
