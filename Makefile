@@ -1,5 +1,9 @@
 # Quickstart: `make demo` runs the whole pipeline locally; `make test` runs the tests.
 # Both create the virtualenv on first use: torch (CPU wheel) first, then the project.
+# `make test` also builds the Airflow environment (.venv-airflow: Airflow + the Spark
+# provider, dags/requirements.txt) that the DAG tests run `airflow dags test` from. It is
+# kept apart from .venv on purpose: the provider's pyspark-client would break Spark Python
+# UDFs in the project environment (docs: shared notes).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,8 +11,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 DEMO_DIR ?= piarec-demo
+AIRFLOW_VENV  ?= .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install airflow-env demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +25,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(AIRFLOW_STAMP): dags/requirements.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	echo '*' > $(AIRFLOW_VENV)/.gitignore
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -r dags/requirements.txt
+	touch $(AIRFLOW_STAMP)
+
+airflow-env: $(AIRFLOW_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/piarec demo --workdir $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) $(AIRFLOW_STAMP)
 	$(PY) -m pytest -m "not benchmark"
 
 test-fast: $(STAMP)

@@ -1,19 +1,61 @@
 """`piarec promote`: the promotion gate between the ``challenger`` and ``champion`` aliases.
 
-The gate reads the metrics the training run stored as tags on the registered version,
-decides, records the decision (and its reasons) on the version and on the training run,
-and moves ``champion`` only when the challenger passes.
+The gate loads both registered bundles and the validation split of the snapshot the
+challenger was trained on, and evaluates them itself on the same validation users
+(stored tags are never trusted for the comparison). The challenger is promoted when
+every check passes:
+
+1. **beats popularity**: validation ``gate.metric`` above popularity's by
+   ``gate.min_uplift_over_popularity`` (relative) -- the only comparison for a first model;
+2. **no regression** (when a champion exists): NDCG@100 and Recall@20 at least
+   ``(1 - gate.tolerance)`` times the champion's;
+3. **no posterior collapse**: at least ``gate.min_active_units`` active latent units
+   (:func:`piarec.diagnostics.active_units` on the validation users);
+4. **healthy scores**: every score of every validation user finite, and at most
+   ``gate.max_popularity_share`` of the users given exactly the popularity top-K.
+
+The decision and its reasons are recorded in MLflow (a ``gate`` run with metrics and
+``gate_decision.json``, plus a ``gate_decision`` tag on the version and its training
+run); ``champion`` moves only when the challenger passes. A person may still move the
+alias in the MLflow UI: scoring resolves ``@champion`` at run time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
 
 from piarec import registry
+from piarec.bundle import ModelBundle
 from piarec.config import PipelineConfig
-from piarec.errors import ModelNotFoundError
+from piarec.diagnostics import active_units, posterior_means
+from piarec.errors import InputDataError, ModelNotFoundError
+from piarec.evaluation import evaluate_popularity, model_topk, train_popularity
+from piarec.metrics import summarize
+from piarec.scorer import TopKScorer
+from piarec.snapshot import Snapshot, Split, load_snapshot
+from piarec.sparse import CSR
 
+log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
+SNAPSHOT_TAG = "snapshot_uri"  # set on every version by `piarec train`
+COMPARED = ("ndcg_at_100", "recall_at_20")
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"  [{'pass' if self.passed else 'FAIL'}] {self.name}: {self.detail}"
 
 
 @dataclass
@@ -21,45 +63,203 @@ class GateDecision:
     promoted: bool
     challenger: str
     champion_before: str | None
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # one line per check
+    checks: list[Check] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    snapshot: str | None = None
 
     def summary(self) -> str:
-        verdict = "promoted" if self.promoted else "refused"
-        return f"version {self.challenger} {verdict}: " + "; ".join(self.reasons)
+        """A readable multi-line report; its first line is the verdict."""
+        if self.promoted:
+            verdict = f"version {self.challenger} promoted to {CHAMPION}"
+            if self.champion_before and self.champion_before != self.challenger:
+                verdict += f" (was version {self.champion_before})"
+        else:
+            kept = f"version {self.champion_before}" if self.champion_before else "none"
+            verdict = f"version {self.challenger} refused; {CHAMPION} stays {kept}"
+        head = f"gate: {verdict} — validation users of {self.snapshot}"
+        return "\n".join([head, *[c.line() for c in self.checks], *self._notes()])
+
+    def _notes(self) -> list[str]:
+        return [f"  note: {r}" for r in self.reasons if not any(r == c.line() for c in self.checks)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def _metric(tags: dict[str, str], key: str, version: str) -> float:
-    if key not in tags:
-        raise ModelNotFoundError(f"model version {version} has no {key!r} tag; was it registered by `piarec train`?")
-    return float(tags[key])
+# --------------------------------------------------------------------------- evaluation
+def _mapping(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
+    """int64 [len(src)]: position of each src item id in dst, -1 when absent."""
+    index = {item: i for i, item in enumerate(np.asarray(dst_ids).tolist())}
+    return np.array([index.get(item, -1) for item in np.asarray(src_ids).tolist()], dtype=np.int64)
 
 
-def promote(cfg: PipelineConfig) -> GateDecision:
-    """Promote the challenger when its validation metric beats popularity's by
-    ``cfg.gate.min_uplift_over_popularity`` (relative)."""
+def _remap(rows: CSR, mapping: np.ndarray, n_cols: int) -> CSR:
+    """``rows`` with every column moved through ``mapping``; columns mapped to -1 dropped."""
+    cols = mapping[rows.indices]
+    keep = cols >= 0
+    row_of = np.repeat(np.arange(rows.n_rows), rows.row_lengths())
+    return CSR.from_pairs(row_of[keep], cols[keep], rows.n_rows, n_cols)
+
+
+def evaluate_bundle(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: int = 2000) -> dict[str, float]:
+    """The protocol's metrics of a bundle on ``split`` of ``snap``, in the snapshot's item space.
+
+    A bundle trained on another snapshot has its own vocabulary: fold-in items it does
+    not know are dropped from its input, and its recommendations of titles that the
+    snapshot does not hold count as misses. So models of different weeks are compared on
+    exactly the same users and held-out items.
+    """
+    to_bundle = _mapping(snap.item_ids, bundle.item_ids)
+    fold_in = _remap(split.fold_in, to_bundle, bundle.n_items)
+    topk = model_topk(bundle.model, fold_in, 100, batch_size)
+    to_snap = _mapping(bundle.item_ids, snap.item_ids)
+    return summarize(np.where(topk >= 0, to_snap[np.clip(topk, 0, None)], -1), split.held_out)
+
+
+def health(bundle: ModelBundle, fold_in: CSR, k: int, batch_size: int = 2000) -> dict[str, float]:
+    """Collapse and score-health figures of a bundle on ``fold_in`` (bundle item space).
+
+    Returns ``active_units``, ``latent_dim``, ``finite`` (1.0 when every posterior mean and
+    every score of every user is finite) and ``popularity_share`` (share of users whose
+    top-K, seen items excluded, is exactly the popularity top-K; nan when scores are not
+    finite, since the scorer refuses them).
+    """
+    mu = posterior_means(bundle.model, fold_in, batch_size)
+    finite = bool(np.isfinite(mu).all())
+    if finite:
+        with torch.inference_mode():
+            for start in range(0, len(mu), batch_size):
+                logits = bundle.model.logits(torch.from_numpy(mu[start : start + batch_size]))
+                if not torch.isfinite(logits).all():
+                    finite = False
+                    break
+    out = {"active_units": float(active_units(mu)) if finite else 0.0, "latent_dim": float(mu.shape[1]),
+           "finite": float(finite), "popularity_share": float("nan")}
+    if finite:
+        scorer = TopKScorer(bundle, k, batch_size)
+        model = scorer.score(fold_in, fold_in)
+        empty = CSR(np.zeros(fold_in.n_rows + 1, np.int64), np.zeros(0, np.int32), fold_in.n_cols)
+        popular = scorer.score(empty, fold_in)
+        same = [
+            set(model.item_idx[u, : model.count[u]].tolist()) == set(popular.item_idx[u, : popular.count[u]].tolist())
+            for u in range(fold_in.n_rows)
+        ]
+        out["popularity_share"] = float(np.mean(same)) if same else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- the gate
+def _snapshot_of(cfg: PipelineConfig, version: str) -> str:
+    c = registry.client(cfg)
+    mv = c.get_model_version(cfg.mlflow.registered_model, version)
+    uri = mv.tags.get(SNAPSHOT_TAG)
+    if not uri and mv.run_id:
+        uri = c.get_run(mv.run_id).data.tags.get("snapshot")
+    if not uri:
+        raise ModelNotFoundError(
+            f"model version {version} names no training snapshot (tag {SNAPSHOT_TAG!r}); "
+            "was it registered by `piarec train`?"
+        )
+    return uri
+
+
+def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
+    """Run the gate on the current ``challenger``; move ``champion`` when it passes.
+
+    ``snapshot`` (a snapshot URI) defaults to the one the challenger was trained on.
+    """
     name = cfg.mlflow.registered_model
+    g = cfg.gate
     challenger = registry.alias_version(cfg, CHALLENGER)
     if challenger is None:
         raise ModelNotFoundError(f"registered model {name!r} has no {CHALLENGER!r} alias; run `piarec train` first")
     champion = registry.alias_version(cfg, CHAMPION)
-    c = registry.client(cfg)
-    mv = c.get_model_version(name, challenger)
-    metric = cfg.gate.metric
-    model_value = _metric(mv.tags, f"val_{metric}", challenger)
-    pop_value = _metric(mv.tags, f"popularity_val_{metric}", challenger)
-    needed = pop_value * (1.0 + cfg.gate.min_uplift_over_popularity)
+    snapshot = snapshot or _snapshot_of(cfg, challenger)
+    snap = load_snapshot(snapshot)
+    if snap.val.n_users == 0:
+        raise InputDataError(f"snapshot {snapshot!r} has no validation users; the gate cannot compare models")
 
-    decision = GateDecision(promoted=model_value > needed, challenger=challenger, champion_before=champion)
-    relation = ">" if decision.promoted else "<="
-    decision.reasons.append(
-        f"validation {metric} {model_value:.4f} {relation} {needed:.4f} (popularity {pop_value:.4f})"
-    )
-    if challenger == champion:
-        decision.reasons.append("challenger is already champion")
+    cand, _ = registry.load_model(cfg, f"models:/{name}/{challenger}")
+    decision = GateDecision(promoted=False, challenger=challenger, champion_before=champion, snapshot=snap.uri)
+    checks, metrics = decision.checks, decision.metrics
 
-    c.set_model_version_tag(name, challenger, "gate_decision", decision.summary())
-    if mv.run_id:
-        c.set_tag(mv.run_id, "gate_decision", decision.summary())
-    if decision.promoted:
+    # 1. Against popularity, on the same validation users.
+    ours = evaluate_bundle(cand, snap, snap.val, cfg.training.eval_batch_size)
+    pop = evaluate_popularity(train_popularity(snap.train), snap.val)
+    metrics.update({f"challenger_{k}": v for k, v in ours.items()})
+    metrics.update({f"popularity_{k}": v for k, v in pop.items()})
+    m = g.metric
+    needed = pop[m] * (1.0 + g.min_uplift_over_popularity)
+    checks.append(Check(f"{m} vs popularity", ours[m] > needed,
+                        f"{ours[m]:.4f} {'>' if ours[m] > needed else '<='} {needed:.4f} "
+                        f"(popularity {pop[m]:.4f}, uplift {g.min_uplift_over_popularity:+.1%})"))
+
+    # 2. Against the champion, on the same validation users.
+    if champion is not None and champion != challenger:
+        champ, _ = registry.load_model(cfg, f"models:/{name}/{champion}")
+        theirs = evaluate_bundle(champ, snap, snap.val, cfg.training.eval_batch_size)
+        metrics.update({f"champion_{k}": v for k, v in theirs.items()})
+        for key in COMPARED:
+            floor = theirs[key] * (1.0 - g.tolerance)
+            ok = ours[key] >= floor
+            checks.append(Check(f"{key} vs champion v{champion}", ok,
+                                f"{ours[key]:.4f} {'>=' if ok else '<'} {floor:.4f} "
+                                f"(champion {theirs[key]:.4f}, tolerance {g.tolerance:.1%})"))
+    elif champion == challenger:
+        decision.reasons.append("the challenger is already champion; nothing to compare against")
+    else:
+        decision.reasons.append("no champion yet: a first model is promoted when it beats popularity")
+
+    # 3. and 4. Collapse and score health of the challenger.
+    fold_in = _remap(snap.val.fold_in, _mapping(snap.item_ids, cand.item_ids), cand.n_items)
+    h = health(cand, fold_in, cfg.scoring.k, cfg.training.eval_batch_size)
+    metrics.update({"challenger_active_units": h["active_units"], "challenger_popularity_share": h["popularity_share"],
+                    "challenger_scores_finite": h["finite"]})
+    checks.append(Check("active latent units", h["active_units"] >= g.min_active_units,
+                        f"{int(h['active_units'])} of {int(h['latent_dim'])} "
+                        f"(floor {g.min_active_units}; active = posterior-mean variance > 0.01)"))
+    checks.append(Check("scores finite", bool(h["finite"]),
+                        "every score of every validation user is finite" if h["finite"]
+                        else "non-finite posterior means or scores"))
+    share_ok = bool(h["finite"]) and h["popularity_share"] <= g.max_popularity_share
+    checks.append(Check(f"top-{cfg.scoring.k} equal to popularity's", share_ok,
+                        f"{h['popularity_share']:.1%} of {snap.val.n_users} users "
+                        f"(at most {g.max_popularity_share:.0%})"))
+
+    decision.promoted = all(c.passed for c in checks)
+    decision.reasons[:0] = [c.line() for c in checks]
+    _record(cfg, decision)
+    if decision.promoted and champion != challenger:
         registry.set_alias(cfg, CHAMPION, challenger)
+    log.debug("%s", decision.summary())  # the CLI and the demo print it
     return decision
+
+
+def _record(cfg: PipelineConfig, decision: GateDecision) -> None:
+    """The decision in MLflow: a ``gate`` run (params, metrics, gate_decision.json) and a
+    one-line ``gate_decision`` tag on the version and on its training run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = registry.client(cfg)
+    name = cfg.mlflow.registered_model
+    verdict = "promoted" if decision.promoted else "refused"
+    line = f"{verdict}: " + "; ".join(f"{ch.name} {'ok' if ch.passed else 'FAILED'}" for ch in decision.checks)
+    run = c.create_run(registry.ensure_experiment(cfg), run_name=f"gate v{decision.challenger}", tags={
+        "piarec.stage": "gate", "challenger": decision.challenger,
+        "champion_before": decision.champion_before or "", "decision": verdict,
+    })
+    rid = run.info.run_id
+    finite = {k: float(v) for k, v in decision.metrics.items() if np.isfinite(v)}
+    now = int(time.time() * 1000)
+    c.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in finite.items()],
+                params=[Param(k, str(v)) for k, v in cfg.gate.model_dump().items()],
+                tags=[RunTag("snapshot", decision.snapshot or "")])
+    c.log_text(rid, json.dumps(decision.as_dict(), indent=2, default=str), "gate_decision.json")
+    c.log_text(rid, decision.summary() + "\n", "gate_report.txt")
+    c.set_terminated(rid)
+    c.set_model_version_tag(name, decision.challenger, "gate_decision", line)
+    c.set_model_version_tag(name, decision.challenger, "gate_run_id", rid)
+    mv = c.get_model_version(name, decision.challenger)
+    if mv.run_id:
+        c.set_tag(mv.run_id, "gate_decision", line)

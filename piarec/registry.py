@@ -10,9 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from piarec.bundle import ModelBundle, load_bundle
+from piarec.bundle import CONFIG_FILE, ModelBundle, load_bundle
 from piarec.config import PipelineConfig
 from piarec.errors import ModelNotFoundError
+
+BUNDLE_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle (piarec/pyfunc_model.py)
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,20 @@ def ensure_experiment(cfg: PipelineConfig) -> str:
 
 
 def register_version(
-    cfg: PipelineConfig, run_id: str, artifact_path: str, *, description: str = "", tags: dict[str, str] | None = None
+    cfg: PipelineConfig,
+    run_id: str,
+    artifact_path: str | None = None,
+    *,
+    model_id: str | None = None,
+    description: str = "",
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """Register ``runs:/<run_id>/<artifact_path>`` as a new version; returns the version."""
+    """Register a new version of ``cfg.mlflow.registered_model``; returns the version.
+
+    The source is the logged model ``model_id`` (what ``mlflow.pyfunc.log_model``
+    returns) or, without one, ``runs:/<run_id>/<artifact_path>``.
+    """
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     c = client(cfg)
@@ -63,8 +76,14 @@ def register_version(
         c.get_registered_model(name)
     except MlflowException:
         c.create_registered_model(name, description="Multi-VAE + PIA recommendations")
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {}, description=description)
+    if model_id is not None:
+        source = mlflow.get_logged_model(model_id).artifact_location
+    elif artifact_path is not None:
+        source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    else:
+        raise ValueError("register_version needs a model_id or an artifact_path")
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {},
+                                description=description, model_id=model_id)
     return str(mv.version)
 
 
@@ -82,13 +101,37 @@ def alias_version(cfg: PipelineConfig, alias: str) -> str | None:
         return None
 
 
+def bundle_dir(local: str) -> str:
+    """The bundle folder inside a downloaded model: the folder itself for a plain bundle,
+    ``<pyfunc model>/artifacts/bundle`` for a pyfunc model logged by ``piarec train``."""
+    if os.path.isfile(os.path.join(local, CONFIG_FILE)):
+        return local
+    mlmodel = os.path.join(local, "MLmodel")
+    if os.path.isfile(mlmodel):
+        import yaml
+
+        with open(mlmodel) as fh:
+            flavor = (yaml.safe_load(fh) or {}).get("flavors", {}).get("python_function", {})
+        path = (flavor.get("artifacts") or {}).get(BUNDLE_ARTIFACT, {}).get("path")
+        if path and os.path.isfile(os.path.join(local, path, CONFIG_FILE)):
+            return os.path.join(local, path)
+    raise ModelNotFoundError(
+        f"downloaded model {local!r} holds neither a bundle ({CONFIG_FILE}) nor a pyfunc model "
+        f"with a {BUNDLE_ARTIFACT!r} artifact"
+    )
+
+
 def resolve_model(cfg: PipelineConfig, uri: str) -> ModelRef:
     """Resolve ``models:/name@alias``, ``models:/name/version``, ``runs:/id/path`` or a
-    local bundle directory to a local copy of the bundle."""
+    local bundle directory to a local copy of the bundle.
+
+    Aliases are resolved now, at every call: a person moving ``champion`` in the MLflow
+    UI changes what the next scoring run uses.
+    """
     if not uri.startswith(("models:/", "runs:/")):
         if not os.path.isdir(uri):
             raise ModelNotFoundError(f"model {uri!r} is neither a models:/ or runs:/ URI nor a directory")
-        return ModelRef(os.path.abspath(uri), None, None, None, uri)
+        return ModelRef(bundle_dir(os.path.abspath(uri)), None, None, None, uri)
 
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -111,7 +154,7 @@ def resolve_model(cfg: PipelineConfig, uri: str) -> ModelRef:
         local = mlflow.artifacts.download_artifacts(artifact_uri=source)
     except MlflowException as exc:
         raise ModelNotFoundError(f"model {uri!r} cannot be resolved: {exc.message}") from None
-    return ModelRef(local, name, version, run_id, uri)
+    return ModelRef(bundle_dir(local), name, version, run_id, uri)
 
 
 def load_model(cfg: PipelineConfig, uri: str) -> tuple[ModelBundle, ModelRef]:

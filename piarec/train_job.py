@@ -1,12 +1,15 @@
 """`piarec train`: snapshot -> trained model -> MLflow run -> registered version @challenger.
 
 The training loop itself (:mod:`piarec.trainer`) knows nothing of MLflow; this module
-does the wiring: parameters, per-epoch metrics, the evaluation report, the bundle as
-artifacts, registration and the ``challenger`` alias.
+does the wiring: parameters, per-epoch metrics, the evaluation report and a validation
+curve (PNG), the bundle logged as a pyfunc model defined from code
+(:mod:`piarec.pyfunc_model`, with a signature), registration with a description and
+tags (data window, snapshot manifest digest, metrics) and the ``challenger`` alias.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -15,6 +18,7 @@ from typing import Any
 
 from piarec import registry
 from piarec.bundle import save_bundle
+from piarec.registry import BUNDLE_ARTIFACT
 from piarec.config import PipelineConfig
 from piarec.evaluation import evaluate_model, evaluate_popularity, train_popularity
 from piarec.snapshot import load_snapshot
@@ -23,6 +27,7 @@ from piarec.trainer import train
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 CHALLENGER, CHAMPION = "challenger", "champion"
+_BACKBONES = {"multivae": "Multi-VAE", "recvae": "RecVAE"}
 
 
 def _params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -32,6 +37,72 @@ def _params(cfg: PipelineConfig) -> dict[str, Any]:
             flat[f"{section}.{key}"] = value
     flat["window_days"] = cfg.window_days
     return flat
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the snapshot manifest (canonical JSON): which data a version was trained on."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _validation_curve(history: list[dict[str, float]]):
+    """A matplotlib figure of loss and validation metrics per epoch, or None without matplotlib."""
+    if not history:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed; no plots logged")
+        return None
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["loss"] for r in history], marker="o")
+    left.set(title="training loss", xlabel="epoch", ylabel="loss")
+    for key, label in (("val_ndcg_at_100", "NDCG@100"), ("val_recall_at_20", "Recall@20")):
+        if key in history[0]:
+            right.plot(epochs, [r[key] for r in history], marker="o", label=label)
+    right.set(title="validation", xlabel="epoch")
+    right.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def _signature(k: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "user_id", required=False), ColSpec(Array("string"), "history"),
+                       ColSpec(Array("string"), "seen", required=False)]),
+        outputs=Schema([ColSpec("string", "user_id"), ColSpec(Array("string"), "item_ids"),
+                        ColSpec(Array("float"), "scores"), ColSpec("string", "source")]),
+        params=ParamSchema([ParamSpec("k", "long", k)]),
+    )
+
+
+def _log_pyfunc(cfg: PipelineConfig, bundle_dir: Path):
+    """Log the bundle as an MLflow pyfunc model defined from code (piarec/pyfunc_model.py)."""
+    import mlflow
+    import torch
+
+    import piarec
+
+    requirements = [
+        f"piarec=={piarec.__version__}" if getattr(piarec, "__version__", None) else "piarec",
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        "pyarrow", "pandas", "numpy",
+    ]
+    return mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        signature=_signature(cfg.scoring.k),
+        pip_requirements=requirements,  # explicit: no inference (slow, needs the network)
+    )
 
 
 def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
@@ -53,7 +124,10 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         mlflow.log_params({"n_items": snap.train.n_cols, "n_train_users": snap.train.n_rows,
                            "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz})
 
+        history: list[dict[str, float]] = []
+
         def on_epoch(row: dict[str, float]) -> None:
+            history.append(dict(row))
             log.info("epoch %d  loss %.2f  val ndcg@100 %.4f  recall@20 %.4f  lambda_a %.3g  (%.1fs)",
                      row["epoch"], row["loss"], row["val_ndcg_at_100"], row["val_recall_at_20"],
                      row["lambda_a"], row["train_seconds"])
@@ -74,20 +148,41 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
             for who, metrics in report[split].items():
                 mlflow.log_metrics({f"final_{split}_{who}_{k}": v for k, v in metrics.items()})
         mlflow.log_dict(report, "evaluation.json")
+        mlflow.log_dict({"epochs": history}, "history.json")
 
-        with tempfile.TemporaryDirectory() as tmp:
-            save_bundle(tmp, result.model, snap.item_ids, popularity)
-            Path(tmp, "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
-            mlflow.log_artifacts(tmp, artifact_path=MODEL_ARTIFACT)
-
-        # The gate reads these tags; the whole report is in evaluation.json.
-        tags = {"window_end": str(window.get("end", ""))}
+        curve = _validation_curve(history) if cfg.mlflow.log_plots else None
+        if curve is not None:
+            mlflow.log_figure(curve, "plots/validation_curve.png")
+        digest = _manifest_digest(snap.manifest)
+        tags = {
+            "window_start": str(window.get("start", "")), "window_end": str(window.get("end", "")),
+            "snapshot_uri": snapshot_uri, "snapshot_manifest_sha256": digest,
+            "best_epoch": str(result.best_epoch),
+        }
         for who, prefix in (("model", "val_"), ("popularity", "popularity_val_")):
             tags.update({f"{prefix}{k}": f"{v:.6f}" for k, v in report["val"][who].items()})
-        version = registry.register_version(
-            cfg, run.info.run_id, MODEL_ARTIFACT, tags=tags,
-            description=f"Multi-VAE{' + PIA' if cfg.pia.enabled else ''} on snapshot {snapshot_uri}",
+        for k, v in report["test"].get("model", {}).items():
+            tags[f"test_{k}"] = f"{v:.6f}"
+        mlflow.set_tags({"snapshot_manifest_sha256": digest, "window_start": tags["window_start"]})
+
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = Path(tmp, "bundle")
+            save_bundle(bundle, result.model, snap.item_ids, popularity)
+            Path(bundle, "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
+            info = _log_pyfunc(cfg, bundle)
+
+        val = report["val"]["model"]
+        description = (
+            f"{_BACKBONES.get(getattr(cfg.model, 'backbone', 'multivae'), 'Multi-VAE')}"
+            f"{' + PIA' if cfg.pia.enabled else ''} trained on window "
+            f"[{tags['window_start']}, {tags['window_end']}) (snapshot {snapshot_uri}, manifest sha256 "
+            f"{digest[:12]}); best epoch {result.best_epoch}; validation NDCG@100 {val['ndcg_at_100']:.4f}, "
+            f"Recall@20 {val['recall_at_20']:.4f} (popularity {report['val']['popularity']['ndcg_at_100']:.4f} / "
+            f"{report['val']['popularity']['recall_at_20']:.4f}). Load with "
+            f"mlflow.pyfunc.load_model('models:/{cfg.mlflow.registered_model}/<version>')."
         )
+        version = registry.register_version(cfg, run.info.run_id, model_id=info.model_id, tags=tags,
+                                            description=description)
         registry.set_alias(cfg, CHALLENGER, version)
         mlflow.set_tag("registered_version", version)
 

@@ -1,0 +1,128 @@
+"""Settings and task factories shared by the piarec DAGs (light: stdlib + Airflow only).
+
+Airflow runs in its own environment and never imports piarec. Work happens in the
+project environment, located by these settings (environment variables of the Airflow
+scheduler and workers, read when a DAG file is parsed -- cheap, no I/O):
+
+=========================  ===============================================================
+PIAREC_HOME                the piarec checkout / install holding ``pipelines/`` and
+                           ``dags/tools/`` (default: the folder above this file)
+PIAREC_VENV                the project virtualenv (default: ``$PIAREC_HOME/.venv``)
+PIAREC_SPARK_SUBMIT        spark-submit of the Spark environment (default: the project
+                           venv's; the provider refuses a path in the connection's
+                           ``spark-binary`` extra, so it is passed to the operator)
+PIAREC_SPARK_PYTHON        Python of the Spark driver and executors
+                           (default: the project venv's python)
+PIAREC_SPARK_CONN_ID       Airflow connection of the Spark master (default ``piarec_spark``;
+                           ``local[*]`` by default, ``spark://host:7077`` on a cluster)
+PIAREC_REGISTERED_MODEL    MLflow registered model name (default ``piarec``)
+PIAREC_TRAINER             ``local`` (default) or ``kubernetes`` (a GPU pod)
+PIAREC_TRAINER_IMAGE       trainer image for ``kubernetes``
+PIAREC_K8S_NAMESPACE       namespace of the trainer pod (default ``piarec``)
+PIAREC_K8S_CONFIGMAP       ConfigMap with the pipeline YAML, mounted at /etc/piarec
+PIAREC_DAG_RETRIES         task retries, exponential back-off from 5 minutes (default 2)
+=========================  ===============================================================
+
+The pipeline configuration itself (storage root, MLflow URI, ...) reaches every task
+through the workers' ``PIAREC_CONFIG`` / ``PIAREC__*`` variables, as for the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.providers.standard.operators.bash import BashOperator
+
+PIAREC_HOME = os.environ.get("PIAREC_HOME") or str(Path(__file__).resolve().parents[1])
+PIAREC_VENV = os.environ.get("PIAREC_VENV") or os.path.join(PIAREC_HOME, ".venv")
+PYTHON = os.path.join(PIAREC_VENV, "bin", "python")
+PIAREC = os.path.join(PIAREC_VENV, "bin", "piarec")
+SPARK_SUBMIT = os.environ.get("PIAREC_SPARK_SUBMIT") or os.path.join(PIAREC_VENV, "bin", "spark-submit")
+SPARK_PYTHON = os.environ.get("PIAREC_SPARK_PYTHON") or PYTHON
+SPARK_CONN_ID = os.environ.get("PIAREC_SPARK_CONN_ID", "piarec_spark")
+REGISTERED_MODEL = os.environ.get("PIAREC_REGISTERED_MODEL", "piarec")
+TRAINER = os.environ.get("PIAREC_TRAINER", "local")
+OPS = os.path.join(PIAREC_HOME, "dags", "tools", "piarec_ops.py")
+PIPELINES = os.path.join(PIAREC_HOME, "pipelines")
+
+# Exit codes of the project commands (piarec/cli.py, dags/tools/piarec_ops.py).
+NOT_READY = 1  # events-ready: poke again
+REFUSED = 1  # piarec promote --strict: the gate refused the challenger
+SKIP = 99  # BashOperator: leave the task skipped
+
+DEFAULT_ARGS = {
+    "owner": "piarec",
+    "retries": int(os.environ.get("PIAREC_DAG_RETRIES", "2")),
+    "retry_delay": timedelta(minutes=5),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(hours=1),
+}
+
+
+def ops(command: str) -> str:
+    """A bash command running ``dags/tools/piarec_ops.py <command>`` in the project venv."""
+    return f"{PYTHON} {OPS} {command}"
+
+
+def spark_conf() -> dict[str, str]:
+    """Driver and executors run Python in the Spark environment, never Airflow's."""
+    return {"spark.pyspark.python": SPARK_PYTHON, "spark.pyspark.driver.python": SPARK_PYTHON}
+
+
+class PiarecSparkSubmitOperator(SparkSubmitOperator):
+    """SparkSubmitOperator that drops application arguments rendered empty."""
+
+    def execute(self, context):
+        self.application_args = [a for a in (self.application_args or []) if str(a).strip()]
+        return super().execute(context)
+
+
+def spark_submit(task_id: str, job: str, args: list[str], **kwargs):
+    """``spark-submit pipelines/<job>.py <args>`` on the configured connection.
+
+    Arguments that render to an empty string are dropped, so an optional DAG param can
+    be written as ``"{{ '--k=%d' % params.k if params.k else '' }}"``.
+    """
+    return PiarecSparkSubmitOperator(
+        task_id=task_id,
+        application=os.path.join(PIPELINES, f"{job}.py"),
+        application_args=args,
+        conn_id=SPARK_CONN_ID,
+        spark_binary=SPARK_SUBMIT,
+        conf=spark_conf(),
+        # pip-installed spark-submit finds SPARK_HOME with this Python (not Airflow's).
+        env_vars={"PYSPARK_PYTHON": SPARK_PYTHON, "PYSPARK_DRIVER_PYTHON": SPARK_PYTHON},
+        name=f"piarec-{job}",
+        **kwargs,
+    )
+
+
+def trainer(task_id: str, command: str, **kwargs):
+    """The training task: a bash task in the project venv (``local``), or a GPU pod
+    (``kubernetes``; the cncf provider is imported only then)."""
+    if TRAINER == "local":
+        return BashOperator(task_id=task_id, bash_command=f"{PIAREC} {command}", **kwargs)
+    if TRAINER != "kubernetes":
+        raise ValueError(f"PIAREC_TRAINER must be 'local' or 'kubernetes', got {TRAINER!r}")
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    configmap = os.environ.get("PIAREC_K8S_CONFIGMAP", "piarec-config")
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name="piarec-train",
+        namespace=os.environ.get("PIAREC_K8S_NAMESPACE", "piarec"),
+        image=os.environ["PIAREC_TRAINER_IMAGE"],
+        cmds=["bash", "-c"],
+        arguments=[f"piarec {command}"],
+        env_vars={"PIAREC_CONFIG": "/etc/piarec/pipeline.yaml"},
+        volumes=[k8s.V1Volume(name="config", config_map=k8s.V1ConfigMapVolumeSource(name=configmap))],
+        volume_mounts=[k8s.V1VolumeMount(name="config", mount_path="/etc/piarec", read_only=True)],
+        container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
+        get_logs=True,
+        on_finish_action="delete_pod",
+        **kwargs,
+    )

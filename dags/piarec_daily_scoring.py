@@ -1,0 +1,84 @@
+"""piarec_daily_scoring: day D's events -> score every active user with ``champion``
+(and ``challenger`` as a second arm when asked) -> validate the published output -> done.
+
+With ``challenger_arm`` the scoring job splits users between the two models by a salted
+hash of user_id (``--challenger``, ``challenger_share`` of the users; the job's A/B
+mode) and publishes ``arm=champion`` and ``arm=challenger`` side by side.
+
+Partition: the run with logical date D writes ``recommendations/dt=D/arm=<arm>/`` from
+events before D+1 00:00 UTC. Scheduled daily (CronDataIntervalTimetable): the run of
+day D starts after D ends, at D+1 03:00 UTC; catch-up and backfill score each missed day
+into its own partition. ``@champion`` is resolved when the scoring task runs, so a
+person moving the alias in the MLflow UI is honoured by the next run.
+
+Params: ``date`` (YYYY-MM-DD, overrides the logical date), ``model_version`` (score a
+fixed version instead of the champion), ``k`` (recommendations per user; default the
+config's ``scoring.k``), ``challenger_arm`` (A/B: also score ``@challenger`` as
+arm=challenger), ``challenger_share`` (its share of users; default the config's).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.sensors.bash import BashSensor
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param
+
+from piarec_dag_support import DEFAULT_ARGS, NOT_READY, REGISTERED_MODEL, BashOperator, ops, spark_submit
+
+DAY = "{{ params.date or ds }}"
+K_ARG = "{{ '--k=%d' % params.k if params.k else '' }}"
+# Optional arguments render to "" when their param is unset and are then dropped.
+MODEL_ARG = f"{{{{ '--model=models:/{REGISTERED_MODEL}/%s' % params.model_version if params.model_version else '' }}}}"
+CHALLENGER_ARGS = (
+    f"{{{{ '--challenger=models:/{REGISTERED_MODEL}@challenger' if params.challenger_arm else '' }}}}",
+    "{{ '--challenger-share=%s' % params.challenger_share if params.challenger_arm and params.challenger_share else '' }}",
+)
+ARMS = "{{ 'champion,challenger' if params.challenger_arm else 'champion' }}"
+
+with DAG(
+    dag_id="piarec_daily_scoring",
+    description="day D's events -> score champion (+ challenger) -> validate -> done marker",
+    schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=True,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={
+        "date": Param(None, type=["null", "string"], format="date",
+                      description="scoring day D, default: the logical date"),
+        "model_version": Param(None, type=["null", "integer"], minimum=1,
+                               description="score this registered version instead of @champion"),
+        "k": Param(None, type=["null", "integer"], minimum=1, description="recommendations per user"),
+        "challenger_arm": Param(False, type="boolean", description="A/B: also score @challenger as arm=challenger"),
+        "challenger_share": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
+                                  description="share of users in the challenger arm"),
+    },
+    tags=["piarec"],
+    doc_md=__doc__,
+) as dag:
+    wait_for_events = BashSensor(
+        task_id="wait_for_events",
+        bash_command=ops(f"events-ready --day {DAY}"),
+        retry_exit_code=NOT_READY,
+        mode="reschedule",
+        poke_interval=timedelta(minutes=10).total_seconds(),
+        timeout=timedelta(hours=12).total_seconds(),
+    )
+    score = spark_submit(
+        "score_users", "score_users", [f"--date={DAY}", "--arm=champion", MODEL_ARG, K_ARG, *CHALLENGER_ARGS],
+        execution_timeout=timedelta(hours=4),
+    )
+    validate = BashOperator(
+        task_id="validate_output",
+        bash_command=ops(f"validate --date {DAY} --arms {ARMS} --k '{{{{ params.k or '' }}}}'"),
+        execution_timeout=timedelta(minutes=30),
+    )
+    mark_done = BashOperator(
+        task_id="mark_done",
+        bash_command=ops(f"mark-done --date {DAY} --arms {ARMS}"),
+        execution_timeout=timedelta(minutes=10),
+    )
+
+    wait_for_events >> score >> validate >> mark_done

@@ -1,0 +1,70 @@
+"""piarec_weekly_training: the window's events -> snapshot (Spark) -> train, evaluate and
+register as ``challenger`` -> promotion gate -> ``champion`` (or a refusal report).
+
+Partition: the run with logical date E builds the snapshot ``window_end=E`` (events of
+``[E - window_days, E)``, UTC) -- a pure function of the logical date, so reruns, catch-up
+and ``airflow backfill`` rebuild exactly their own week. Scheduled Mondays 04:00 UTC
+(CronTriggerTimetable: the logical date is the trigger time, the window ends that day).
+
+Params for ad-hoc runs: ``window_end`` (YYYY-MM-DD, overrides the logical date).
+A refused challenger leaves the gate task *skipped* with the report in its log and in
+MLflow (run "gate vN"); ``champion`` stays where it was.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.sensors.bash import BashSensor
+from airflow.sdk import DAG, CronTriggerTimetable, Param
+
+from piarec_dag_support import DEFAULT_ARGS, NOT_READY, PIAREC, REFUSED, SKIP, BashOperator, ops, spark_submit, trainer
+
+WINDOW_END = "{{ params.window_end or ds }}"
+
+with DAG(
+    dag_id="piarec_weekly_training",
+    description="events -> snapshot -> train + register challenger -> gate -> champion",
+    schedule=CronTriggerTimetable("0 4 * * 1", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
+    catchup=False,  # only the newest model matters; `airflow backfill create` rebuilds old weeks
+    max_active_runs=1,  # the challenger alias is shared: one training at a time
+    default_args=DEFAULT_ARGS,
+    params={"window_end": Param(None, type=["null", "string"], format="date",
+                                description="snapshot window end (exclusive), default: the logical date")},
+    tags=["piarec"],
+    doc_md=__doc__,
+) as dag:
+    wait_for_events = BashSensor(
+        task_id="wait_for_events",
+        bash_command=ops(f"events-ready --window-end {WINDOW_END}"),
+        retry_exit_code=NOT_READY,
+        mode="reschedule",
+        poke_interval=timedelta(minutes=15).total_seconds(),
+        timeout=timedelta(hours=12).total_seconds(),
+    )
+    build_snapshot = spark_submit(
+        "build_snapshot", "build_matrix", [f"--window-end={WINDOW_END}"],
+        execution_timeout=timedelta(hours=3),
+    )
+    locate_snapshot = BashOperator(  # its last output line (the URI) goes to XCom
+        task_id="locate_snapshot",
+        bash_command=ops(f"snapshot-uri --window-end {WINDOW_END} --require-published"),
+        execution_timeout=timedelta(minutes=10),
+    )
+    train = trainer(
+        "train_and_register",
+        "train --snapshot {{ ti.xcom_pull(task_ids='locate_snapshot') }}",
+        execution_timeout=timedelta(hours=8),
+    )
+    gate = BashOperator(
+        task_id="promotion_gate",
+        # A refusal (exit 1 of --strict) is a decision, not a failure: skip, no retries.
+        bash_command=f"{PIAREC} promote --strict; rc=$?; "
+        f"if [ $rc -eq {REFUSED} ]; then echo 'challenger refused; champion unchanged'; exit {SKIP}; fi; exit $rc",
+        skip_on_exit_code=SKIP,
+        execution_timeout=timedelta(minutes=30),
+    )
+
+    wait_for_events >> build_snapshot >> locate_snapshot >> train >> gate

@@ -1,0 +1,89 @@
+"""dags/tools/piarec_ops.py: the checks the DAG tasks run in the project environment,
+on hand-made events and recommendation partitions with known answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags" / "tools"))
+import piarec_ops as ops  # noqa: E402
+
+from piarec.config import load_config  # noqa: E402
+from piarec.scorer import OUTPUT_SCHEMA  # noqa: E402
+
+DAY = dt.date(2026, 4, 9)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    root = tmp_path / "work"
+    part = root / "events" / f"dt={DAY}"
+    part.mkdir(parents=True)
+    ts = pa.array([dt.datetime(2026, 4, 9, h, tzinfo=dt.timezone.utc) for h in (1, 2, 3, 4)], pa.timestamp("us", "UTC"))
+    pq.write_table(pa.table({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["t1", "t2", "t3", "t4"],
+                             "event_type": ["play", "complete", "play", "impression"], "ts": ts,
+                             "watch_seconds": pa.array([600, 900, 30, 0], pa.int32())}), part / "part-0.parquet")
+    return load_config(environ={}, overrides={"storage": {"root": str(root)}})
+
+
+def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int = 2) -> Path:
+    part = Path(ops.recs_uri(cfg, DAY, "champion"))
+    part.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "user_id": list(rows), "item_ids": list(rows.values()),
+        "scores": [[float(10 - i) for i in range(len(v))] for v in rows.values()],
+        "model_version": ["1"] * len(rows), "source": ["model"] * len(rows),
+    }, schema=OUTPUT_SCHEMA)
+    pq.write_table(table, part / "part-0.parquet")
+    n = len(rows) if users is None else users
+    (part / "_manifest.json").write_text(json.dumps({
+        "date": DAY.isoformat(), "arm": "champion", "k": k, "model": {"version": "1", "n_items": 6},
+        "counts": {"users": n, "by_source": {"model": len(rows), "popularity": 0}}}))
+    (part / "_SUCCESS").write_text("")
+    return part
+
+
+def test_valid_partition_passes_and_the_day_is_marked_done(cfg):
+    publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})  # u2 saw t3 (play), not t4 (impression)
+    args = ops.build_parser().parse_args(["validate", "--date", str(DAY), "--arms", "champion"])
+    assert ops.cmd_validate(cfg, args) == 0
+    day = Path(ops.recs_uri(cfg, DAY))
+    assert json.loads((day / "_validation.json").read_text())["arms"][0]["users"] == 2
+    done = ops.build_parser().parse_args(["mark-done", "--date", str(DAY), "--arms", "champion"])
+    assert ops.cmd_mark_done(cfg, done) == 0 and (day / "_SUCCESS").exists()
+
+
+def test_a_seen_title_is_caught(cfg):
+    publish(cfg, {"u1": ["t2", "t5"], "u2": ["t1", "t6"]})  # u1 completed t2
+    with pytest.raises(ops.ValidationFailed, match="titles they have seen"):
+        ops.validate_arm(cfg, DAY, "champion", None, 100)
+
+
+def test_counts_and_k_are_checked_against_the_manifest(cfg):
+    publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]}, users=3)
+    with pytest.raises(ops.ValidationFailed, match="manifest counts 3 users"):
+        ops.validate_arm(cfg, DAY, "champion", None, 100)
+    publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})
+    with pytest.raises(ops.ValidationFailed, match="not the requested 5"):
+        ops.validate_arm(cfg, DAY, "champion", 5, 100)
+
+
+def test_unpublished_day_cannot_be_marked_done(cfg):
+    args = ops.build_parser().parse_args(["mark-done", "--date", str(DAY)])
+    with pytest.raises(ops.PiarecError, match="run validate first"):
+        ops.cmd_mark_done(cfg, args)
+
+
+def test_events_ready_waits_for_every_partition(cfg, capsys):
+    parse = ops.build_parser().parse_args
+    assert ops.cmd_events_ready(cfg, parse(["events-ready", "--day", str(DAY)])) == 0
+    assert ops.cmd_events_ready(cfg, parse(["events-ready", "--day", "2026-04-10"])) == ops.NOT_READY
+    assert ops.cmd_events_ready(cfg, parse(["events-ready", "--window-end", "2026-04-10"])) == ops.NOT_READY
+    assert "waiting for 89 event partition(s)" in capsys.readouterr().out

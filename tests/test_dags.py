@@ -1,0 +1,262 @@
+"""The Airflow DAGs, for real: DagBag parsing, task structure, and `airflow dags test`
+runs of both DAGs against local Spark, a SQLite MLflow store and a local storage root.
+
+Airflow runs from its own environment (``.venv-airflow``, built by ``make airflow-env``:
+apache-airflow + the Spark provider); its tasks launch work in the project environment
+(``.venv/bin/spark-submit``, ``.venv/bin/piarec``), exactly as in production. So the
+Spark jobs -- the scoring job's ``mapInArrow`` UDF included -- run where pyspark has no
+``pyspark-client`` on top of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AIRFLOW_VENV = Path(os.environ.get("PIAREC_AIRFLOW_VENV", REPO / ".venv-airflow"))
+AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
+WEEK = "2026-04-06"  # a Monday; the 90-day window [2026-01-06, 2026-04-06) lies inside the events
+DAY, NEXT_DAY = dt.date(2026, 4, 9), dt.date(2026, 4, 10)
+
+pytestmark = pytest.mark.slow
+
+
+def _require_airflow() -> None:
+    if not AIRFLOW.exists():
+        pytest.fail(f"{AIRFLOW} is missing: build the Airflow environment with `make airflow-env`")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """AIRFLOW_HOME with a migrated SQLite metadata DB, the Spark connection from the
+    environment, a storage root with generated events, and the env for every command."""
+    _require_airflow()
+    from piarec.synthetic import generate_events
+
+    base = tmp_path_factory.mktemp("airflow")
+    root = base / "work"
+    generate_events(str(root / "events"), users=3000, items=300, days=100, seed=0, start=dt.date(2026, 1, 1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIAREC", "AIRFLOW", "PYSPARK", "SPARK_HOME"))}
+    env.update({
+        "AIRFLOW_HOME": str(base / "home"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_PIAREC_SPARK": json.dumps(
+            {"conn_type": "spark", "host": "local[2]", "extra": {"spark-binary": "spark-submit"}}),
+        "PIAREC_HOME": str(REPO),
+        "PIAREC_VENV": str(Path(sys.executable).parent.parent),  # the environment running the tests
+        "PIAREC_DAG_RETRIES": "0",
+        "PIAREC__STORAGE__ROOT": str(root),
+        "PIAREC__TRAINING__EPOCHS": "3",
+        "PIAREC__SPARK__DRIVER_MEMORY": "2g",
+        "PIAREC__SPARK__SHUFFLE_PARTITIONS": "4",
+    })
+    (base / "home").mkdir()
+    run([str(AIRFLOW), "db", "migrate"], env, timeout=300)
+    return env, root
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=env.get("AIRFLOW_HOME"))
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def dags_test(env, dag_id: str, logical_date: str, conf: dict | None = None) -> str:
+    cmd = [str(AIRFLOW), "dags", "test", dag_id, logical_date]
+    if conf:
+        cmd += ["--conf", json.dumps(conf)]
+    proc = run(cmd, env)
+    out = proc.stdout + proc.stderr
+    assert "new_state=failed" not in out and "upstream_failed" not in out, out[-6000:]
+    return out
+
+
+def mlflow_client(root: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# --------------------------------------------------------------------------- parsing
+PARSE = r"""
+import json, sys, time
+t = time.perf_counter()
+sys.path.insert(0, sys.argv[1])  # as Airflow's DAG bundle parsing does for the DAGs folder
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+heavy = sorted(m for m in ("piarec", "torch", "pyspark.sql", "mlflow", "kubernetes") if m in sys.modules)
+print(json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "seconds": time.perf_counter() - t,
+    "heavy": heavy,
+    "dags": {d.dag_id: {"upstream": {t.task_id: sorted(t.upstream_task_ids) for t in d.tasks},
+                        "types": {t.task_id: type(t).__name__ for t in d.tasks},
+                        "params": sorted(d.params.keys()),
+                        "retries": {t.task_id: t.retries for t in d.tasks},
+                        "timeouts": {t.task_id: bool(t.execution_timeout or getattr(t, "timeout", None)) for t in d.tasks},
+                        "catchup": d.catchup, "max_active_runs": d.max_active_runs}
+             for d in bag.dags.values()},
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    _require_airflow()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path_factory.mktemp("airflow-parse")), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")})  # Airflow puts it on sys.path
+    proc = run([str(AIRFLOW_VENV / "bin" / "python"), "-c", PARSE, str(REPO / "dags")], env, timeout=300)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_dagbag_imports_without_errors_or_heavy_modules(parsed):
+    assert parsed["errors"] == {}
+    assert set(parsed["dags"]) == {"piarec_weekly_training", "piarec_daily_scoring"}
+    assert parsed["heavy"] == []  # DAG files only wire tasks
+    assert parsed["seconds"] < 30
+
+
+def test_weekly_structure(parsed):
+    d = parsed["dags"]["piarec_weekly_training"]
+    assert d["upstream"] == {
+        "wait_for_events": [], "build_snapshot": ["wait_for_events"], "locate_snapshot": ["build_snapshot"],
+        "train_and_register": ["locate_snapshot"], "promotion_gate": ["train_and_register"],
+    }
+    assert d["types"]["build_snapshot"] == "PiarecSparkSubmitOperator"
+    assert d["types"]["wait_for_events"] == "BashSensor"
+    assert d["params"] == ["window_end"] and d["max_active_runs"] == 1
+    assert all(d["timeouts"].values()) and all(r == 2 for r in d["retries"].values())
+
+
+def test_daily_structure(parsed):
+    d = parsed["dags"]["piarec_daily_scoring"]
+    assert d["upstream"] == {
+        "wait_for_events": [], "score_users": ["wait_for_events"],
+        "validate_output": ["score_users"], "mark_done": ["validate_output"],
+    }
+    assert d["types"]["score_users"] == "PiarecSparkSubmitOperator"
+    assert d["params"] == ["challenger_arm", "challenger_share", "date", "k", "model_version"]
+    assert d["catchup"] is True and all(d["timeouts"].values())
+
+
+def test_spark_environment_has_no_pyspark_client():
+    """The environment that runs the Spark jobs (this one) must not carry the Spark
+    provider's pyspark-client over pyspark (notes.md: it breaks Python UDFs)."""
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("pyspark-client")
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("apache-airflow-providers-apache-spark")
+
+
+# --------------------------------------------------------------------------- real runs
+def test_weekly_training_then_daily_scoring_end_to_end(stack):
+    env, root = stack
+    from piarec.storage import is_published
+
+    out = dags_test(env, "piarec_weekly_training", WEEK)
+    snap = root / "snapshots" / f"window_end={WEEK}"
+    assert is_published(str(snap)), out[-4000:]
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert (manifest["window"]["start"], manifest["window"]["end"]) == ("2026-01-06", WEEK)
+
+    c = mlflow_client(root)
+    champion = c.get_model_version_by_alias("piarec", "champion")
+    assert str(champion.version) == str(c.get_model_version_by_alias("piarec", "challenger").version) == "1"
+    assert champion.tags["window_end"] == WEEK and champion.tags["snapshot_uri"] == str(snap)
+    assert champion.tags["gate_decision"].startswith("promoted")
+
+    dags_test(env, "piarec_daily_scoring", DAY.isoformat())
+    part = root / "recommendations" / f"dt={DAY}" / "arm=champion"
+    assert (part / "_SUCCESS").exists() and (part / "_manifest.json").exists()
+    assert (part.parent / "_SUCCESS").exists()  # the day's done marker, after validation
+    validation = json.loads((part.parent / "_validation.json").read_text())
+    assert [a["arm"] for a in validation["arms"]] == ["champion"]
+    recs = ds.dataset(str(part), format="parquet").to_table().to_pandas()
+    assert len(recs) == validation["arms"][0]["users"] > 2000
+    assert set(recs.model_version) == {"1"}
+    assert (recs.item_ids.map(len) == 100).all()
+
+
+def test_daily_run_follows_a_manual_champion_move_and_scores_the_challenger_arm(stack):
+    """A person moves @champion in the MLflow UI; the next daily run scores with it.
+    Also: the challenger arm and the k param, for the next day's partition."""
+    env, root = stack
+    c = mlflow_client(root)
+    if str(c.get_model_version_by_alias("piarec", "champion").version) != "1":
+        pytest.fail("needs the weekly run of the previous test")
+    # A second version, registered as challenger (a real training run, not promoted).
+    run([sys.executable, "-m", "piarec", "train", "--snapshot", str(root / "snapshots" / f"window_end={WEEK}"),
+         "--epochs", "2"], env)
+    assert str(c.get_model_version_by_alias("piarec", "challenger").version) == "2"
+    c.set_registered_model_alias("piarec", "champion", "2")  # what the UI does
+
+    dags_test(env, "piarec_daily_scoring", NEXT_DAY.isoformat(),
+              conf={"challenger_arm": True, "challenger_share": 0.3, "k": 20})
+    day = root / "recommendations" / f"dt={NEXT_DAY}"
+    champion = ds.dataset(str(day / "arm=champion"), format="parquet").to_table().to_pandas()
+    challenger = ds.dataset(str(day / "arm=challenger"), format="parquet").to_table().to_pandas()
+    assert set(champion.model_version) == {"2"} and set(challenger.model_version) == {"2"}
+    assert not set(champion.user_id) & set(challenger.user_id)  # A/B: each user in one arm
+    assert 0.2 < len(challenger) / (len(champion) + len(challenger)) < 0.4
+    assert (champion.item_ids.map(len) == 20).all() and (challenger.item_ids.map(len) == 20).all()
+    assert (day / "_SUCCESS").exists()
+    assert [a["arm"] for a in json.loads((day / "_validation.json").read_text())["arms"]] == ["champion", "challenger"]
+    # The previous day's partition is untouched by this run.
+    prev = ds.dataset(str(root / "recommendations" / f"dt={DAY}" / "arm=champion"), format="parquet").to_table()
+    assert set(prev.column("model_version").to_pylist()) == {"1"}
+
+
+RENDER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+out = {}
+for dag_id, task_id, field, ds, params in json.loads(sys.argv[2]):
+    dag = bag.dags[dag_id]
+    task = dag.get_task(task_id)
+    merged = {k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()} | params
+    value = task.render_template(getattr(task, field), {"ds": ds, "params": merged})
+    if isinstance(value, list):
+        value = [v for v in value if str(v).strip()]
+    out[f"{task_id}:{ds}:{json.dumps(params, sort_keys=True)}"] = value
+print(json.dumps(out))
+"""
+
+
+def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
+    """What catch-up, backfill and ad-hoc reruns rely on: each run's commands name the
+    partition of its own logical date, or of the date param when given."""
+    cases = [
+        ["piarec_daily_scoring", "score_users", "application_args", "2026-03-02", {}],
+        ["piarec_daily_scoring", "score_users", "application_args", "2026-03-03",
+         {"date": "2026-02-01", "model_version": 7, "k": 20, "challenger_arm": True, "challenger_share": 0.25}],
+        ["piarec_daily_scoring", "wait_for_events", "bash_command", "2026-03-02", {}],
+        ["piarec_daily_scoring", "validate_output", "bash_command", "2026-03-02", {"challenger_arm": True}],
+        ["piarec_weekly_training", "build_snapshot", "application_args", "2026-03-02", {}],
+        ["piarec_weekly_training", "wait_for_events", "bash_command", "2026-03-09", {"window_end": "2026-01-05"}],
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")})
+    proc = run([str(AIRFLOW_VENV / "bin" / "python"), "-c", RENDER, str(REPO / "dags"), json.dumps(cases)], env)
+    got = list(json.loads(proc.stdout.strip().splitlines()[-1]).values())
+    assert got[0] == ["--date=2026-03-02", "--arm=champion"]
+    assert got[1] == ["--date=2026-02-01", "--arm=champion", "--model=models:/piarec/7", "--k=20",
+                      "--challenger=models:/piarec@challenger", "--challenger-share=0.25"]
+    assert got[2].endswith("events-ready --day 2026-03-02")
+    assert "validate --date 2026-03-02 --arms champion,challenger --k ''" in got[3]
+    assert got[4] == ["--window-end=2026-03-02"]
+    assert got[5].endswith("events-ready --window-end 2026-01-05")

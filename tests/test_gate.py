@@ -1,0 +1,201 @@
+"""The promotion gate on a real MLflow store and a real published snapshot.
+
+The snapshot is the planted checkerboard (tests/conftest.py) written in the published
+layout, so the gate loads it with ``load_snapshot`` like in production. Models are
+trained by ``run_training`` (a good model), or derived from it to break one contract
+(a regression, posterior collapse, non-finite scores) and registered as challenger.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from piarec import registry
+from piarec.bundle import save_bundle
+from piarec.config import load_config
+from piarec.gate import CHALLENGER, CHAMPION, promote
+from piarec.snapshot import SCHEMA_VERSION, Snapshot
+from piarec.train_job import _log_pyfunc, run_training
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def write_snapshot(snap: Snapshot, uri: Path) -> str:
+    """Write an in-memory snapshot in the published layout of pipelines/build_matrix.py."""
+    uri.mkdir(parents=True)
+    n_items = snap.n_items
+    users, inter = [], []
+    for split, ids, parts in (("train", snap.train_user_ids, {"train": snap.train}),
+                              ("val", snap.val.user_ids, {"fold_in": snap.val.fold_in, "held_out": snap.val.held_out}),
+                              ("test", snap.test.user_ids, {"fold_in": snap.test.fold_in, "held_out": snap.test.held_out})):
+        base = len(users)
+        users += [(base + i, str(u), split) for i, u in enumerate(ids)]
+        for part, csr in parts.items():
+            for r in range(csr.n_rows):
+                inter += [(base + r, int(i), part) for i in csr.row(r)]
+    counts = {}
+    for split, ids, parts in (("train", snap.train_user_ids, {"train": snap.train.nnz}),
+                              ("val", snap.val.user_ids, {"fold_in": snap.val.fold_in.nnz, "held_out": snap.val.held_out.nnz}),
+                              ("test", snap.test.user_ids, {"fold_in": snap.test.fold_in.nnz, "held_out": snap.test.held_out.nnz})):
+        counts[split] = {"users": len(ids), "train": 0, "fold_in": 0, "held_out": 0, **parts}
+    for name, table in (
+        ("items", pa.table({"item_idx": pa.array(np.arange(n_items), pa.int32()),
+                            "item_id": pa.array(list(map(str, snap.item_ids))),
+                            "n_users": pa.array(snap.item_popularity.astype(np.int32))})),
+        ("users", pa.table({"user_idx": pa.array([u[0] for u in users], pa.int32()),
+                            "user_id": [u[1] for u in users], "split": [u[2] for u in users]})),
+        ("interactions", pa.table({"user_idx": pa.array([r[0] for r in inter], pa.int32()),
+                                   "item_idx": pa.array([r[1] for r in inter], pa.int32()),
+                                   "part": [r[2] for r in inter]})),
+    ):
+        (uri / name).mkdir()
+        pq.write_table(table, uri / name / "part-0.parquet")
+    manifest = {"schema_version": SCHEMA_VERSION, "window": snap.manifest["window"],
+                "counts": {"after_user_filter": {"items": n_items}, "splits": counts}}
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    (uri / "_SUCCESS").write_text("")
+    return str(uri)
+
+
+def planted() -> Snapshot:
+    """The planted checkerboard of tests/conftest.py as a Snapshot (users of 8 blocks)."""
+    from conftest import planted_split
+
+    from piarec.snapshot import Split
+
+    train, _, _ = planted_split(800, seed=0)
+    _, vf, vh = planted_split(64, seed=1)
+    _, tf, th = planted_split(64, seed=2)
+    ids = lambda prefix, n: np.array([f"{prefix}{i}" for i in range(n)], dtype=object)  # noqa: E731
+    return Snapshot(uri="memory://planted", manifest={"window": {"start": "2026-01-01", "end": "2026-04-01"}},
+                    item_ids=ids("t", train.n_cols),
+                    item_popularity=np.bincount(train.indices, minlength=train.n_cols).astype(np.int64),
+                    train=train, train_user_ids=ids("u", train.n_rows),
+                    val=Split(ids("v", 64), vf, vh), test=Split(ids("w", 64), tf, th))
+
+
+def small_cfg(root: Path, **gate):
+    return load_config(environ={}, overrides={
+        "storage": {"root": str(root)},
+        "model": {"hidden_dim": 64, "latent_dim": 16},
+        "training": {"epochs": 15, "batch_size": 100, "lr": 3e-3, "anneal_steps": 2000, "device": "cpu"},
+        "scoring": {"k": 20},
+        "gate": {"min_active_units": 3, **gate},
+    })
+
+
+def register_challenger(cfg, snapshot_uri: str, model, item_ids, popularity) -> str:
+    """Register ``model`` the way `piarec train` does and point ``challenger`` at it."""
+    with mlflow.start_run(experiment_id=registry.ensure_experiment(cfg)) as run, \
+            tempfile.TemporaryDirectory() as tmp:
+        save_bundle(Path(tmp, "bundle"), model, item_ids, popularity)
+        info = _log_pyfunc(cfg, Path(tmp, "bundle"))
+        version = registry.register_version(cfg, run.info.run_id, model_id=info.model_id,
+                                            tags={"snapshot_uri": snapshot_uri})
+    registry.set_alias(cfg, CHALLENGER, version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A published planted snapshot and a first model trained on it (version 1, challenger)."""
+    root = tmp_path_factory.mktemp("gate")
+    snap = planted()
+    uri = write_snapshot(snap, root / "snapshots" / "window_end=2026-04-01")
+    cfg = small_cfg(root)
+    out = run_training(cfg, uri)
+    return cfg, uri, out
+
+
+def _bundle(cfg, version):
+    bundle, _ = registry.load_model(cfg, f"models:/{cfg.mlflow.registered_model}/{version}")
+    return bundle
+
+
+def _failed(decision) -> set[str]:
+    return {re.sub(r" v\d+$", "", c.name) for c in decision.checks if not c.passed}
+
+
+def test_first_model_is_promoted_when_it_beats_popularity(trained):
+    cfg, uri, out = trained
+    decision = promote(cfg)
+    assert decision.promoted, decision.summary()
+    assert decision.champion_before is None and decision.challenger == out["version"] == "1"
+    assert registry.alias_version(cfg, CHAMPION) == "1"
+    assert decision.metrics["challenger_ndcg_at_100"] > decision.metrics["popularity_ndcg_at_100"]
+    assert decision.metrics["challenger_active_units"] >= 3
+    assert "promoted to champion" in decision.summary().splitlines()[0]
+    # The decision is in MLflow: tags on the version and a gate run with its report.
+    c = registry.client(cfg)
+    mv = c.get_model_version("piarec", "1")
+    assert mv.tags["gate_decision"].startswith("promoted")
+    gate_run = c.get_run(mv.tags["gate_run_id"])
+    assert gate_run.data.tags["decision"] == "promoted"
+    assert gate_run.data.metrics["challenger_ndcg_at_100"] == pytest.approx(decision.metrics["challenger_ndcg_at_100"])
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=gate_run.info.run_id, artifact_path="gate_decision.json", tracking_uri=cfg.tracking_uri())).read_text())
+    assert report["promoted"] is True
+
+
+def test_regression_is_refused_and_champion_stays(trained):
+    cfg, uri, _ = trained
+    good = _bundle(cfg, "1")
+    worse = good.model
+    torch.manual_seed(1)
+    with torch.no_grad():  # scramble the decoder: it no longer knows the planted blocks
+        for layer in worse.decoder:
+            layer.weight.copy_(layer.weight[torch.randperm(layer.weight.shape[0])])
+    version = register_challenger(cfg, uri, worse, good.item_ids, good.popularity)
+    decision = promote(cfg)
+    assert not decision.promoted
+    assert {"ndcg_at_100 vs champion", "recall_at_20 vs champion"} <= _failed(decision), decision.summary()
+    assert registry.alias_version(cfg, CHAMPION) == "1"
+    assert registry.client(cfg).get_model_version("piarec", version).tags["gate_decision"].startswith("refused")
+
+
+def test_posterior_collapse_is_refused(trained):
+    cfg, uri, _ = trained
+    good = _bundle(cfg, "1")
+    collapsed = good.model
+    with torch.no_grad():  # the encoder ignores its input: one posterior for every user
+        collapsed.item_in.zero_()
+    register_challenger(cfg, uri, collapsed, good.item_ids, good.popularity)
+    decision = promote(cfg)
+    assert not decision.promoted
+    assert "active latent units" in _failed(decision), decision.summary()
+    assert decision.metrics["challenger_active_units"] == 0
+    assert registry.alias_version(cfg, CHAMPION) == "1"
+
+
+def test_non_finite_scores_are_refused(trained):
+    cfg, uri, _ = trained
+    good = _bundle(cfg, "1")
+    broken = good.model
+    with torch.no_grad():
+        broken.decoder[-1].bias[3] = float("nan")
+    register_challenger(cfg, uri, broken, good.item_ids, good.popularity)
+    decision = promote(cfg)
+    assert not decision.promoted
+    assert "scores finite" in _failed(decision), decision.summary()
+
+
+def test_an_equal_challenger_is_promoted_and_a_manual_alias_move_is_honoured(trained):
+    cfg, uri, _ = trained
+    good = _bundle(cfg, "1")
+    version = register_challenger(cfg, uri, good.model, good.item_ids, good.popularity)
+    decision = promote(cfg)
+    assert decision.promoted, decision.summary()
+    assert decision.champion_before == "1" and registry.alias_version(cfg, CHAMPION) == version
+    # A person moves the alias back in the MLflow UI: the next resolution follows it.
+    registry.client(cfg).set_registered_model_alias("piarec", CHAMPION, "1")
+    assert registry.resolve_model(cfg, "models:/piarec@champion").version == "1"
