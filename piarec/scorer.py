@@ -1,24 +1,46 @@
 """Exact top-K scoring of users against a model bundle, in batches, with no Spark.
 
-The daily job (``pipelines/score_users.py``) calls this from each Python worker; tests
-call it directly. The ranking contract is strict because A/B analysis compares runs
-item by item: for every user the returned items equal a full stable sort of the fp32
-scores, descending, ties broken by ascending item index, with seen items removed.
+Both engines of the daily job call this on every batch: the Spark job
+(``pipelines/score_users.py``, in each Python worker) and the single-node engine
+(:mod:`piarec.score_local`); the pyfunc model and the tests call it directly.
 
-- Users with history: ``logits(mu)`` where ``mu`` is the posterior mean from
-  ``encode(batch, keep_prob=1.0)`` (no sampling), computed in fp32.
+The ranking contract is strict because A/B analysis compares runs item by item: for every
+user the returned items equal a full stable sort of the fp32 scores, descending, ties
+broken by ascending item index, with seen items removed.
+
+- Users with history: ``logits(mu)``, ``mu`` the posterior mean from ``encode(batch,
+  keep_prob=1.0)`` (no sampling).
 - Users with no known history: the bundle's popularity vector (``source='popularity'``).
+
+Precision (``precision=``):
+
+- ``fp32``: the scores are the model's fp32 logits. Rows go through the model in blocks of
+  at least :data:`MIN_ROWS` (padded when fewer): BLAS switches to other kernels for a
+  handful of rows, and their last bits differ. So a user's scores do not depend on the
+  batch they arrived in, and both engines write bit-identical output.
+- ``bf16`` (for GPUs, whose bf16 matrix units are many times faster): a bf16 decoder pass
+  with a rigorous per-score error bound selects, per user, a candidate set that provably
+  holds the top-K; only the candidates are rescored exactly (fp64 accumulation, rounded to
+  fp32) and ranked. The output is the exact top-K of those correctly rounded fp32 scores.
+
+Selection on the CPU is ``np.partition`` (the k-th largest value of each row) then the
+items at or above it, ordered by one integer key per item (score bits, then item index);
+on a GPU, ``torch.topk`` over the same keys. Both are exact, ties included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torch import nn
 
 from piarec.bundle import ModelBundle
 from piarec.model import SparseBatch
@@ -35,55 +57,200 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("source", pa.string()),  # "model" | "popularity"
     ]
 )
+# The same columns with item ids dictionary-encoded against the model's vocabulary: what
+# the local engine hands to the Parquet writer (the file is the same list<string>; the
+# writer takes the dictionary as it is instead of hashing every string again).
+WRITE_SCHEMA = OUTPUT_SCHEMA.set(1, pa.field("item_ids", pa.list_(pa.dictionary(pa.int32(), pa.string()))))
+# Histories, the input of both engines: one row per active user at day D.
+HISTORY_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string()),
+        pa.field("history", pa.list_(pa.string())),  # positives in the window
+        pa.field("seen", pa.list_(pa.string())),  # titles of a seen event type in the window
+    ]
+)
+# Parquet column settings both engines use: zstd; no dictionary for unique user ids and
+# near-unique float scores (it only costs write time and bytes); the rest is dictionary.
+NO_DICTIONARY_COLUMNS = ("user_id", "scores.list.element")
+
+MIN_ROWS = 32  # fewest rows per matrix product (see the module docstring)
+_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # logits per block (a CPU reuses it: no page faults)
+
+
+# -- histories onto the model's vocabulary ----------------------------------------------
+def map_arrow_lists(lists: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> tuple[CSR, np.ndarray]:
+    """Map an Arrow ``list<string>`` column onto the model's vocabulary.
+
+    ``vocab`` is the model's item_ids as an Arrow string array (position = item index).
+    Returns the binary CSR [len(lists), len(vocab)] (duplicates collapse) and the entries
+    per row the model does not know, int64 [B]; those are ignored. Null rows are empty,
+    null entries count as unknown. Dictionary-encoded values (read with
+    ``dictionary_columns``) are mapped through their dictionary: one lookup per distinct
+    title instead of one per entry.
+    """
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks() if lists.num_chunks != 1 else lists.chunk(0)
+    n_rows = len(lists)
+    if lists.null_count:
+        lists = lists.fill_null(pa.scalar([], lists.type))
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    flat = lists.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    offsets = offsets - offsets[0]  # a sliced array's offsets start where the slice starts
+    if pa.types.is_dictionary(flat.type):
+        # Position of each dictionary word in the vocabulary (-1: unknown), then per entry.
+        where = _index_in(flat.dictionary, vocab).fill_null(-1).to_numpy(zero_copy_only=False)
+        codes = flat.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        cols = np.where(codes >= 0, where[np.maximum(codes, 0)] if len(where) else -1, -1)
+    else:
+        cols = _index_in(flat, vocab).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    known = cols >= 0
+    row_of = np.repeat(np.arange(n_rows), np.diff(offsets))
+    unknown = np.bincount(row_of[~known], minlength=n_rows).astype(np.int64)
+    return _binary_csr(row_of[known], cols[known], n_rows, len(vocab)), unknown
+
+
+def _binary_csr(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> CSR:
+    """``CSR.from_pairs`` (duplicates collapse, indices sorted per row) by one sort and an
+    adjacent-duplicate mask: ``np.unique`` is ~50x slower on this numpy (2.4)."""
+    keys = rows.astype(np.int64) * n_cols + cols
+    keys.sort()
+    if len(keys) > 1:
+        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    r, c = np.divmod(keys, n_cols)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
+    return CSR(indptr, c.astype(np.int32), int(n_cols))
+
+
+def _index_in(values: pa.Array, vocab: pa.Array) -> pa.Array:
+    if values.type != vocab.type:
+        vocab = vocab.cast(values.type)
+    return pc.index_in(values, value_set=vocab)  # null where unknown (or null)
 
 
 def map_histories(
-    lists: Sequence[Sequence[str] | None], item_index: dict[str, int], n_items: int
+    lists: Sequence[Sequence[str] | None], item_index: Mapping[str, int], n_items: int
 ) -> tuple[CSR, int]:
-    """Map per-user item_id lists onto the model's vocabulary.
+    """:func:`map_arrow_lists` for Python lists and an ``item_id -> index`` mapping;
+    returns the CSR [len(lists), n_items] and the total number of unknown entries."""
+    vocab: list[str | None] = [None] * n_items
+    for item, i in item_index.items():
+        vocab[i] = item
+    arrow = pa.array([None if x is None else [str(v) for v in x] for x in lists], pa.list_(pa.string()))
+    csr, unknown = map_arrow_lists(arrow, pa.array(vocab, pa.string()))
+    return csr, int(unknown.sum())
 
-    Returns a binary CSR [len(lists), n_items] (duplicates collapse) and the number of
-    entries whose item_id the model does not know; those are ignored. ``None`` rows are
-    empty.
+
+# -- A/B arm assignment -------------------------------------------------------------------
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def user_hash(user_ids: pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
+    """uint64 [B]: ``fmix64(fnv1a_64(salt + b"\\x00" + user_id))`` over UTF-8 bytes.
+
+    FNV-1a 64 is the published FNV-1a; ``fmix64`` is MurmurHash3's 64-bit finalizer, which
+    spreads the last bytes of similar ids (``u1``, ``u2``, ...) over all 64 bits. Depends on
+    nothing but the salt and the id, so an assignment made with it is stable across days,
+    engines and machines. Vectorised over the batch (one step per byte position).
     """
-    rows: list[int] = []
-    cols: list[int] = []
-    unknown = 0
-    for r, items in enumerate(lists):
-        for item in items or ():
-            c = item_index.get(item)
-            if c is None:
-                unknown += 1
-            else:
-                rows.append(r)
-                cols.append(c)
-    return CSR.from_pairs(np.asarray(rows, np.int64), np.asarray(cols, np.int64), len(lists), n_items), unknown
+    if isinstance(user_ids, pa.ChunkedArray):
+        user_ids = user_ids.combine_chunks() if user_ids.num_chunks != 1 else user_ids.chunk(0)
+    arr = user_ids.cast(pa.string()).fill_null("")
+    n = len(arr)
+    h = np.uint64(_FNV_OFFSET)
+    with np.errstate(over="ignore"):
+        for byte in salt.encode() + b"\x00":
+            h = (h ^ np.uint64(byte)) * _FNV_PRIME
+    out = np.full(n, h, np.uint64)
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int32)[arr.offset : arr.offset + n + 1].astype(np.int64)
+    lengths = np.diff(offsets)
+    if n and lengths.max() > 0:
+        data = np.frombuffer(data_buf, np.uint8)
+        starts = offsets[:-1]
+        for j in range(int(lengths.max())):
+            active = np.flatnonzero(lengths > j)
+            out[active] = (out[active] ^ data[starts[active] + j].astype(np.uint64)) * _FNV_PRIME
+    return _fmix64(out)
 
 
-def map_arrow_lists(lists: pa.Array, vocab: pa.Array) -> tuple[CSR, np.ndarray]:
-    """The vectorised :func:`map_histories` for an Arrow ``list<string>`` column.
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB93E53CA1A)
+    return h ^ (h >> np.uint64(33))
 
-    ``vocab`` is the model's item_ids as an Arrow string array (position = item index).
-    Returns the CSR [len(lists), len(vocab)] and the unknown entries per row, int64 [B];
-    null rows are empty, null entries count as unknown.
+
+def in_share(user_ids: pa.Array | pa.ChunkedArray, salt: str, share: float) -> np.ndarray:
+    """bool [B]: users whose hash falls in the first ``share`` of the uint64 range."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    if share >= 1.0:
+        return np.ones(len(user_ids), bool)
+    return user_hash(user_ids, salt) < np.uint64(int(share * 2.0**64))
+
+
+# -- exact selection ------------------------------------------------------------------------
+def _desc_keys_np(values: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """int64 keys whose ascending order is (value descending, column ascending)."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # +0.0: -0.0 ties with 0.0
+    asc = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed integers
+    return ((-asc - 1) << 32) | cols
+
+
+def top_k_rows(v: np.ndarray, kk: int) -> np.ndarray:
+    """Columns of the ``kk`` largest values per row of ``v`` (float32 [n, I], no NaN; -inf
+    allowed), best first, ties by ascending column: exactly
+    ``np.lexsort((columns, -v[r]))[:kk]`` per row, without sorting rows. int64 [n, kk].
+
+    ``np.partition`` finds each row's kk-th largest value; every item at or above it is a
+    candidate (kk of them, more only on ties at that value), and one sort of the
+    candidates' integer keys orders them exactly.
     """
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
-    n_rows = len(lists)
-    lists = lists.fill_null(pa.scalar([], lists.type)) if lists.null_count else lists
-    offsets = lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets -= offsets[0]  # a sliced array's offsets start where the slice starts
-    flat = lists.flatten()
-    if flat.type != vocab.type:
-        vocab = vocab.cast(flat.type)
-    idx = pc.index_in(flat, value_set=vocab)  # null where unknown (or null)
-    known = idx.is_valid().to_numpy(zero_copy_only=False)
-    row_of = np.repeat(np.arange(n_rows), np.diff(offsets))
-    unknown = np.bincount(row_of[~known], minlength=n_rows).astype(np.int64)
-    cols = idx.fill_null(0).to_numpy(zero_copy_only=False)[known]
-    return CSR.from_pairs(row_of[known], cols, n_rows, len(vocab)), unknown
+    n, n_cols = v.shape
+    kk = min(kk, n_cols)
+    if n == 0 or kk == 0:
+        return np.zeros((n, kk), np.int64)
+    part = np.partition(v, n_cols - kk, axis=1)
+    if np.isnan(part[:, n_cols - kk :]).any():  # NaN sorts last, so any NaN lands here
+        raise ValueError("the model produced NaN scores; the model version is broken")
+    kth = part[:, n_cols - kk]
+    del part
+    flat = np.flatnonzero(v >= kth[:, None])  # row-major: rows ascending, columns ascending
+    rows, cols = np.divmod(flat, n_cols)
+    counts = np.bincount(rows, minlength=n)
+    width = int(counts.max())
+    keys = np.full((n, width), np.iinfo(np.int64).max, np.int64)
+    starts = np.zeros(n, np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    keys[rows, np.arange(len(flat)) - starts[rows]] = _desc_keys_np(v.ravel()[flat], cols)
+    if width > kk:
+        keys.partition(kk - 1, axis=1)
+        keys = keys[:, :kk]
+    keys.sort(axis=1)
+    return keys & 0xFFFFFFFF
 
 
+def _desc_keys_torch(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)
+    asc = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ((-asc - 1) << 32) | cols
+
+
+def top_k_torch(values: torch.Tensor, kk: int, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k_rows` on any device: ``(columns int64 [n, kk], values [n, kk])``.
+    ``cols`` names the item of each position (default: the position itself)."""
+    if torch.isnan(values).any():
+        raise ValueError("the model produced NaN scores; the model version is broken")
+    if cols is None:
+        cols = torch.arange(values.shape[1], device=values.device).expand(values.shape)
+    keys = _desc_keys_torch(values, cols)
+    pos = torch.topk(keys, min(kk, values.shape[1]), dim=1, largest=False, sorted=True).indices
+    return cols.gather(1, pos), values.gather(1, pos)
+
+
+# -- the scorer -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scored:
     """Top-k' per user, k' = min(k, I). Row b holds ``count[b]`` valid entries, best
@@ -98,20 +265,66 @@ class Scored:
         return len(self.count)
 
 
-class TopKScorer:
-    """Scores CSR rows with a bundle's model; see the module docstring for the contract."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a GPU, fp32 elsewhere; anything else as given."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
-    def __init__(self, bundle: ModelBundle, k: int, batch_size: int = 4096):
+
+def affine_head(model: nn.Module) -> nn.Linear | None:
+    """The model's decoder when ``logits(z)`` is one affine layer of ``z`` (Multi-VAE
+    without decoder hidden layers, RecVAE), else None. The bf16 pass needs its weights to
+    bound its error; other decoders are scored in fp32."""
+    decoder = getattr(model, "decoder", None)
+    if isinstance(decoder, nn.ModuleList) and len(decoder) == 1:
+        decoder = decoder[0]
+    return decoder if isinstance(decoder, nn.Linear) else None
+
+
+class TopKScorer:
+    """Scores CSR rows with a bundle's model; see the module docstring for the contract.
+
+    ``device``: where the model runs (``None`` = CPU; the engines pass
+    :func:`piarec.device.pick_device`'s choice). ``precision``: ``fp32``, ``bf16`` or
+    ``auto``. The scorer holds no per-call state, so threads may share one.
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        k: int,
+        batch_size: int = 4096,
+        *,
+        device: torch.device | str | None = None,
+        precision: str = "fp32",
+    ):
         if k < 1 or batch_size < 1:
             raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
         popularity = np.asarray(bundle.popularity, dtype=np.float32)
         if not np.isfinite(popularity).all():
             raise ValueError("the bundle's popularity vector holds non-finite values; retrain or repair it")
-        self.model = bundle.model.eval()
+        self.device = torch.device(device or "cpu")
+        model = bundle.model if self.device.type == "cpu" else copy.deepcopy(bundle.model).to(self.device)
+        self.model = model.eval()
         self.n_items = bundle.n_items
         self.k = min(k, self.n_items)
         self.batch_size = batch_size
         self.popularity = popularity
+        self.precision = resolve_precision(precision, self.device)
+        head = affine_head(self.model) if self.precision == "bf16" else None
+        if self.precision == "bf16" and head is None:
+            if precision == "bf16":
+                raise ValueError(
+                    "bf16 scoring needs a model whose logits are one affine layer (no decoder "
+                    "hidden layers); set scoring.precision to fp32 for this model"
+                )
+            self.precision = "fp32"
+        self._bf16 = _Bf16Head(head, self.device) if head is not None else None
+        chunk_bytes = _CHUNK_BYTES.get(self.device.type, _CHUNK_BYTES["cuda"])
+        self._rows_per_block = max(MIN_ROWS, chunk_bytes // (4 * self.n_items))
         # Popularity never changes: sort it once (stable, so ties go to the lower index)
         # and keep each item's rank in that order for the seen-skipping walk.
         self._pop_order = np.argsort(-popularity, kind="stable")
@@ -137,7 +350,10 @@ class TopKScorer:
         for rows, fill in ((model_rows, self._model_topk), (popularity_rows, self._popularity_topk)):
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
-                idx, val = fill(history.take_rows(chunk), seen.take_rows(chunk))
+                if len(chunk) == n:  # the common case: no gather
+                    idx, val = fill(history, seen)
+                else:
+                    idx, val = fill(history.take_rows(chunk), seen.take_rows(chunk))
                 item_idx[chunk], scores[chunk] = idx, val
         invalid = np.arange(kk)[None, :] >= count[:, None]
         item_idx[invalid], scores[invalid] = -1, np.nan
@@ -148,16 +364,32 @@ class TopKScorer:
 
     @torch.inference_mode()
     def _model_topk(self, history: CSR, seen: CSR) -> tuple[np.ndarray, np.ndarray]:
-        mu, _ = self.model.encode(SparseBatch.from_csr(history), keep_prob=1.0)
-        logits = self.model.logits(mu).to(torch.float32).contiguous()
-        # ``logits`` has no out= argument in the model contract, so the [B, I] result is
-        # fresh; everything after works in place on it (no further [B, I] float arrays):
-        # negate so "best" is "smallest" for argpartition, and seen items go to +inf (last).
-        v = logits.numpy()
-        np.negative(v, out=v)
-        v[np.repeat(np.arange(seen.n_rows), seen.row_lengths()), seen.indices] = np.inf
-        idx = smallest_k(v, self.k)
-        return idx, -np.take_along_axis(v, idx, axis=1)
+        with _full_precision_matmul():
+            return self._model_topk_inner(history, seen)
+
+    def _model_topk_inner(self, history: CSR, seen: CSR) -> tuple[np.ndarray, np.ndarray]:
+        m, kk = history.n_rows, self.k
+        mu, _ = self.model.encode(SparseBatch.from_csr(_pad_rows(history, MIN_ROWS), self.device), keep_prob=1.0)
+        idx = np.empty((m, kk), np.int64)
+        val = np.empty((m, kk), np.float32)
+        seen_rows = np.repeat(np.arange(m), seen.row_lengths())
+        for s, e, lo, hi in _blocks(m, self._rows_per_block, mu.shape[0]):
+            a, b = seen.indptr[s], seen.indptr[e]
+            rows, cols = seen_rows[a:b] - s, seen.indices[a:b].astype(np.int64)
+            if self._bf16 is not None:
+                sel, sc = self._bf16.top_k(mu[s:e], rows, cols, kk)
+            elif self.device.type == "cpu":
+                v = self.model.logits(mu[lo:hi]).numpy()[s - lo : e - lo]
+                v[rows, cols] = -np.inf
+                sel = top_k_rows(v, kk)
+                sc = np.take_along_axis(v, sel, axis=1)
+            else:
+                t = self.model.logits(mu[lo:hi])[s - lo : e - lo]
+                t[torch.from_numpy(rows).to(t.device), torch.from_numpy(cols).to(t.device)] = -torch.inf
+                sel, sc = top_k_torch(t, kk)
+            idx[s:e] = sel.cpu().numpy() if isinstance(sel, torch.Tensor) else sel
+            val[s:e] = sc.cpu().numpy() if isinstance(sc, torch.Tensor) else sc
+        return idx, val
 
     def _popularity_topk(self, history: CSR, seen: CSR) -> tuple[np.ndarray, np.ndarray]:
         # Walk the global popularity order and skip seen items: only the first
@@ -174,31 +406,116 @@ class TopKScorer:
         return idx, self.popularity[idx]
 
 
-def smallest_k(v: np.ndarray, kk: int) -> np.ndarray:
-    """Column indices of the kk smallest values per row of ``v`` (float32 [n, I]) in
-    ascending order, ties by ascending index: exactly ``argsort(v, kind='stable')[:, :kk]``
-    without sorting whole rows. Returns int64 [n, kk]."""
-    n, n_cols = v.shape
-    if kk >= n_cols:
-        return np.argsort(v, axis=1, kind="stable")
-    part = np.argpartition(v, kk - 1, axis=1)[:, :kk]
-    kth = np.take_along_axis(v, part, axis=1).max(axis=1)
-    # argpartition picks arbitrary members among values equal to the kk-th one. Where
-    # more items tie at that value than fit, rebuild the candidate set from the row so
-    # the lowest indices win (rare with real logits, common with constant scores).
-    overfull = np.flatnonzero(np.count_nonzero(v <= kth[:, None], axis=1) > kk)
-    for r in overfull:
-        candidates = np.flatnonzero(v[r] <= kth[r])  # ascending index
-        part[r] = candidates[np.argsort(v[r, candidates], kind="stable")[:kk]]
-    pv = np.take_along_axis(v, part, axis=1)
-    order = np.lexsort((part, pv), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+def _pad_rows(csr: CSR, n_rows: int) -> CSR:
+    """``csr`` with empty rows appended up to ``n_rows`` rows (unchanged when it has more)."""
+    if csr.n_rows >= n_rows:
+        return csr
+    indptr = np.concatenate([csr.indptr, np.full(n_rows - csr.n_rows, csr.indptr[-1], csr.indptr.dtype)])
+    return CSR(indptr, csr.indices, csr.n_cols)
 
 
+def _blocks(m: int, step: int, available: int) -> Iterator[tuple[int, int, int, int]]:
+    """Row blocks ``[s, e)`` of ``m`` rows with a window ``[lo, hi) ⊇ [s, e)`` of at least
+    MIN_ROWS rows (``available`` >= MIN_ROWS rows exist, padding included)."""
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        lo = min(s, max(0, e - MIN_ROWS))
+        yield s, e, lo, max(e, min(available, lo + MIN_ROWS))
+
+
+_MATMUL_LOCK = threading.Lock()
+_MATMUL_USERS = [0, None]  # active scorers, the CUDA flags they replaced
+
+
+@contextlib.contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    """No TF32 and no reduced-precision bf16 reductions on CUDA while scoring: the fp32
+    path's scores and the bf16 pass's error bound assume plain fp32 accumulation. The
+    flags are process-wide, so concurrent scorers share one save / restore."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    with _MATMUL_LOCK:
+        if _MATMUL_USERS[0] == 0:
+            _MATMUL_USERS[1] = (flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction)
+            flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction = False, False
+        _MATMUL_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _MATMUL_LOCK:
+            _MATMUL_USERS[0] -= 1
+            if _MATMUL_USERS[0] == 0:
+                flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction = _MATMUL_USERS[1]
+
+
+class _Bf16Head:
+    """The bf16 pass and its exact correction for an affine decoder ``z W^T + b``.
+
+    For every item the bf16 score is within ``e = c1 |z| |W_i| + c2 |p| + c3 |s|`` of the
+    exact score and of its fp32 rounding (u = 2^-8 is bf16's unit roundoff; inputs rounded
+    to bf16 err by at most (2u + u^2)|z_k W_ik| per product, fp32 accumulation of d terms by
+    d 2^-24 of the sum of |products|, a bf16 output p by u|p|, the fp32 bias add and the
+    final rounding by 2^-24 each; Cauchy-Schwarz bounds the sum of |z_k W_ik|). If theta
+    is the k-th largest lower bound ``s - e`` among unseen items, every item of the exact
+    top-K has an upper bound ``s + e >= theta``, so those candidates are rescored exactly.
+    """
+
+    def __init__(self, head: nn.Linear, device: torch.device):
+        w = head.weight.detach().to(device, torch.float32)
+        d = w.shape[1]
+        u = 2.0**-8
+        self.c1 = 1.01 * (2 * u + u * u + 2 * d * 2.0**-24 + d * 2.0**-52)
+        self.c2, self.c3 = 1.01 * 2 * u, 2.0**-22
+        self.w_norm = w.norm(dim=1)  # [I]
+        self.w64 = w.to(torch.float64)
+        self.b64 = head.bias.detach().to(device, torch.float64)
+        self.b = head.bias.detach().to(device, torch.float32)
+        # On a GPU the product runs in bf16 on the matrix units; elsewhere bf16-rounded
+        # inputs multiplied in fp32 give the same bound (bf16 x bf16 is exact in fp32).
+        self.native = device.type == "cuda"
+        self.w_low = w.to(torch.bfloat16) if self.native else w.to(torch.bfloat16).to(torch.float32)
+        self.device = device
+
+    def top_k(self, z: torch.Tensor, rows: np.ndarray, cols: np.ndarray, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m, n_items = z.shape[0], self.w_low.shape[0]
+        r = torch.from_numpy(rows).to(self.device)
+        c = torch.from_numpy(cols).to(self.device)
+        low = z.to(torch.bfloat16)
+        p = (low @ self.w_low.T).float() if self.native else low.float() @ self.w_low.T
+        approx = p + self.b
+        err = (self.c1 * z.norm(dim=1, keepdim=True)) * self.w_norm + self.c2 * p.abs() + self.c3 * approx.abs()
+        approx[r, c], err[r, c] = -torch.inf, 0.0
+        theta = torch.topk(approx - err, min(kk, n_items), dim=1).values[:, -1:]
+        upper = approx + err
+        width = int((upper >= theta).sum(dim=1).max())
+        cand = torch.topk(upper, width, dim=1).indices  # [m, width]: every row's candidates, and more
+        del approx, err, upper, p
+        is_seen = torch.zeros((m, n_items), dtype=torch.bool, device=self.device)
+        is_seen[r, c] = True
+        exact = torch.empty(cand.shape, dtype=torch.float32, device=self.device)
+        z64 = z.to(torch.float64)
+        step = max(1, (64 << 20) // max(1, width * z.shape[1] * 8))  # fp64 gather <= 64 MB
+        for s in range(0, m, step):
+            ci = cand[s : s + step]
+            dots = torch.bmm(self.w64[ci], z64[s : s + step, :, None]).squeeze(2)
+            exact[s : s + step] = (dots + self.b64[ci]).to(torch.float32)
+        exact[is_seen.gather(1, cand)] = -torch.inf
+        return top_k_torch(exact, kk, cand)
+
+
+# -- output ---------------------------------------------------------------------------------
 def to_record_batch(
-    user_ids: Sequence[str] | pa.Array, scored: Scored, item_ids: np.ndarray | pa.Array, model_version: str
+    user_ids: Sequence[str] | pa.Array | pa.ChunkedArray,
+    scored: Scored,
+    item_ids: np.ndarray | pa.Array,
+    model_version: str,
+    *,
+    dictionary: bool = False,
 ) -> pa.RecordBatch:
-    """One row per user in :data:`OUTPUT_SCHEMA`; lists hold only the valid entries."""
+    """One row per user in :data:`OUTPUT_SCHEMA` (or :data:`WRITE_SCHEMA` with
+    ``dictionary=True``); lists hold only the valid entries."""
     n = len(scored)
     if isinstance(user_ids, pa.ChunkedArray):
         user_ids = user_ids.combine_chunks()
@@ -208,14 +525,19 @@ def to_record_batch(
     valid = np.arange(scored.item_idx.shape[1])[None, :] < scored.count[:, None]
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(scored.count, out=offsets[1:])
-    items = pa.ListArray.from_arrays(pa.array(offsets), vocab.take(pa.array(scored.item_idx[valid])))
-    scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(scored.scores[valid], pa.float32()))
+    offsets = pa.array(offsets)
+    chosen = pa.array(scored.item_idx[valid].astype(np.int32))
+    values = pa.DictionaryArray.from_arrays(chosen, vocab) if dictionary else vocab.take(chosen)
+    schema = WRITE_SCHEMA if dictionary else OUTPUT_SCHEMA
     users = user_ids if isinstance(user_ids, pa.Array) else pa.array(list(user_ids), pa.string())
+    source = pa.DictionaryArray.from_arrays(
+        pa.array((scored.source == POPULARITY).astype(np.int8)), pa.array([MODEL, POPULARITY])
+    ).cast(pa.string())
     columns = [
         users.cast(pa.string()),
-        items.cast(OUTPUT_SCHEMA.field("item_ids").type),
-        scores,
+        pa.ListArray.from_arrays(offsets, values).cast(schema.field("item_ids").type),
+        pa.ListArray.from_arrays(offsets, pa.array(scored.scores[valid], pa.float32())),
         pa.array([model_version] * n, pa.string()),
-        pa.array(scored.source.tolist(), pa.string()),
+        source,
     ]
-    return pa.RecordBatch.from_arrays(columns, schema=OUTPUT_SCHEMA)
+    return pa.RecordBatch.from_arrays(columns, schema=schema)

@@ -1,17 +1,27 @@
 """Daily scoring: top-K recommendations for every user active at day D.
 
     spark-submit pipelines/score_users.py --date 2026-03-10 [--config conf.yaml]
-        [--events URI] [--out URI] [--model URI] [--k N] [--arm NAME]
+        [--events URI | --histories [ROOT]] [--out URI] [--model URI] [--k N] [--arm NAME]
+        [--challenger URI [--challenger-share F]] [--engine spark|local]
 
-Extract: :func:`pipelines.events.daily_histories` (one row per user active in
-``[D - scoring.history_days, D + 1)`` UTC). Transform: ``mapInArrow`` with
-:class:`piarec.scorer.TopKScorer` in every Python worker. Load: Parquet (zstd) under
-``<out>/dt=D/arm=<arm>/``, written to a temporary sibling and published atomically with
-``manifest.json`` and ``_SUCCESS`` (:func:`piarec.storage.publish_dir`).
+Extract: the histories of day D (``user_id, history, seen``, one row per user active in
+``[D - scoring.history_days, D + 1)`` UTC): built here from the events with the shared
+daily transform :func:`pipelines.events.daily_histories`, or read from the published
+histories dataset ``<ROOT>/dt=D/`` (``--histories``; ROOT defaults to
+``storage.histories_uri``). Transform: ``mapInArrow`` with
+:class:`piarec.scorer.TopKScorer` in every Python worker; with a challenger
+(``--challenger`` or ``scoring.challenger_uri``) each user is scored by the model of the
+arm a salted hash of their id assigns them. Load: Parquet (zstd) partitioned by arm into
+a staging folder, then each arm published as ``<out>/dt=D/arm=<arm>/`` with
+``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.score_local.publish_run`).
 
-The model travels to executors as plain bytes (weights file, config JSON, item ids,
-popularity): nothing is unpickled into torch objects, and each Python worker process
-builds the model once (a cache keyed by model version and content digest).
+``--engine local`` runs the same day on one machine without Spark
+(:func:`piarec.score_local.run_local`, from the histories dataset; a GPU when present):
+same output, same publishing. This module imports pyspark only on the Spark path.
+
+Each model travels to executors as the bytes of its bundle files in a broadcast; every
+Python worker loads it once (weights-only, through :func:`piarec.bundle.load_bundle`)
+and keeps it for later tasks, keyed by the files' digest.
 
 The ``pipelines`` package must be importable on executors (installed in the image, or
 shipped with ``--py-files``): the worker function is pickled by reference to this module.
@@ -20,112 +30,112 @@ shipped with ``--py-files``): the worker function is pickled by reference to thi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import hashlib
-import io
-import json
-import re
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import date
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
-from pyspark.sql import DataFrame, Observation, SparkSession
-from pyspark.sql import functions as F
-from pyspark.sql.pandas.types import from_arrow_schema
 
-from piarec.bundle import CONFIG_FILE, WEIGHTS_FILE, ModelBundle
-from piarec.config import ModelConfig, PipelineConfig, join_uri, load_config
+from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError, PiarecError
-from piarec.model import MultiVAE
-from piarec.registry import ModelRef, load_model
-from piarec.scorer import MODEL, OUTPUT_SCHEMA, POPULARITY, TopKScorer, map_arrow_lists, to_record_batch
-from piarec.storage import publish_dir, remove, resolve, temp_sibling
-from pipelines.events import daily_histories
-from pipelines.spark import get_spark, spark_path
+from piarec.score_local import (
+    MANIFEST,
+    ArmCounts,
+    ArmPlan,
+    bundle_from_files,
+    check_history_columns,
+    histories_partition,
+    output_uri,
+    plan_arms,
+    publish_run,
+    staged,
+    window,
+)
+from piarec.scorer import MODEL, NO_DICTIONARY_COLUMNS, OUTPUT_SCHEMA, POPULARITY, in_share
 
-MANIFEST = "_manifest.json"
+__all__ = ["MANIFEST", "main", "output_uri", "run", "score_histories", "score_partition"]
+
+ARM_COL = "arm"
 UNKNOWN_COL = "unknown_titles"  # per-user count of history + seen entries outside the vocabulary
-_ARM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+WORKER_SCHEMA = OUTPUT_SCHEMA.append(pa.field(ARM_COL, pa.string())).append(pa.field(UNKNOWN_COL, pa.int64()))
 
-# Worker-side cache: (model version, content digest) -> (bundle, vocabulary as Arrow).
-# Python workers are reused across tasks, so each process builds the model once.
-_WORKER_MODELS: dict[tuple[str, str], tuple[ModelBundle, pa.Array]] = {}
-
-
-def bundle_payload(bundle: ModelBundle, ref: ModelRef) -> dict[str, Any]:
-    """The bundle as plain bytes and strings for a broadcast, with a sha256 digest."""
-    src = Path(ref.local_dir)
-    payload = {
-        "weights": (src / WEIGHTS_FILE).read_bytes(),
-        "config": (src / CONFIG_FILE).read_text(),
-        "item_ids": [str(x) for x in bundle.item_ids.tolist()],
-        "popularity": np.asarray(bundle.popularity, np.float32).tobytes(),
-    }
-    h = hashlib.sha256()
-    for part in (payload["weights"], payload["config"].encode(), "\0".join(payload["item_ids"]).encode(),
-                 payload["popularity"]):
-        h.update(hashlib.sha256(part).digest())
-    payload["digest"] = h.hexdigest()
-    return payload
+# Worker-side cache: bundle digest -> (bundle, vocabulary as Arrow). Python workers are
+# reused across tasks, so each process loads each model of a run once.
+_WORKER_MODELS: dict[str, tuple[Any, pa.Array]] = {}
 
 
-def bundle_from_payload(payload: dict[str, Any]) -> ModelBundle:
-    """Rebuild the bundle from :func:`bundle_payload`; weights load with weights_only=True."""
-    config = json.loads(payload["config"])
-    model = MultiVAE(int(config["n_items"]), ModelConfig.model_validate(config["model"]))
-    model.load_state_dict(torch.load(io.BytesIO(payload["weights"]), map_location="cpu", weights_only=True))
-    item_ids = np.asarray(payload["item_ids"], dtype=object)
-    popularity = np.frombuffer(payload["popularity"], dtype=np.float32).copy()
-    return ModelBundle(model.eval(), item_ids, popularity)
-
-
-def _worker_bundle(key: tuple[str, str], broadcast: Any) -> tuple[ModelBundle, pa.Array]:
-    hit = _WORKER_MODELS.get(key)
-    if hit is None:
-        _WORKER_MODELS.clear()  # at most one model per worker: memory stays flat across runs
-        bundle = bundle_from_payload(broadcast.value)
-        hit = _WORKER_MODELS[key] = (bundle, pa.array(bundle.item_ids.tolist(), pa.string()))
-    return hit
+def _worker_models(arms: list[dict[str, Any]]) -> list[tuple[Any, pa.Array]]:
+    wanted = {a["digest"] for a in arms}
+    for stale in set(_WORKER_MODELS) - wanted:  # only this run's models: memory stays flat
+        del _WORKER_MODELS[stale]
+    out = []
+    for a in arms:
+        hit = _WORKER_MODELS.get(a["digest"])
+        if hit is None:
+            bundle = bundle_from_files(a["broadcast"].value["files"])
+            hit = _WORKER_MODELS[a["digest"]] = (bundle, pa.array(bundle.item_ids.tolist(), pa.string()))
+        out.append(hit)
+    return out
 
 
 def score_partition(
-    batches: Iterator[pa.RecordBatch], *, key: tuple[str, str], broadcast: Any, k: int, batch_size: int
+    batches: Iterator[pa.RecordBatch],
+    *,
+    arms: list[dict[str, Any]],
+    salt: str,
+    challenger_share: float,
+    k: int,
+    batch_size: int,
 ) -> Iterator[pa.RecordBatch]:
     """The ``mapInArrow`` function: ``user_id, history, seen`` batches in, batches in
-    :data:`OUTPUT_SCHEMA` plus ``unknown_titles`` int64 out, one row per input row."""
+    :data:`WORKER_SCHEMA` out, one row per input row.
+
+    ``arms``: ``{"name", "version", "digest", "broadcast"}`` per arm, the control first;
+    with two arms a user goes to the second when :func:`piarec.scorer.in_share` says so.
+    """
+    import torch
+
+    from piarec.scorer import TopKScorer, map_arrow_lists, to_record_batch
+
     # Spark runs one task per core; torch threads on top would oversubscribe the executor.
     torch.set_num_threads(1)
-    bundle, vocab = _worker_bundle(key, broadcast)
-    scorer = TopKScorer(bundle, k, batch_size)
+    models = _worker_models(arms)
+    scorers = [TopKScorer(bundle, k, batch_size) for bundle, _ in models]
     for batch in batches:
-        history, unknown_history = map_arrow_lists(batch.column("history"), vocab)
-        seen, unknown_seen = map_arrow_lists(batch.column("seen"), vocab)
-        scored = scorer.score(history, seen)
-        out = to_record_batch(batch.column("user_id"), scored, vocab, key[0])
-        yield out.append_column(UNKNOWN_COL, pa.array(unknown_history + unknown_seen, pa.int64()))
+        arm_of = (in_share(batch.column("user_id"), salt, challenger_share) if len(arms) > 1
+                  else np.zeros(batch.num_rows, bool)).astype(np.int8)
+        for a, arm in enumerate(arms):
+            part = batch if len(arms) == 1 else batch.filter(pa.array(arm_of == a))
+            if part.num_rows == 0:
+                continue
+            vocab = models[a][1]
+            history, unknown_history = map_arrow_lists(part.column("history"), vocab)
+            seen, unknown_seen = map_arrow_lists(part.column("seen"), vocab)
+            scored = scorers[a].score(history, seen)
+            out = to_record_batch(part.column("user_id"), scored, vocab, arm["version"])
+            yield (out.append_column(ARM_COL, pa.array([arm["name"]] * part.num_rows, pa.string()))
+                   .append_column(UNKNOWN_COL, pa.array(unknown_history + unknown_seen, pa.int64())))
 
 
-def score_histories(histories: DataFrame, broadcast: Any, key: tuple[str, str], k: int, batch_size: int) -> DataFrame:
-    """``user_id, history, seen`` -> the output columns plus ``unknown_titles`` bigint,
-    one row per input row; ``key`` = (model version, payload digest) of ``broadcast``."""
-    schema = from_arrow_schema(OUTPUT_SCHEMA.append(pa.field(UNKNOWN_COL, pa.int64())))
+def score_histories(histories, plan: ArmPlan, broadcasts: list[Any], k: int, batch_size: int):
+    """``user_id, history, seen`` -> the output columns plus ``arm`` and
+    ``unknown_titles``, one row per input row (a Spark DataFrame in and out)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    arms = [{"name": a.name, "version": a.version, "digest": a.digest, "broadcast": b}
+            for a, b in zip(plan.arms, broadcasts)]
     # A partial of a module-level function pickles by reference: workers import this
     # module, so _WORKER_MODELS is the same dict for every task of a worker process.
-    fn = functools.partial(score_partition, key=key, broadcast=broadcast, k=k, batch_size=batch_size)
-    return histories.mapInArrow(fn, schema)
-
-
-def output_uri(out_root: str, day: date, arm: str) -> str:
-    return join_uri(out_root, f"dt={day.isoformat()}", f"arm={arm}")
+    fn = functools.partial(score_partition, arms=arms, salt=plan.salt, challenger_share=plan.challenger_share,
+                           k=k, batch_size=batch_size)
+    return histories.select("user_id", "history", "seen").mapInArrow(fn, from_arrow_schema(WORKER_SCHEMA))
 
 
 def run(
-    spark: SparkSession,
+    spark,
     cfg: PipelineConfig,
     events_uri: str,
     date: date,
@@ -133,77 +143,123 @@ def run(
     model_uri: str,
     k: int,
     arm: str,
+    *,
+    histories_uri: str | None = None,
+    challenger_uri: str | None = None,
+    challenger_share: float | None = None,
 ) -> dict[str, Any]:
-    """Score every user active at ``date`` and publish ``<out_root>/dt=D/arm=<arm>/``.
+    """Score every user active at ``date`` and publish ``<out_root>/dt=D/arm=<arm>/``
+    (and the challenger's arm with ``challenger_uri``). Histories come from the events at
+    ``events_uri``, or from the published histories dataset rooted at ``histories_uri``.
 
-    Returns the manifest written next to the Parquet files.
+    Returns the manifest of the control arm ``arm``; it summarises every arm under "arms".
     """
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
+
+    from pipelines.spark import spark_path
+
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    if not _ARM_NAME.match(arm):
-        raise ConfigError(f"arm {arm!r} must be letters, digits, '_' or '-' (it names a folder)")
-    bundle, ref = load_model(cfg, model_uri)
-    payload = bundle_payload(bundle, ref)
-    version = ref.version or f"local-{payload['digest'][:12]}"
-    histories = daily_histories(spark, events_uri, cfg, date)
-    broadcast = spark.sparkContext.broadcast(payload)
-    scored = score_histories(histories, broadcast, (version, payload["digest"]), k, cfg.scoring.batch_size)
+    plan = plan_arms(cfg, model_uri, arm, challenger_uri, challenger_share)
+    if histories_uri is not None:
+        uri, histories_manifest = histories_partition(histories_uri, date)
+        histories = spark.read.parquet(spark_path(uri))
+        check_history_columns(pa.schema([(f.name, _arrow_type(f.dataType)) for f in histories.schema]), uri)
+        # A day's histories may be a few large files: spread them over every core.
+        cores = spark.sparkContext.defaultParallelism
+        if histories.rdd.getNumPartitions() < cores:
+            histories = histories.repartition(cores)
+        source = {"kind": "histories", "uri": uri, "manifest": histories_manifest}
+    else:
+        from pipelines.events import daily_histories
+
+        histories = daily_histories(spark, events_uri, cfg, date)
+        source = {"kind": "events", "uri": events_uri}
+    broadcasts = [spark.sparkContext.broadcast({"files": a.files}) for a in plan.arms]
+    scored = score_histories(histories, plan, broadcasts, k, cfg.scoring.batch_size)
     # Counts come from an Observation on the write itself: one pass over the data, and
     # the metrics are taken from the result stage's successful tasks only (no double
     # counting on retries), so nothing has to be cached or recomputed.
     obs = Observation("score_users")
-    scored = scored.observe(
-        obs,
-        F.count(F.lit(1)).alias("users"),
-        F.sum(F.when(F.col("source") == MODEL, 1).otherwise(0)).alias(MODEL),
-        F.sum(F.when(F.col("source") == POPULARITY, 1).otherwise(0)).alias(POPULARITY),
-        F.sum(UNKNOWN_COL).alias(UNKNOWN_COL),
-    )
-    final = output_uri(out_root, date, arm)
-    tmp = temp_sibling(final)
-    try:
-        (
-            scored.drop(UNKNOWN_COL)
-            .write.option("compression", "zstd")
-            # Scores are near-unique floats: a dictionary page only costs write time and bytes.
-            .option("parquet.enable.dictionary#scores.list.element", "false")
-            .parquet(spark_path(tmp))
-        )
-    except BaseException:
-        with contextlib.suppress(OSError):  # keep the original error if cleanup fails too
-            remove(resolve(tmp))  # leave no half-written sibling behind; the old partition stays
-        raise
-    finally:
-        broadcast.destroy()
-    metrics = {name: int(value or 0) for name, value in obs.get.items()}
+    metrics = []
+    for a in plan.arms:
+        in_arm = F.col(ARM_COL) == a.name
+        for src in (MODEL, POPULARITY):
+            metrics.append(F.sum(F.when(in_arm & (F.col("source") == src), 1).otherwise(0)).alias(f"{a.name}/{src}"))
+        metrics.append(F.sum(F.when(in_arm, F.col(UNKNOWN_COL)).otherwise(0)).alias(f"{a.name}/{UNKNOWN_COL}"))
+    scored = scored.observe(obs, *metrics)
+    with staged(out_root, date) as staging:
+        try:
+            writer = scored.drop(UNKNOWN_COL).write.partitionBy(ARM_COL).option("compression", "zstd")
+            for column in NO_DICTIONARY_COLUMNS:
+                writer = writer.option(f"parquet.enable.dictionary#{column}", "false")
+            for column in ("item_ids.list.element", "scores.list.element"):  # min/max of no use
+                writer = writer.option(f"parquet.column.statistics.enabled#{column}", "false")
+            # One open file per arm in each task instead of a sort of the rows by arm.
+            with _sql_conf(spark, "spark.sql.maxConcurrentOutputFileWriters", str(len(plan.arms) + 1)):
+                writer.parquet(spark_path(staging))
+        finally:
+            for b in broadcasts:
+                b.destroy()
+        got = {name: int(value or 0) for name, value in obs.get.items()}
+        counts = {}
+        for a in plan.arms:
+            counts[a.name] = ArmCounts()
+            counts[a.name].add(got[f"{a.name}/{MODEL}"], got[f"{a.name}/{POPULARITY}"],
+                               got[f"{a.name}/{UNKNOWN_COL}"])
+        manifests = publish_run(staging, out_root, date, plan, counts, k=k, window=window(cfg, date),
+                                source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"})
+    return manifests[plan.arms[0].name]
 
-    manifest = {
-        "date": date.isoformat(),
-        "arm": arm,
-        "window": {  # [start, end) in UTC
-            "start": (date - timedelta(days=cfg.scoring.history_days)).isoformat(),
-            "end": (date + timedelta(days=1)).isoformat(),
-        },
-        "model": {**ref.info(), "version": version, "digest": payload["digest"], "n_items": bundle.n_items},
-        "k": k,
-        "counts": {"users": metrics["users"], "by_source": {MODEL: metrics[MODEL], POPULARITY: metrics[POPULARITY]}},
-        "unknown_titles": metrics[UNKNOWN_COL],
-        "schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    # "_manifest.json": Parquet readers of the partition (Spark, pyarrow) skip "_" files.
-    publish_dir(tmp, final, manifest, manifest_name=MANIFEST)
-    return manifest
+
+def _arrow_type(spark_type) -> pa.DataType:
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    try:
+        return to_arrow_type(spark_type)
+    except Exception:  # noqa: BLE001 - an unsupported type is reported as missing
+        return pa.null()
+
+
+class _sql_conf:
+    """Set a Spark SQL setting for the body, then restore it."""
+
+    def __init__(self, spark, key: str, value: str):
+        self.spark, self.key, self.value = spark, key, value
+
+    def __enter__(self):
+        self.saved = self.spark.conf.get(self.key, None)
+        self.spark.conf.set(self.key, self.value)
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            self.spark.conf.unset(self.key)
+        else:
+            self.spark.conf.set(self.key, self.saved)
+
+
+_DEFAULT_ROOT = "<storage.histories_uri>"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="score_users", description=__doc__.split("\n\n")[0])
     p.add_argument("--date", required=True, type=date.fromisoformat, help="scoring day D, YYYY-MM-DD (UTC)")
-    p.add_argument("--events", help="events URI (default: storage.events_uri)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--events", help="build histories from these events (default: storage.events_uri)")
+    src.add_argument("--histories", nargs="?", const=_DEFAULT_ROOT, metavar="ROOT",
+                     help="score the published histories ROOT/dt=D/ (ROOT default: storage.histories_uri); "
+                          "the local engine always reads histories")
     p.add_argument("--out", help="recommendations root (default: storage.recommendations_uri)")
     p.add_argument("--model", help="model URI or bundle directory (default: scoring.model_uri)")
     p.add_argument("--k", type=int, help="recommendations per user (default: scoring.k)")
-    p.add_argument("--arm", help="experiment arm, names the output folder (default: scoring.arm)")
+    p.add_argument("--arm", help="the control arm's name, names its folder (default: scoring.arm)")
+    p.add_argument("--challenger", help="A/B: a second model scored in the same pass (default: scoring.challenger_uri)")
+    p.add_argument("--challenger-share", type=float, help="share of users in the challenger arm (default: scoring.challenger_share)")
+    p.add_argument("--engine", choices=["spark", "local"], help="spark job or one machine (default: scoring.engine)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="local engine device (default: scoring.device)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="decoder precision (default: scoring.precision)")
+    p.add_argument("--threads", type=int, help="local engine worker threads (default: scoring.threads or CPU cores)")
     p.add_argument("--config", help="pipeline config YAML (default: $PIAREC_CONFIG or the packaged local one)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -213,36 +269,54 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
-        owns_session = SparkSession.getActiveSession() is None
-        spark = get_spark(cfg.spark)
-        try:
-            manifest = run(
-                spark,
-                cfg,
-                args.events or cfg.storage.events_uri,
-                args.date,
-                args.out or cfg.storage.recommendations_uri,
-                args.model or cfg.scoring.model_uri,
-                cfg.scoring.k if args.k is None else args.k,
-                args.arm or cfg.scoring.arm,
-            )
-        finally:
-            if owns_session:
-                spark.stop()
+        out = args.out or cfg.storage.recommendations_uri
+        k = cfg.scoring.k if args.k is None else args.k
+        arm = args.arm or cfg.scoring.arm
+        model = args.model or cfg.scoring.model_uri
+        challenger = args.challenger or cfg.scoring.challenger_uri
+        histories = cfg.storage.histories_uri if args.histories == _DEFAULT_ROOT else args.histories
+        if (args.engine or cfg.scoring.engine) == "local":
+            from piarec.score_local import run_local
+
+            if args.events:
+                raise ConfigError("the local engine reads the published histories (--histories), not events")
+            plan = plan_arms(cfg, model, arm, challenger, args.challenger_share)
+            manifests = run_local(cfg, args.date, histories or cfg.storage.histories_uri, out, plan, k,
+                                  device=args.device, precision=args.precision, threads=args.threads)
+        else:
+            if args.device or args.precision or args.threads:
+                raise ConfigError("--device, --precision and --threads apply to --engine local only")
+            manifests = _run_spark(cfg, args, out, k, arm, model, challenger, histories)
     except PiarecError as exc:
         if args.debug:
             raise
         print(f"score_users: error: {exc}", file=sys.stderr)
         return 2
-    counts = manifest["counts"]
-    print(
-        f"score_users {manifest['date']} arm={manifest['arm']}: {counts['users']} users "
-        f"({counts['by_source'][MODEL]} model, {counts['by_source'][POPULARITY]} popularity), "
-        f"k={manifest['k']}, {manifest['unknown_titles']} unknown titles, "
-        f"model {manifest['model']['version']} -> "
-        f"{output_uri(args.out or cfg.storage.recommendations_uri, args.date, manifest['arm'])}"
-    )
+    for name, m in manifests.items():
+        counts = m["counts"]
+        print(
+            f"score_users {m['date']} arm={name}: {counts['users']} users "
+            f"({counts['by_source'][MODEL]} model, {counts['by_source'][POPULARITY]} popularity), "
+            f"k={m['k']}, {m['unknown_titles']} unknown titles, model {m['model']['version']} -> "
+            f"{output_uri(out, args.date, name)}"
+        )
     return 0
+
+
+def _run_spark(cfg, args, out, k, arm, model, challenger, histories) -> dict[str, dict[str, Any]]:
+    from pyspark.sql import SparkSession
+
+    from pipelines.spark import get_spark
+
+    owns_session = SparkSession.getActiveSession() is None
+    spark = get_spark(cfg.spark)
+    try:
+        control = run(spark, cfg, args.events or cfg.storage.events_uri, args.date, out, model, k, arm,
+                      histories_uri=histories, challenger_uri=challenger, challenger_share=args.challenger_share)
+    finally:
+        if owns_session:
+            spark.stop()
+    return {name: {**control, "arm": name, **summary} for name, summary in control["arms"].items()}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The daily scoring job end to end on real local Spark and a hand-made events log."""
+"""The daily scoring job end to end on real local Spark and a hand-made events log; the
+single-node engine gives the same bytes of output on the same histories."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import yaml
 from piarec.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.model import MultiVAE
-from piarec.scorer import OUTPUT_SCHEMA, TopKScorer, map_histories
+from piarec import score_local
+from piarec.scorer import OUTPUT_SCHEMA, TopKScorer, in_share, map_histories
 from pipelines import score_users
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +98,9 @@ def env(tmp_path_factory):
     model = MultiVAE(N_ITEMS, ModelConfig(hidden_dim=16, latent_dim=8))
     popularity = np.random.default_rng(0).integers(0, 5, N_ITEMS).astype(np.float32)  # with ties
     save_bundle(root / "model", model, np.array(ITEMS, dtype=object), popularity)
+    torch.manual_seed(1)
+    save_bundle(root / "model2", MultiVAE(N_ITEMS, ModelConfig(hidden_dim=16, latent_dim=8)),
+                np.array(ITEMS, dtype=object), popularity[::-1].copy())
     settings = {
         "storage": {"root": str(root)},
         "scoring": {"history_days": 7, "batch_size": 4, "k": K, "model_uri": str(root / "model")},
@@ -122,9 +127,9 @@ def read_partition(path: Path) -> list[dict]:
     return table.to_pylist()
 
 
-def run_job(spark, env, k=K, arm="champion"):
+def run_job(spark, env, k=K, arm="champion", out="recs", **kw):
     root, _, cfg = env
-    return score_users.run(spark, cfg, str(root / "events"), DAY, str(root / "recs"), str(root / "model"), k, arm)
+    return score_users.run(spark, cfg, str(root / "events"), DAY, str(root / out), str(root / "model"), k, arm, **kw)
 
 
 def test_scores_every_active_user_once(spark, env):
@@ -146,7 +151,7 @@ def test_scores_every_active_user_once(spark, env):
     for b, user in enumerate(users):
         row, c = by_user[user], direct.count[b]
         assert row["item_ids"] == [ITEMS[i] for i in direct.item_idx[b, :c]], user
-        np.testing.assert_allclose(row["scores"], direct.scores[b, :c], rtol=1e-6, atol=0)
+        assert row["scores"] == direct.scores[b, :c].tolist(), user  # bit for bit
         assert row["source"] == direct.source[b]
         assert row["model_version"] == manifest["model"]["version"]
         assert not set(row["item_ids"]) & set(expected[user][1]), f"{user} got a seen title"
@@ -160,6 +165,7 @@ def test_scores_every_active_user_once(spark, env):
                       "popularity": int((direct.source == "popularity").sum())},
     }
     assert manifest["unknown_titles"] == unknown_h + unknown_s == 4  # new-1 and new-2, each history + seen
+    assert manifest["input"] == {"kind": "events", "uri": str(root / "events")}
 
 
 def test_manifest_and_success_marker(spark, env):
@@ -172,16 +178,18 @@ def test_manifest_and_success_marker(spark, env):
     assert manifest["window"] == {"start": "2026-03-03", "end": "2026-03-11"}
     assert manifest["model"]["uri"] == str(root / "model") and manifest["model"]["n_items"] == N_ITEMS
     assert manifest["counts"]["users"] == len(read_partition(final))
+    assert manifest["engine"]["name"] == "spark" and list(manifest["arms"]) == ["challenger"]
     parts = list(final.glob("*.parquet"))
     assert parts and {f.name for f in final.iterdir() if not f.name.startswith((".", "_"))} == {
         f.name for f in parts}
-    for part in parts:  # zstd everywhere; float scores written without a dictionary
+    for part in parts:  # zstd everywhere; float scores and user ids written without a dictionary
         meta = pq.ParquetFile(part).metadata
         for g in range(meta.num_row_groups):
             cols = {meta.row_group(g).column(i).path_in_schema: meta.row_group(g).column(i)
                     for i in range(meta.num_columns)}
             assert {c.compression for c in cols.values()} == {"ZSTD"}
-            assert "PLAIN_DICTIONARY" not in cols["scores.list.element"].encodings
+            for name in ("scores.list.element", "user_id"):
+                assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & set(cols[name].encodings)
 
 
 def test_rerun_replaces_partition(spark, env):
@@ -194,7 +202,62 @@ def test_rerun_replaces_partition(spark, env):
     assert max(len(r["item_ids"]) for r in rows) == 2
     assert json.loads((final / "_manifest.json").read_text())["k"] == second["k"] == 2
     leftovers = [p.name for p in final.parent.iterdir() if p.name.startswith(("_tmp-", "_old-"))]
-    assert leftovers == []
+    assert leftovers == [] and list((root / "recs" / "_staging").iterdir()) == []
+
+
+def test_failure_before_publish_keeps_previous_output(spark, env, monkeypatch):
+    root, _, _ = env
+    run_job(spark, env, arm="kept")
+    final = root / "recs" / f"dt={DAY}" / "arm=kept"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected before publish")
+
+    monkeypatch.setattr(score_users, "publish_run", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_job(spark, env, k=2, arm="kept")
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert list((root / "recs" / "_staging").iterdir()) == []
+
+
+def test_ab_pass_and_local_engine_write_the_same(spark, env):
+    """Histories published once (the daily transform, as the daily build publishes them);
+    the Spark job and the single-node engine score them with a challenger arm."""
+    root, events, cfg = env
+    from pipelines.events import daily_histories
+
+    hist_root = root / "histories"
+    daily_histories(spark, str(root / "events"), cfg, DAY).write.parquet(str(hist_root / f"dt={DAY}"))
+    assert (hist_root / f"dt={DAY}" / "_SUCCESS").is_file()
+    kw = {"histories_uri": str(hist_root), "challenger_uri": str(root / "model2"), "challenger_share": 0.5}
+    spark_manifest = run_job(spark, env, out="recs-ab", **kw)
+    plan = score_local.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
+    local = score_local.run_local(cfg, DAY, str(hist_root), str(root / "recs-local"), plan, K, threads=2)
+
+    expected = expected_histories(events, cfg)
+    challenger = in_share(pa.array(sorted(expected)), cfg.scoring.ab_salt, 0.5)
+    members = {"champion": {u for u, c in zip(sorted(expected), challenger) if not c},
+               "challenger": {u for u, c in zip(sorted(expected), challenger) if c}}
+    assert members["champion"] and members["challenger"]
+    for arm, model in (("champion", "model"), ("challenger", "model2")):
+        got = sorted(read_partition(root / "recs-ab" / f"dt={DAY}" / f"arm={arm}"), key=lambda r: r["user_id"])
+        assert got == sorted(read_partition(root / "recs-local" / f"dt={DAY}" / f"arm={arm}"),
+                             key=lambda r: r["user_id"])
+        assert {r["user_id"] for r in got} == members[arm]
+        bundle = load_bundle(root / model)
+        users = [r["user_id"] for r in got]
+        history, _ = map_histories([expected[u][0] for u in users], bundle.item_index(), N_ITEMS)
+        seen, _ = map_histories([expected[u][1] for u in users], bundle.item_index(), N_ITEMS)
+        direct = TopKScorer(bundle, K).score(history, seen)
+        assert [r["item_ids"] for r in got] == [[ITEMS[i] for i in direct.item_idx[b, : direct.count[b]]]
+                                                for b in range(len(users))]
+    drop = ("created_at", "engine", "input")
+    spark_m = json.loads((root / "recs-ab" / f"dt={DAY}" / "arm=challenger" / "_manifest.json").read_text())
+    assert {k: v for k, v in spark_m.items() if k not in drop} == {
+        k: v for k, v in local["challenger"].items() if k not in drop}
+    assert spark_manifest["arms"] == local["champion"]["arms"]
+    assert spark_manifest["input"]["uri"] == str(hist_root / f"dt={DAY}")
 
 
 class _CountingBroadcast:
@@ -207,35 +270,38 @@ class _CountingBroadcast:
         return self._payload
 
 
-def test_worker_builds_model_once_per_version(env):
+def test_worker_loads_each_model_once(env):
     root, _, cfg = env
-    bundle, ref = score_users.load_model(cfg, str(root / "model"))
-    payload = score_users.bundle_payload(bundle, ref)
-    bc = _CountingBroadcast(payload)
+    plan = score_local.plan_arms(cfg, str(root / "model"), "champion")
+    arm = plan.arms[0]
+    bc = _CountingBroadcast({"files": arm.files})
     batch = pa.RecordBatch.from_pydict(
         {"user_id": ["a", "b"], "history": [["t01", "zz"], []], "seen": [["t01"], ["t02"]]},
         schema=pa.schema([("user_id", pa.string()), ("history", pa.list_(pa.string())),
                           ("seen", pa.list_(pa.string()))]),
     )
+    spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": bc}
     score_users._WORKER_MODELS.clear()
     threads = torch.get_num_threads()  # score_partition pins torch to one thread, as in a worker
     try:
-        outs = [list(score_users.score_partition(iter([batch]), key=("1", payload["digest"]), broadcast=bc,
-                                                 k=3, batch_size=4)) for _ in range(3)]
-        list(score_users.score_partition(iter([batch]), key=("2", payload["digest"]), broadcast=bc,
-                                         k=3, batch_size=4))
+        def task(s):
+            return list(score_users.score_partition(iter([batch]), arms=[s], salt="x", challenger_share=0.0,
+                                                    k=3, batch_size=4))
+        outs = [task(spec) for _ in range(3)]
+        task({**spec, "digest": "other"})
         cached = list(score_users._WORKER_MODELS)
     finally:
         torch.set_num_threads(threads)
         score_users._WORKER_MODELS.clear()
-    assert bc.reads == 2  # three tasks of version "1" built the model once, then version "2" once
-    assert cached == [("2", payload["digest"])]  # the new version replaced the old one
+    assert bc.reads == 2  # three tasks loaded the model once, then another model once
+    assert cached == ["other"]  # a later run's model replaced the old one
     out = outs[-1][0]
     assert out.column("unknown_titles").to_pylist() == [1, 0]
+    assert out.column("arm").to_pylist() == ["champion"] * 2
     assert out.column("source").to_pylist() == ["model", "popularity"]
     assert "t01" not in out.column("item_ids").to_pylist()[0]  # seen
-    rebuilt = score_users.bundle_from_payload(payload)
-    for name, tensor in bundle.model.state_dict().items():
+    rebuilt = score_local.bundle_from_files(arm.files)
+    for name, tensor in arm.bundle.model.state_dict().items():
         torch.testing.assert_close(rebuilt.model.state_dict()[name], tensor, rtol=0, atol=0)
 
 

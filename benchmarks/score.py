@@ -1,0 +1,350 @@
+"""Daily scoring speed and memory: plain torch loop vs the single-node engine vs the Spark
+job vs Spark ALS, on the same synthetic day, in one run.
+
+    flock /tmp/piarec-bench.lock python benchmarks/score.py [--users 200000] [--items 4000]
+        [--seen 40] [--k 100] [--als-users 20000] [--memory 1000000,4000000]
+        [--workdir DIR] [--skip spark,als,memory] [--out docs/_bench_score.md]
+
+Synthetic inputs (cached in ``--workdir``): a random Multi-VAE (the default shape: 600
+hidden, 200 latent, decoder 200 -> I) saved as a bundle, and a published histories
+partition ``dt=D`` (Parquet, 8 files; ~``--seen`` distinct titles seen per user drawn from a
+Zipf-like popularity, ~3/4 of them positives; 10 % of users have no positives, so they get
+the popularity fallback). Every arm reads those Parquet files and writes Parquet (zstd):
+
+- plain: the loop of docs/notes.md: pyarrow reader, vectorised vocabulary mapping, sparse
+  encoder, fp32 decoder in batches of 4,096, mask, ``torch.topk``, pyarrow Parquet zstd
+  writer with default settings; torch on all cores. Stage times are reported.
+- local: ``piarec score --engine local`` (:func:`piarec.score_local.run_local`), one worker
+  thread per core, and again with one worker thread.
+- spark: ``piarec score --histories`` (:func:`pipelines.score_users.run`), local[cores],
+  timed after a warm-up run on a smaller day in the same session.
+- als: Spark ALS (rank 200, implicit, 1 iteration) ``recommendForAllUsers(100)`` and a
+  Parquet write, on ``--als-users`` users of the same histories.
+- memory: the local engine on ``--memory`` users each; peak RSS of its process.
+
+Each arm runs in its own subprocess (``python benchmarks/score.py _arm NAME ...``) so
+peak RSS and thread settings do not leak between arms. Results print as a Markdown table
+and are written to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DAY, WARM_DAY = date(2026, 3, 10), date(2026, 3, 9)
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- synthetic inputs ---------------------------------------------------------------------
+def make_model(directory: Path, n_items: int) -> Path:
+    import torch
+
+    from piarec.bundle import save_bundle
+    from piarec.config import ModelConfig
+    from piarec.model import MultiVAE
+
+    if (directory / "config.json").is_file():
+        return directory
+    torch.manual_seed(0)
+    model = MultiVAE(n_items, ModelConfig())
+    rng = np.random.default_rng(0)
+    popularity = np.sort(rng.zipf(1.5, n_items).astype(np.float32))[::-1].copy()
+    save_bundle(directory, model, item_ids(n_items), popularity)
+    return directory
+
+
+def item_ids(n_items: int) -> np.ndarray:
+    return np.array([f"title-{i:06d}" for i in range(n_items)], dtype=object)
+
+
+def make_histories(root: Path, day: date, n_users: int, n_items: int, seen: int, files: int = 8) -> str:
+    """Write ``root/dt=day`` (published) unless it exists; returns ``root``."""
+    part = root / f"dt={day.isoformat()}"
+    if (part / "_SUCCESS").is_file():
+        return str(root)
+    part.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(day.toordinal() + n_users)
+    p = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    p /= p.sum()
+    vocab = pa.array(item_ids(n_items).tolist(), pa.string())
+    per_file = -(-n_users // files)
+    for f in range(files):
+        lo, hi = f * per_file, min(n_users, (f + 1) * per_file)
+        n = hi - lo
+        draws = np.sort(rng.choice(n_items, size=(n, seen + seen // 5), p=p), axis=1)
+        keep = np.ones(draws.shape, bool)
+        keep[:, 1:] = draws[:, 1:] != draws[:, :-1]  # distinct titles per user
+        seen_len = keep.sum(axis=1)
+        positive = keep & (rng.random(draws.shape) < 0.75)
+        positive[rng.random(n) < 0.10] = False  # users with no positives: popularity fallback
+        seen_list = _lists(draws[keep], seen_len, vocab)
+        hist_list = _lists(draws[positive], positive.sum(axis=1), vocab)
+        users = pa.array([f"user-{u:09d}" for u in range(lo, hi)], pa.string())
+        table = pa.table({"user_id": users, "history": hist_list, "seen": seen_list})
+        pq.write_table(table, part / f"part-{f:03d}.parquet", compression="zstd", store_schema=False)
+    (part / "_SUCCESS").write_bytes(b"")
+    return str(root)
+
+
+def _lists(codes: np.ndarray, lengths: np.ndarray, vocab: pa.Array) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), vocab)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def write_config(work: Path, threads: int | None = None) -> Path:
+    import yaml
+
+    cfg = {
+        "storage": {"root": str(work)},
+        "scoring": {"k": 100, "model_uri": str(work / "model"), "threads": threads},
+        "spark": {"master": f"local[{os.cpu_count()}]", "shuffle_partitions": os.cpu_count(),
+                  "driver_memory": "6g", "conf": {"spark.ui.enabled": "false"}},
+    }
+    path = work / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# -- arms (each in its own process) -----------------------------------------------------------
+def arm_plain(args: argparse.Namespace) -> dict:
+    """The plain loop described in docs/notes.md, with per-stage times."""
+    import pyarrow.dataset as ds
+    import torch
+
+    from piarec.bundle import load_bundle
+    from piarec.model import SparseBatch
+    from piarec.scorer import OUTPUT_SCHEMA, map_arrow_lists
+
+    bundle = load_bundle(args.model)
+    model, vocab = bundle.model.eval(), pa.array(bundle.item_ids.tolist(), pa.string())
+    dataset = ds.dataset(f"{args.histories}/dt={DAY.isoformat()}", format="parquet")
+    stages = dict.fromkeys(["read+map", "encoder", "decoder", "mask", "topk", "arrow", "parquet"], 0.0)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = pq.ParquetWriter(out / "part-0.parquet", OUTPUT_SCHEMA, compression="zstd")
+    n = 0
+    t_start = time.perf_counter()
+    it = iter(dataset.to_batches(batch_size=4096))
+    while True:
+        t = time.perf_counter()
+        batch = next(it, None)
+        if batch is None:
+            break
+        hist, _ = map_arrow_lists(batch.column("history"), vocab)
+        seen, _ = map_arrow_lists(batch.column("seen"), vocab)
+        stages["read+map"] += time.perf_counter() - t
+        with torch.inference_mode():
+            t = time.perf_counter()
+            mu, _ = model.encode(SparseBatch.from_csr(hist), keep_prob=1.0)
+            t2 = time.perf_counter()
+            logits = model.logits(mu)
+            t3 = time.perf_counter()
+            rows = torch.from_numpy(np.repeat(np.arange(seen.n_rows), seen.row_lengths()))
+            logits[rows, torch.from_numpy(seen.indices.astype(np.int64))] = -torch.inf
+            t4 = time.perf_counter()
+            values, idx = torch.topk(logits, args.k, dim=1)
+            t5 = time.perf_counter()
+        stages["encoder"] += t2 - t
+        stages["decoder"] += t3 - t2
+        stages["mask"] += t4 - t3
+        stages["topk"] += t5 - t4
+        offsets = pa.array(np.arange(0, (batch.num_rows + 1) * args.k, args.k, dtype=np.int32))
+        table = pa.RecordBatch.from_arrays([
+            batch.column("user_id"),
+            pa.ListArray.from_arrays(offsets, vocab.take(pa.array(idx.numpy().ravel()))),
+            pa.ListArray.from_arrays(offsets, pa.array(values.numpy().ravel())),
+            pa.array(["plain"] * batch.num_rows), pa.array(["model"] * batch.num_rows),
+        ], schema=OUTPUT_SCHEMA)
+        t6 = time.perf_counter()
+        writer.write_batch(table)
+        stages["arrow"] += t6 - t5
+        stages["parquet"] += time.perf_counter() - t6
+        n += batch.num_rows
+    writer.close()
+    seconds = time.perf_counter() - t_start
+    per_batch = {k: round(v / (n / 4096) * 1000, 1) for k, v in stages.items()}
+    return {"users": n, "seconds": seconds, "ms_per_4096": per_batch}
+
+
+def arm_local(args: argparse.Namespace) -> dict:
+    from piarec.config import load_config
+    from piarec.score_local import plan_arms, run_local
+
+    cfg = load_config(args.config, environ={})
+    plan = plan_arms(cfg, args.model, "champion")
+    t = time.perf_counter()
+    manifests = run_local(cfg, DAY, args.histories, args.out_dir, plan, args.k, device="cpu",
+                          threads=args.threads)
+    seconds = time.perf_counter() - t
+    users = manifests["champion"]["counts"]["users"]
+    return {"users": users, "seconds": seconds, "engine": manifests["champion"]["engine"]}
+
+
+def arm_spark(args: argparse.Namespace) -> dict:
+    from piarec.config import load_config
+    from pipelines import score_users
+    from pipelines.spark import get_spark
+
+    cfg = load_config(args.config, environ={})
+    spark = get_spark(cfg.spark)
+    try:
+        score_users.run(spark, cfg, "", WARM_DAY, args.out_dir, args.model, args.k, "champion",
+                        histories_uri=args.histories)  # JVM and Python workers warm
+        t = time.perf_counter()
+        manifest = score_users.run(spark, cfg, "", DAY, args.out_dir, args.model, args.k, "champion",
+                                   histories_uri=args.histories)
+        seconds = time.perf_counter() - t
+    finally:
+        spark.stop()
+    return {"users": manifest["counts"]["users"], "seconds": seconds}
+
+
+def arm_als(args: argparse.Namespace) -> dict:
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import functions as F
+
+    from piarec.config import load_config
+    from pipelines.spark import get_spark
+
+    cfg = load_config(args.config, environ={})
+    spark = get_spark(cfg.spark)
+    try:
+        hist = (spark.read.parquet(f"{args.histories}/dt={DAY.isoformat()}")
+                .orderBy("user_id").limit(args.als_users)
+                .select("user_id", F.posexplode("history").alias("pos", "item_id")))
+        users = hist.select("user_id").distinct().withColumn("user", F.monotonically_increasing_id().cast("int"))
+        items = hist.select("item_id").distinct().withColumn("item", F.monotonically_increasing_id().cast("int"))
+        ratings = (hist.join(users, "user_id").join(items, "item_id")
+                   .select("user", "item", F.lit(1.0).alias("rating")).cache())
+        n_users = ratings.select("user").distinct().count()
+        model = ALS(rank=200, maxIter=1, implicitPrefs=True, userCol="user", itemCol="item",
+                    ratingCol="rating", coldStartStrategy="drop", seed=0).fit(ratings)
+        t = time.perf_counter()
+        model.recommendForAllUsers(args.k).write.mode("overwrite").option("compression", "zstd").parquet(
+            args.out_dir)
+        seconds = time.perf_counter() - t
+    finally:
+        spark.stop()
+    return {"users": n_users, "seconds": seconds}
+
+
+ARMS = {"plain": arm_plain, "local": arm_local, "spark": arm_spark, "als": arm_als}
+
+
+def run_arm(name: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "_arm", name] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()
+                                                     if v is not None]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"arm {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def arm_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("name")
+    for opt in ("config", "model", "histories", "out-dir"):
+        p.add_argument(f"--{opt}")
+    for opt in ("k", "threads", "als-users"):
+        p.add_argument(f"--{opt}", type=int)
+    args = p.parse_args(argv)
+    result = ARMS[args.name](args)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result, default=str))
+
+
+# -- the report ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--items", type=int, default=4000)
+    p.add_argument("--seen", type=int, default=40)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--als-users", type=int, default=20_000)
+    p.add_argument("--memory", default="1000000,4000000", help="user counts for the memory arm")
+    p.add_argument("--workdir", default="/tmp/piarec-bench-score")
+    p.add_argument("--skip", default="", help="comma list of arms to skip: spark, als, memory")
+    p.add_argument("--out", help="write the Markdown report here")
+    args = p.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = make_model(work / "model", args.items)
+    config = write_config(work)
+    hist = make_histories(work / f"histories-{args.users}", DAY, args.users, args.items, args.seen)
+    make_histories(work / f"histories-{args.users}", WARM_DAY, max(args.users // 10, 1000), args.items, args.seen)
+    common = {"config": config, "model": model, "histories": hist, "k": args.k}
+    results: dict[str, dict] = {}
+    results["plain"] = run_arm("plain", out_dir=work / "out-plain", **common)
+    results["local"] = run_arm("local", out_dir=work / "out-local", **common)
+    results["local, 1 thread"] = run_arm("local", out_dir=work / "out-local-1", threads=1, **common)
+    if "spark" not in skip:
+        results["spark"] = run_arm("spark", out_dir=work / "out-spark", **common)
+    if "als" not in skip:
+        results["als"] = run_arm("als", out_dir=work / "out-als", als_users=args.als_users, **common)
+    memory = {}
+    if "memory" not in skip:
+        for n in [int(x) for x in args.memory.split(",") if x]:
+            h = make_histories(work / f"histories-{n}", DAY, n, args.items, args.seen)
+            memory[n] = run_arm("local", out_dir=work / f"out-mem-{n}", **{**common, "histories": h})
+    report = render(args, results, memory)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+
+
+def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int, dict]) -> str:
+    rate = {name: r["users"] / r["seconds"] for name, r in results.items()}
+    plain = rate["plain"]
+    lines = [
+        "| arm | users | seconds | users/s | vs plain loop | peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        rss = "JVM" if name in ("spark", "als") else f"{r['peak_rss_mb']:,.0f}"  # the JVM is another process
+        lines.append(f"| {name} | {r['users']:,} | {r['seconds']:.1f} | {rate[name]:,.0f} | "
+                     f"{rate[name] / plain:.2f}x | {rss} |")
+    notes = []
+    if "als" in rate:
+        for name in ("local", "spark"):
+            if name in rate:
+                notes.append(f"- {name} / ALS: {rate[name] / rate['als']:.1f}x")
+    stages = results["plain"]["ms_per_4096"]
+    notes.append("- plain loop, ms per 4,096 users: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    if memory:
+        lines_mem = ["", "| local engine, users | seconds | users/s | peak RSS (MB) |", "| ---: | ---: | ---: | ---: |"]
+        for n, r in memory.items():
+            lines_mem.append(f"| {n:,} | {r['seconds']:.1f} | {r['users'] / r['seconds']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+        rss = [r["peak_rss_mb"] for r in memory.values()]
+        lines_mem.append("")
+        lines_mem.append(f"Peak RSS spread: {(max(rss) / min(rss) - 1) * 100:.1f} % "
+                         f"({min(rss):,.0f} -> {max(rss):,.0f} MB).")
+    else:
+        lines_mem = []
+    head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU; "
+            f"{args.users:,} users x {args.items:,} titles, ~{args.seen} seen per user, top-{args.k}; "
+            f"ALS on {args.als_users:,} users.")
+    return "\n".join([head, "", *lines, "", *notes, *lines_mem, ""])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_arm":
+        arm_main(sys.argv[2:])
+    else:
+        main()
