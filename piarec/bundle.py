@@ -2,7 +2,8 @@
 
 A bundle directory holds:
 
-- ``config.json``   format version, number of items, the ModelConfig
+- ``config.json``   format version, number of items, the ModelConfig (its ``backbone`` and
+                    ``encoder`` say which model class the weights belong to)
 - ``weights.pt``    the state_dict, loaded with ``torch.load(weights_only=True)``
 - ``items.parquet`` item_idx int32, item_id string, popularity float32 (training users
                     per item; the popularity fallback for users with no known titles)
@@ -22,7 +23,7 @@ import torch
 
 from piarec.config import ModelConfig
 from piarec.errors import ModelNotFoundError
-from piarec.model import MultiVAE
+from piarec.model import build_model
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE = "config.json", "weights.pt", "items.parquet"
@@ -30,7 +31,7 @@ CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE = "config.json", "weights.pt", "items.parq
 
 @dataclass
 class ModelBundle:
-    model: MultiVAE  # in eval mode, on CPU
+    model: torch.nn.Module  # MultiVAE or RecVAE (encode / logits), in eval mode, on CPU
     item_ids: np.ndarray  # str [I]; position = the model's item index
     popularity: np.ndarray  # float32 [I]
     info: dict[str, Any] = field(default_factory=dict)  # name / version / run_id when known
@@ -46,7 +47,7 @@ class ModelBundle:
 
 def save_bundle(
     directory: str | Path,
-    model: MultiVAE,
+    model: torch.nn.Module,
     item_ids: np.ndarray,
     popularity: np.ndarray,
 ) -> Path:
@@ -73,6 +74,11 @@ def save_bundle(
     return out
 
 
+def model_from_config(config: dict[str, Any]) -> torch.nn.Module:
+    """An untrained model of the class and shape a bundle's ``config.json`` describes."""
+    return build_model(int(config["n_items"]), ModelConfig.model_validate(config["model"]))
+
+
 def load_bundle(directory: str | Path, info: dict[str, Any] | None = None) -> ModelBundle:
     """Load a bundle written by :func:`save_bundle`; weights never go through pickle."""
     src = Path(directory)
@@ -84,7 +90,7 @@ def load_bundle(directory: str | Path, info: dict[str, Any] | None = None) -> Mo
         raise ModelNotFoundError(
             f"model format {config.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
-    model = MultiVAE(int(config["n_items"]), ModelConfig.model_validate(config["model"]))
+    model = model_from_config(config)
     # weights_only=True refuses anything but tensors and plain containers.
     state = torch.load(src / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)

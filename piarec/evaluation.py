@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from piarec.metrics import summarize
-from piarec.model import MultiVAE, SparseBatch
+from typing import Callable
+
+from piarec.metrics import per_user_metrics, summarize
+from piarec.model import SparseBatch
 from piarec.snapshot import Split
 from piarec.sparse import CSR
 
@@ -21,21 +23,36 @@ def _mask_known(scores: torch.Tensor, known: CSR) -> None:
 
 
 @torch.inference_mode()
-def model_topk(model: MultiVAE, fold_in: CSR, k: int = 100, batch_size: int = 2000) -> np.ndarray:
-    """int64 [U, k]: the model's top-k unseen items per row of ``fold_in`` (posterior mean)."""
+def scores_topk(
+    score: Callable[[CSR], torch.Tensor], fold_in: CSR, k: int = 100, batch_size: int = 2000
+) -> np.ndarray:
+    """int64 [U, k]: the top-k unseen items per row of ``fold_in`` under ``score``, a
+    function from a CSR batch [b, I] to float scores [b, I] (any device)."""
+    out = []
+    for start in range(0, fold_in.n_rows, batch_size):
+        part = fold_in.take_rows(np.arange(start, min(start + batch_size, fold_in.n_rows)))
+        scores = score(part).float().cpu()
+        _mask_known(scores, part)
+        out.append(torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+@torch.inference_mode()
+def model_topk(model: torch.nn.Module, fold_in: CSR, k: int = 100, batch_size: int = 2000) -> np.ndarray:
+    """int64 [U, k]: the model's top-k unseen items per row of ``fold_in``, scored with
+    ``logits(mu)``, ``mu`` from ``encode(keep_prob=1.0)`` (no sampling), as the scorer does."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    for start in range(0, fold_in.n_rows, batch_size):
-        rows = np.arange(start, min(start + batch_size, fold_in.n_rows))
-        part = fold_in.take_rows(rows)
-        mu, _ = model.encode(SparseBatch.from_csr(part, device))
-        scores = model.logits(mu).float().cpu()
-        _mask_known(scores, part)
-        out.append(torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy())
-    model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+    def score(part: CSR) -> torch.Tensor:
+        mu, _ = model.encode(SparseBatch.from_csr(part, device), keep_prob=1.0)
+        return model.logits(mu)
+
+    try:
+        return scores_topk(score, fold_in, k, batch_size)
+    finally:
+        model.train(was_training)
 
 
 def popularity_topk(popularity: np.ndarray, fold_in: CSR, k: int = 100) -> np.ndarray:
@@ -49,7 +66,7 @@ def popularity_topk(popularity: np.ndarray, fold_in: CSR, k: int = 100) -> np.nd
     return out
 
 
-def evaluate_model(model: MultiVAE, split: Split, batch_size: int = 2000) -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, split: Split, batch_size: int = 2000) -> dict[str, float]:
     return summarize(model_topk(model, split.fold_in, 100, batch_size), split.held_out)
 
 
@@ -60,3 +77,11 @@ def evaluate_popularity(popularity: np.ndarray, split: Split) -> dict[str, float
 def train_popularity(train: CSR) -> np.ndarray:
     """float32 [I]: number of training users per item — the popularity baseline and fallback."""
     return np.bincount(train.indices, minlength=train.n_cols).astype(np.float32)
+
+
+def per_user_evaluation(topk: np.ndarray, split: Split) -> dict[str, np.ndarray]:
+    """Per-user metrics of a ranking of ``split``'s users, plus ``n_interactions`` (fold-in
+    + held-out positives, the grouping key of the paper's Table 3)."""
+    out = per_user_metrics(topk, split.held_out)
+    out["n_interactions"] = (split.fold_in.row_lengths() + split.held_out.row_lengths()).astype(np.float64)
+    return out

@@ -46,3 +46,15 @@ def planted_snapshot():
         val=Split(ids("v", 64), vf, vh),
         test=Split(ids("w", 64), tf, th),
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Test tensors are tiny: one intra-op thread is faster than two, and far faster on a
+    busy shared machine (threads spin waiting for each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -75,3 +75,156 @@ def test_loss_without_pia_has_zero_alignment_and_decoder_variants_shape():
         assert torch.isfinite(parts.total)
         assert m.logits(torch.zeros(2, 3)).shape == (2, 8)
         assert len(m.encoder_extra) == 2
+
+
+# -- IAF encoder ------------------------------------------------------------------------
+from piarec.bundle import load_bundle, save_bundle  # noqa: E402
+from piarec.flows import IAF, log_normal  # noqa: E402
+from piarec.model import Phase, build_model  # noqa: E402
+from piarec.recvae import RecVAE  # noqa: E402
+
+
+def _scramble(module: torch.nn.Module, scale: float = 0.5) -> None:
+    """Non-trivial weights, so a test cannot pass on near-identity initial flows."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_iaf_logdet_matches_autograd_jacobian():
+    torch.manual_seed(0)
+    flow = IAF(d=4, hidden=7, context=3, steps=2)
+    _scramble(flow)
+    z, h = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    flow = flow.double()
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v[None], h)[0][0], z[0])
+    _, logdet = flow(z, h)
+    sign, expected = torch.linalg.slogdet(jac)
+    assert sign.item() == 1.0
+    torch.testing.assert_close(logdet[0], expected)
+    # Each step alone is autoregressive: its Jacobian is triangular (lower for the first order).
+    step_jac = torch.autograd.functional.jacobian(lambda v: flow.steps[0](v[None], h)[0][0], z[0])
+    torch.testing.assert_close(step_jac, torch.tril(step_jac))
+    assert not torch.allclose(jac, torch.tril(jac))  # reversed order in step 2 mixes both ways
+
+
+def test_iaf_encode_pushes_the_mean_through_the_flows_deterministically():
+    torch.manual_seed(0)
+    m = MultiVAE(8, ModelConfig(hidden_dim=5, latent_dim=3, encoder="iaf", flow_hidden=6)).eval()
+    _scramble(m.flow)
+    mu, logvar = m.encode(_batch(), keep_prob=1.0)
+    mu0, logvar0, h = m.encode_base(_batch(), keep_prob=1.0)
+    torch.testing.assert_close(mu, m.flow(mu0, h)[0])
+    torch.testing.assert_close(logvar, logvar0)
+    assert not torch.allclose(mu, mu0)
+    torch.testing.assert_close(m.encode(_batch(), keep_prob=1.0)[0], mu)  # no sampling
+
+
+def test_iaf_loss_takes_kl_in_the_transformed_space_and_aligns_z0():
+    m = MultiVAE(8, ModelConfig(hidden_dim=5, latent_dim=3, encoder="iaf", flow_hidden=6, keep_prob=1.0))
+    _scramble(m.flow)
+    torch.manual_seed(5)
+    parts = m.loss(_batch(), beta=0.3, lambda_a=0.7)
+    # Replay the same draws by hand.
+    torch.manual_seed(5)
+    mu, logvar, h = m.encode_base(_batch(), 1.0)
+    z0 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    z, logdet = m.flow(z0, h)
+    kl = (log_normal(z0, mu, logvar).sum(1) - logdet - log_normal(z, 0 * z, 0 * z).sum(1)).mean()
+    align = alignment_closed_form(mu, logvar, m.anchors, _batch()).mean()
+    nll = multinomial_nll(m.logits(z), _batch())
+    torch.testing.assert_close(parts.kl, kl)
+    torch.testing.assert_close(parts.align, align)
+    torch.testing.assert_close(parts.total, nll + 0.3 * kl + 0.7 * align)
+
+
+# -- RecVAE -----------------------------------------------------------------------------
+def _recvae(**kw) -> RecVAE:
+    torch.manual_seed(0)
+    return RecVAE(8, ModelConfig(backbone="recvae", hidden_dim=6, latent_dim=3, **kw))
+
+
+def test_recvae_sparse_encoder_equals_the_dense_reference():
+    m = _recvae()
+    x = torch.from_numpy(CSR.from_lists(ROWS, 8).to_dense())
+    enc = m.encoder
+    swish = lambda t: t * torch.sigmoid(t)  # noqa: E731
+    h1 = enc.norms[0](swish(F.normalize(x) @ enc.item_in + enc.bias_in))
+    hs = [h1]
+    for fc, norm in zip(enc.fcs, enc.norms[1:]):
+        hs.append(norm(swish(fc(hs[-1]) + sum(hs))))  # dense connections
+    mu, logvar = m.encode(_batch())
+    torch.testing.assert_close(mu, enc.fc_mu(hs[-1]))
+    torch.testing.assert_close(logvar, enc.fc_logvar(hs[-1]))
+
+
+def test_recvae_loss_composite_prior_and_user_dependent_beta():
+    m = _recvae(keep_prob=1.0, recvae_gamma=0.01)
+    torch.manual_seed(7)
+    parts = m.loss(_batch(), beta=123.0, lambda_a=0.5)  # beta is ignored by RecVAE
+    torch.manual_seed(7)
+    mu, logvar = m.encode(_batch())
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    old_mu, old_logvar = m.encoder_old(_batch(), 1.0)
+    w = torch.tensor([0.15, 0.75, 0.1])
+    dens = (w[0] * log_normal(z, 0 * z, 0 * z).exp() + w[1] * log_normal(z, old_mu, old_logvar).exp()
+            + w[2] * log_normal(z, 0 * z, 0 * z + 10.0).exp())
+    kl_u = log_normal(z, mu, logvar).sum(1) - dens.log().sum(1)
+    lengths = torch.tensor([len(r) for r in ROWS], dtype=torch.float32)
+    torch.testing.assert_close(parts.kl, (0.01 * lengths * kl_u).mean())
+    torch.testing.assert_close(parts.align, alignment_closed_form(mu, logvar, m.anchors, _batch()).mean())
+
+
+def test_recvae_phases_alternate_and_refresh_the_prior():
+    m = _recvae()
+    assert [(p.group, p.passes, p.terms) for p in m.phases()] == [("encoder", 3, "all"), ("decoder", 1, "nll")]
+    assert m.phases()[1].keep_prob == 1.0
+    groups = m.param_groups()
+    assert any(p is m.anchors for p in groups["encoder"])
+    assert not any(p is q for p in groups["decoder"] for q in m.encoder.parameters())
+    assert not any(p.requires_grad for p in m.encoder_old.parameters())
+    assert not torch.equal(m.encoder_old.item_in, m.encoder.item_in)
+    m.end_phase(Phase("encoder", 3, 0.5))
+    assert torch.equal(m.encoder_old.item_in, m.encoder.item_in)
+    parts = m.loss(_batch(), 0.0, 1.0, m.phases()[1])
+    assert parts.kl.item() == 0.0 and parts.align.item() == 0.0
+
+
+# -- every variant keeps the scorer's contract and round-trips through a bundle ----------
+VARIANTS = [
+    {"encoder": "shallow"}, {"encoder": "deeper"}, {"encoder": "iaf"},
+    {"decoder_hidden": [6]}, {"backbone": "recvae"},
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v.values()))
+def test_every_variant_round_trips_through_a_bundle(variant, tmp_path):
+    torch.manual_seed(0)
+    m = build_model(8, ModelConfig(hidden_dim=5, latent_dim=3, flow_hidden=6, **variant)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_bundle(tmp_path / "b", m, np.array([f"t{i}" for i in range(8)], dtype=object), np.ones(8, np.float32))
+    loaded = load_bundle(tmp_path / "b").model
+    assert type(loaded) is type(m)
+    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    mu, _ = loaded.encode(_batch(), keep_prob=1.0)
+    scores = loaded.logits(mu)
+    assert scores.shape == (3, 8) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, m.logits(m.encode(_batch(), keep_prob=1.0)[0]))
+
+
+def test_build_model_rejects_an_empty_vocabulary():
+    with pytest.raises(ValueError, match="at least one item"):
+        build_model(0, ModelConfig())
+
+
+def test_multinomial_nll_gradient_matches_autograd_of_log_softmax():
+    logits = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.from_numpy(CSR.from_lists(ROWS, 8).to_dense()).double()
+    ref = torch.autograd.grad(-(F.log_softmax(logits, dim=1) * x).sum(dim=1).mean() * 1.7, logits)[0]
+    got = torch.autograd.grad(multinomial_nll(logits, _batch()) * 1.7, logits)[0]
+    torch.testing.assert_close(got, ref)
+    assert torch.autograd.gradcheck(lambda t: multinomial_nll(t, _batch()), (logits,))

@@ -1,0 +1,231 @@
+"""Offline quality benchmark on a public dataset: test metrics of several models, same harness.
+
+    python benchmarks/quality.py --data PATH [--format auto] [--seeds 3]
+        [--models popularity,ease,multivae,multivae+pia] [--heldout-frac 0.1 | --heldout-users N]
+        [--epochs 200] [--patience 25] [--batch-size 500] [--lambda-grid 0.1,1,8] [--json OUT]
+
+Model names: ``popularity``, ``ease``, and ``<backbone>[-<encoder>][+pia]`` with backbone
+``multivae`` or ``recvae`` and encoder ``deeper``, ``iaf`` or ``liang`` (Liang's 200 -> 600 -> I
+decoder), e.g. ``multivae-iaf+pia``, ``recvae+pia``.
+
+Protocol (piarec.datasets): strong generalization, one fixed split (``--split-seed``),
+training seeds 0..S-1. Everything is picked on validation users: the epoch (best validation
+NDCG@100, early stopping after ``--patience`` epochs without improvement), EASE's lambda,
+and PIA's starting lambda_A (grid ``--lambda-grid``, trained with seed 0; the other seeds
+reuse the picked value). Test users are only scored. Prints markdown: test metrics
+(mean +- std over seeds), per-user-group NDCG@100, and paired bootstrap comparisons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from piarec.baselines import DEFAULT_EASE_LAMBDAS, fit_ease_on_validation
+from piarec.compare import paired_bootstrap
+from piarec.config import load_config
+from piarec.datasets import load_dataset
+from piarec.evaluation import model_topk, per_user_evaluation, popularity_topk, train_popularity
+from piarec.metrics import interaction_groups, summarize, summarize_groups
+from piarec.trainer import train
+
+METRICS = ("recall_at_20", "recall_at_50", "ndcg_at_100")
+ENCODERS = {"shallow": {}, "deeper": {"encoder": "deeper"}, "iaf": {"encoder": "iaf"},
+            "liang": {"decoder_hidden": [600]}}
+
+
+def parse_model(name: str) -> tuple[str, str, bool]:
+    """'multivae-iaf+pia' -> ('multivae', 'iaf', True)."""
+    pia = name.endswith("+pia")
+    base = name[: -len("+pia")] if pia else name
+    backbone, _, encoder = base.partition("-")
+    encoder = encoder or "shallow"
+    if backbone not in ("multivae", "recvae") or encoder not in ENCODERS or (backbone == "recvae" and encoder != "shallow"):
+        raise SystemExit(f"unknown model {name!r}: use popularity, ease, multivae[-deeper|-iaf|-liang][+pia], recvae[+pia]")
+    return backbone, encoder, pia
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None) -> dict[str, Any]:
+    """Train one model with one seed; test metrics per user. Cached by its settings."""
+    backbone, encoder, pia = parse_model(name)
+    lr = args.recvae_lr if backbone == "recvae" else args.lr
+    model_cfg = {"backbone": backbone, **ENCODERS[encoder]}
+    overrides = {
+        "model": model_cfg,
+        "pia": {"enabled": pia, "lambda_a": lam, "lambda_max": args.lambda_max, "lambda_scale": args.lambda_scale,
+                "patience": args.rho},
+        "training": {"epochs": args.recvae_epochs if backbone == "recvae" else args.epochs, "early_stop_patience": args.patience, "batch_size": args.batch_size,
+                     "lr": lr, "seed": seed, "device": "auto"},
+    }
+    key = hashlib.sha256(json.dumps([snap.uri, snap.manifest["protocol"], overrides], sort_keys=True).encode()).hexdigest()[:20]
+    if cache is not None and (cache / f"{key}.json").exists():
+        return json.loads((cache / f"{key}.json").read_text())
+    cfg = load_config(environ={}, overrides=overrides)
+    t0 = time.perf_counter()
+    result = train(cfg, snap)
+    seconds = time.perf_counter() - t0
+    per_user = per_user_evaluation(model_topk(result.model, snap.test.fold_in), snap.test)
+    run = {
+        "model": name, "lambda_a": lam, "seed": seed, "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history), "train_seconds": seconds, "lambda_a_final": result.lambda_a,
+        "val": result.best_metrics, "test": {m: float(np.nanmean(per_user[m])) for m in METRICS},
+        "per_user": {k: v.tolist() for k, v in per_user.items()},
+    }
+    log(f"  {name} lambda_a={lam:g} seed={seed}: val ndcg {result.best_metrics['ndcg_at_100']:.4f} "
+        f"test ndcg {run['test']['ndcg_at_100']:.4f} (best epoch {result.best_epoch}/{len(result.history)}, {seconds:.0f}s)")
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"{key}.json").write_text(json.dumps(run))
+    return run
+
+
+def run_model(snap, args, name: str, cache: Path | None) -> dict[str, Any]:
+    if name == "popularity":
+        pop = train_popularity(snap.train)
+        per_user = per_user_evaluation(popularity_topk(pop, snap.test.fold_in), snap.test)
+        val = summarize(popularity_topk(pop, snap.val.fold_in), snap.val.held_out)
+        return {"model": name, "settings": "-", "runs": [{"seed": 0, "val": val, "per_user": per_user}]}
+    if name == "ease":
+        t0 = time.perf_counter()
+        ease = fit_ease_on_validation(snap.train, snap.val, args.ease_grid)
+        per_user = per_user_evaluation(ease.topk(snap.test.fold_in), snap.test)
+        log(f"  ease: validation ndcg by lambda {ease.val_ndcg} -> {ease.lam:g} ({time.perf_counter() - t0:.0f}s)")
+        return {"model": name, "settings": f"lambda={ease.lam:g}", "val_grid": ease.val_ndcg,
+                "runs": [{"seed": 0, "val": {"ndcg_at_100": ease.val_ndcg[ease.lam]}, "per_user": per_user}]}
+    _, _, pia = parse_model(name)
+    grid = args.lambda_grid if pia else [0.0]
+    tuned = {lam: neural_run(snap, args, name, lam, 0, cache) for lam in grid}
+    lam = max(tuned, key=lambda v: tuned[v]["val"]["ndcg_at_100"])
+    runs = [tuned[lam]] + [neural_run(snap, args, name, lam, s, cache) for s in range(1, args.seeds)]
+    for r in runs:
+        r["per_user"] = {k: np.asarray(v) for k, v in r["per_user"].items()}
+    settings = f"lambda_A={lam:g}" if pia else "-"
+    return {"model": name, "settings": settings, "runs": runs,
+            "val_grid": {str(v): tuned[v]["val"]["ndcg_at_100"] for v in grid} if pia else {}}
+
+
+def stat(values: list[float]) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def markdown(snap, args, results: dict[str, dict[str, Any]]) -> str:
+    c = snap.manifest["counts"]
+    out = [f"### {Path(args.data).name} ({snap.manifest['format']}): {c['users']} users, {c['items']} items, "
+           f"{c['train_users']} train / {c['val_users']} val / {c['test_users']} test users",
+           "",
+           f"Seeds {args.seeds}; epochs ≤ {args.epochs}, early stopping patience {args.patience}; batch "
+           f"{args.batch_size}; lr {args.lr:g} (RecVAE {args.recvae_lr:g}, ≤ {args.recvae_epochs} epochs of 3 encoder + 1 "
+           f"decoder passes); torch threads {args.threads}; λ_A grid {args.lambda_grid} "
+           f"(picked on validation, seed 0), λ_scale {args.lambda_scale:g} every ρ = {args.rho} stalled epochs, "
+           f"λ_max {args.lambda_max:g}.",
+           "",
+           "| model | picked on validation | Recall@20 | Recall@50 | NDCG@100 | val NDCG@100 | best epoch | s/run |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, res in results.items():
+        runs = res["runs"]
+        cells = [stat([float(np.nanmean(r["per_user"][m])) for r in runs]) for m in METRICS]
+        val = stat([r["val"]["ndcg_at_100"] for r in runs])
+        epochs = ", ".join(str(r["best_epoch"]) for r in runs) if "best_epoch" in runs[0] else "-"
+        secs = f"{np.mean([r['train_seconds'] for r in runs]):.0f}" if "train_seconds" in runs[0] else "-"
+        out.append(f"| {name} | {res['settings']} | {' | '.join(cells)} | {val} | {epochs} | {secs} |")
+
+    first = next(iter(results.values()))["runs"][0]["per_user"]
+    groups = interaction_groups(first["n_interactions"])
+    out += ["", "NDCG@100 by test-user group (interactions = fold-in + held-out; mean over seeds):", "",
+            "| model | " + " | ".join(f"{g} (n={int(m.sum())})" for g, m in groups) + " |",
+            "| --- |" + " --- |" * len(groups)]
+    for name, res in results.items():
+        per_seed = [summarize_groups({"ndcg_at_100": r["per_user"]["ndcg_at_100"]}, groups) for r in res["runs"]]
+        cells = [f"{np.nanmean([s[j]['ndcg_at_100'] for s in per_seed]):.4f}" for j in range(len(groups))]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    pairs = [(n[: -len("+pia")], n) for n in results if n.endswith("+pia") and n[: -len("+pia")] in results]
+    if "ease" in results:
+        pairs += [("ease", n) for n in results if n.endswith("+pia")]
+    if pairs:
+        out += ["", "Paired comparison on the same test users, NDCG@100 (B − A; 95 % bootstrap interval over "
+                "users and seeds, 2,000 replicates):", "",
+                "| A | B | mean A | mean B | B − A [95 % CI] | relative [95 % CI] |", "| --- | --- | --- | --- | --- | --- |"]
+        for a, b in pairs:
+            ra, rb = results[a]["runs"], results[b]["runs"]
+            # A deterministic baseline (one run) is paired with every seed of the model.
+            ya = np.stack([ra[min(s, len(ra) - 1)]["per_user"]["ndcg_at_100"] for s in range(max(len(ra), len(rb)))])
+            yb = np.stack([rb[min(s, len(rb) - 1)]["per_user"]["ndcg_at_100"] for s in range(max(len(ra), len(rb)))])
+            cmp = paired_bootstrap(ya, yb)
+            out.append(f"| {a} | {b} | {cmp.mean_a:.4f} | {cmp.mean_b:.4f} | {cmp.diff:+.4f} "
+                       f"[{cmp.diff_low:+.4f}, {cmp.diff_high:+.4f}] | {100 * cmp.rel:+.2f} % "
+                       f"[{100 * cmp.rel_low:+.2f}, {100 * cmp.rel_high:+.2f}] |")
+            results[b].setdefault("comparisons", {})[a] = cmp.to_dict()
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--models", default="popularity,ease,multivae,multivae+pia")
+    p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--heldout-users", type=int, default=None, help="per split; overrides --heldout-frac")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--min-rating", type=float, default=4.0)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=25)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--recvae-lr", type=float, default=5e-4)
+    p.add_argument("--lambda-grid", default="0.1,1,8")
+    p.add_argument("--lambda-max", type=float, default=8.0)
+    p.add_argument("--lambda-scale", type=float, default=2.0, help="1 = a fixed lambda_A (schedule off)")
+    p.add_argument("--rho", type=int, default=5, help="epochs without improvement before lambda_A is raised")
+    p.add_argument("--ease-grid", default=",".join(f"{v:g}" for v in DEFAULT_EASE_LAMBDAS))
+    p.add_argument("--recvae-epochs", type=int, default=50, help="RecVAE's epochs (each = 3 encoder + 1 decoder passes)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    p.add_argument("--cache", default=None, help="folder caching finished runs by their settings")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.lambda_grid = [float(v) for v in args.lambda_grid.split(",")]
+    args.ease_grid = [float(v) for v in args.ease_grid.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in ("popularity", "ease"):
+            parse_model(m)
+
+    snap = load_dataset(args.data, args.format, min_rating=args.min_rating, heldout_users=args.heldout_users,
+                        heldout_frac=args.heldout_frac, seed=args.split_seed)
+    log(f"{args.data}: {snap.manifest['counts']} (torch threads {torch.get_num_threads()})")
+    cache = Path(args.cache) if args.cache else None
+    results = {}
+    for m in models:
+        log(f"{m}:")
+        results[m] = run_model(snap, args, m, cache)
+    table = markdown(snap, args, results)
+    print(table)
+    if args.json:
+        def plain(x):
+            if isinstance(x, np.ndarray):
+                return [None if not np.isfinite(v) else float(v) for v in x]
+            if isinstance(x, dict):
+                return {str(k): plain(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [plain(v) for v in x]
+            return x
+        Path(args.json).write_text(json.dumps({"args": vars(args), "manifest": snap.manifest, "results": plain(results),
+                                               "markdown": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

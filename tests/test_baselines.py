@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+
+from piarec.baselines import EASE, ease_weights, fit_ease, fit_ease_on_validation, gram
+from piarec.snapshot import Split
+from piarec.sparse import CSR
+
+
+def test_ease_two_items_hand_computed():
+    # X = [[1,1],[1,0],[1,0]]: G = [[3,1],[1,1]]. Column j regresses item j on the other item:
+    # with lambda = 1, B_01 = G_01 / (G_00 + 1) = 1/4 and B_10 = G_10 / (G_11 + 1) = 1/2.
+    x = CSR.from_lists([[0, 1], [0], [0]], n_cols=2)
+    torch.testing.assert_close(gram(x), torch.tensor([[3.0, 1.0], [1.0, 1.0]], dtype=torch.float64))
+    b = fit_ease(x, 1.0).weights
+    torch.testing.assert_close(b, torch.tensor([[0.0, 0.25], [0.5, 0.0]]))
+
+
+def test_ease_columns_are_ridge_regressions_on_the_other_items():
+    rng = np.random.default_rng(0)
+    x = (rng.random((40, 6)) < 0.4).astype(np.float64)
+    csr = CSR.from_lists([np.flatnonzero(r) for r in x], n_cols=6)
+    lam = 2.5
+    b = ease_weights(gram(csr), lam).numpy()
+    g = x.T @ x
+    for j in range(6):
+        others = [i for i in range(6) if i != j]
+        want = np.linalg.solve(g[np.ix_(others, others)] + lam * np.eye(5), g[others, j])
+        np.testing.assert_allclose(b[others, j], want, rtol=1e-9, atol=1e-12)
+        assert b[j, j] == 0.0
+    with pytest.raises(ValueError, match="lambda > 0"):
+        ease_weights(gram(csr), 0.0)
+
+
+def test_ease_scores_sum_rows_and_lambda_is_picked_on_validation():
+    b = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    part = CSR.from_lists([[0, 2], [3]], n_cols=4)
+    torch.testing.assert_close(EASE(b, 1.0).scores(part), torch.stack([b[0] + b[2], b[3]]))
+    # Two item blocks {0..3}, {4..7}; validation users hold out an item of their block.
+    train = CSR.from_lists([[0, 1, 2, 3], [4, 5, 6, 7]] * 10 + [[0, 1, 2], [5, 6, 7]], n_cols=8)
+    val = Split(np.array(["a", "b"], dtype=object), CSR.from_lists([[0, 1], [4, 5]], 8),
+                CSR.from_lists([[2, 3], [6, 7]], 8))
+    ease = fit_ease_on_validation(train, val, lambdas=(0.5, 5.0))
+    assert set(ease.val_ndcg) == {0.5, 5.0}
+    assert ease.val_ndcg[ease.lam] == max(ease.val_ndcg.values()) == 1.0
+    assert ease.topk(val.fold_in, k=2)[0].tolist() in ([2, 3], [3, 2])
