@@ -1,12 +1,26 @@
-"""Reading a published training snapshot (written by ``pipelines/build_matrix.py``).
+"""Reading a published training snapshot, and the layouts ``pipelines/build_matrix.py`` writes.
 
-Layout of ``<root>/window_end=YYYY-MM-DD/``::
+Snapshot, ``<root>/window_end=YYYY-MM-DD/``::
 
     interactions/   user_idx int32, item_idx int32, part string (train | fold_in | held_out)
     users/          user_idx int32, user_id string, split string (train | val | test)
     items/          item_idx int32, item_id string, n_users int32
-    manifest.json   schema_version, window, config used, counts, created_at
+    manifest.json   schema_version, window, input partitions read, config used, counts at
+                    every step (events read, dropped events by reason, positives, after each
+                    filter, dropped users / items / pairs by reason, users / items / nnz per
+                    split and part), code_version, created_at
     _SUCCESS        written last; a prefix without it is not a snapshot
+
+``item_idx`` ranks titles by users (descending) then item_id; ``user_idx`` ranks users by
+``(zlib.crc32(user_id.encode()), user_id)``. Both are dense from 0.
+
+Daily histories for scoring, ``<root>/dt=YYYY-MM-DD/`` (:func:`histories_uri`)::
+
+    *.parquet         user_id string, history list<string>, seen list<string>; one row per
+                      user active in [D - scoring.history_days, D + 1); lists sorted, distinct
+    _manifest.json    schema_version, date, window, input, config, counts (underscore: Parquet
+                      readers skip it)
+    _SUCCESS
 
 Plain pyarrow + numpy (no Spark), through :mod:`piarec.storage`, so local folders and
 ``s3://`` read the same way. The files are checked against the manifest's counts, so a
@@ -15,8 +29,11 @@ damaged or hand-edited snapshot fails here rather than as a silently worse model
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +48,18 @@ from piarec.storage import Location, exists, is_published, read_json, resolve
 
 __all__ = [
     "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot", "snapshot_uri",
+    "HISTORIES_SCHEMA", "HISTORIES_MANIFEST", "HISTORIES_SCHEMA_VERSION", "histories_uri",
+    "code_version",
 ]
 
 SCHEMA_VERSION = 1
+HISTORIES_SCHEMA_VERSION = 1
+HISTORIES_MANIFEST = "_manifest.json"
+HISTORIES_SCHEMA = pa.schema([
+    ("user_id", pa.string()),
+    ("history", pa.list_(pa.string())),
+    ("seen", pa.list_(pa.string())),
+])
 SPLITS = ("train", "val", "test")
 PARTS = ("train", "fold_in", "held_out")
 
@@ -72,6 +98,32 @@ class Snapshot:
 def snapshot_uri(root: str, window_end: date) -> str:
     """``<root>/window_end=YYYY-MM-DD``: where the snapshot of a window lives."""
     return join_uri(root, f"window_end={window_end.isoformat()}")
+
+
+def histories_uri(root: str, day: date) -> str:
+    """``<root>/dt=YYYY-MM-DD``: where the daily histories of scoring day ``day`` live."""
+    return join_uri(root, f"dt={day.isoformat()}")
+
+
+def code_version() -> dict[str, str | None]:
+    """What wrote an output: ``{"piarec": __version__, "git_commit": sha or None}``.
+
+    The commit comes from ``$PIAREC_GIT_COMMIT`` (set when an image is built) or from the
+    checkout the package runs from; None when neither is available. Never raises.
+    """
+    from piarec import __version__
+
+    commit = os.environ.get("PIAREC_GIT_COMMIT") or None
+    if commit is None:
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                capture_output=True, text=True, timeout=5, check=True,
+            )
+            commit = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"piarec": __version__, "git_commit": commit}
 
 
 def _read(loc: Location, name: str, columns: list[str]) -> pa.Table:

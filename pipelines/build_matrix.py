@@ -1,204 +1,339 @@
-"""Weekly snapshot job: viewing events -> binary user-item matrix with a held-out split.
+"""Weekly snapshot job (and daily histories): viewing events -> binary user-item matrix.
 
     spark-submit pipelines/build_matrix.py --window-end 2024-06-03 [--events URI] [--out URI]
+    spark-submit pipelines/build_matrix.py --daily --date 2024-06-03 [--events URI] [--out URI]
 
-Extract the window's events, keep positive (user, item) pairs once, apply the training
-filters, index items and users densely, split users by a salted hash, split held-out
-users' items into fold-in and held-out parts, and publish
-``<out>/window_end=YYYY-MM-DD/`` atomically (layout in docs/architecture.md and
-:mod:`piarec.snapshot`, which reads it back for the trainer).
+Weekly: read the window's partitions, drop and count dirty events, keep positive (user,
+item) pairs once per user, apply the training filters (bot cap, then minimum users per item,
+then minimum positives per user), index items by popularity and users by a hash order, split
+users by a salted hash, split held-out users' items into fold-in and held-out parts, and
+publish ``<out>/window_end=YYYY-MM-DD/`` atomically (layout in :mod:`piarec.snapshot`).
 
-Every step between extract and load is a pure DataFrame -> DataFrame function, tested
-alone on tiny frames. No Python UDFs: all work stays in the JVM.
+Daily (``--daily``): the same reading and cleaning for ``[D - scoring.history_days, D + 1)``,
+one row per active user ``user_id, history, seen`` (no training filter), published as
+``<out>/dt=YYYY-MM-DD/`` (default ``storage.histories_uri``) with ``_manifest.json``.
+
+How it stays fast: one scan of the events and one shuffle of their positive rows, into one
+row per user with the sorted array of their items (``user_id``, ``items``), partitioned by a
+range of a hash of ``user_id``. That frame is kept in memory; every filter, index, split and
+part is a per-row array operation or a small aggregate on it, and every count in the manifest
+comes from those small aggregates or from metrics observed while the data flows (no recount
+of written files). No Python UDFs: all work stays in the JVM.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
+import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 if __name__ == "__main__" and not __package__:
     # Run as a script (spark-submit pipelines/build_matrix.py from a checkout): make the
     # checkout's packages importable without installing them.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyspark.sql import Column, DataFrame, SparkSession, Window  # noqa: E402
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from piarec.config import PipelineConfig, SplitConfig, load_config  # noqa: E402
 from piarec.errors import InputDataError, PiarecError  # noqa: E402
-from piarec.snapshot import SCHEMA_VERSION, snapshot_uri  # noqa: E402
+from piarec.snapshot import (  # noqa: E402
+    HISTORIES_MANIFEST,
+    HISTORIES_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    code_version,
+    histories_uri,
+    snapshot_uri,
+)
 from piarec.storage import publish_dir, remove, resolve, temp_sibling  # noqa: E402
-from pipelines.events import in_window, positive_pairs, read_events, window_condition  # noqa: E402
+from pipelines.events import (  # noqa: E402
+    DROP_REASONS,
+    EventsInput,
+    check_event_types,
+    daily_window,
+    drop_reason,
+    event_metrics,
+    histories,
+    input_errors,
+    open_events,
+    positive_condition,
+)
 from pipelines.spark import get_spark, spark_path  # noqa: E402
 
+log = logging.getLogger("piarec.build_matrix")
+
 _INT32_MAX = 2**31 - 1
-# monotonically_increasing_id() = partition index << 33 | row number inside the partition.
-_MID_SHIFT = 33
 # Guards ceil(fraction * n) against float noise: 0.7 * 10 = 7.000000000000001 must give 7.
 _CEIL_EPS = 1e-9
+SPLITS = ("train", "val", "test")
+PARTS = ("train", "fold_in", "held_out")
+# Columns of the per-user frame that only organise the work (never written).
+_BUCKET, _ORDER = "_bucket", "_order"
 
 
-# --------------------------------------------------------------------------- transforms
-def filter_items(pairs: DataFrame, min_item_users: int) -> DataFrame:
-    """Pairs of items with at least ``min_item_users`` distinct users.
-
-    ``pairs`` are distinct ``[user_id, item_id]``, so rows per item = users per item. The
-    catalogue is small (thousands of titles), so the kept ids are broadcast to a semi-join
-    instead of shuffling every pair by item (popular items would make skewed partitions).
-    """
-    if min_item_users <= 1:
-        return pairs  # every item present has at least one user
-    keep = pairs.groupBy("item_id").count().filter(F.col("count") >= min_item_users)
-    kept = pairs.join(F.broadcast(keep.select("item_id")), "item_id", "left_semi")
-    return kept.select(*pairs.columns)  # a join puts the key first; keep the input's order
+# --------------------------------------------------------------------------- hashing
+def _col(c: str | Column) -> Column:
+    return F.col(c) if isinstance(c, str) else c
 
 
-def filter_users(
-    pairs: DataFrame, min_user_positives: int, max_user_positives: int | None = None
-) -> DataFrame:
-    """Pairs of users with ``min_user_positives <= n <= max_user_positives`` positives.
-
-    The job applies :func:`filter_items` first and this second, one pass each (as in the
-    Multi-VAE preprocessing): a user who falls below the minimum because items were dropped
-    is removed, but items are not re-checked after users go, so an item may end with fewer
-    than ``min_item_users`` users. Users above the maximum are bots / shared accounts.
-    """
-    if min_user_positives <= 1 and max_user_positives is None:
-        return pairs
-    n = F.count(F.lit(1)).over(Window.partitionBy("user_id"))
-    cond = F.col("_n") >= min_user_positives
-    if max_user_positives is not None:
-        cond = cond & (F.col("_n") <= max_user_positives)
-    return pairs.withColumn("_n", n).filter(cond).drop("_n")
-
-
-def _dense_index(df: DataFrame, order: list[Column], idx_col: str) -> DataFrame:
-    """``df`` plus ``idx_col`` int32 = its rank 0..n-1 in ``order`` (ties must not occur).
-
-    Stays distributed: a global sort (range-partitioned), a per-partition row tag from
-    ``monotonically_increasing_id``, the row count of each partition (one small row per
-    partition, collected), and each partition's offset added back through a broadcast join.
-    The tagged frame is checkpointed first so counts and tags come from one materialisation:
-    a re-run sort samples its range bounds afresh and could move rows between partitions.
-    """
-    spark = df.sparkSession
-    tagged = (
-        df.orderBy(*order)
-        .withColumn("_mid", F.monotonically_increasing_id())
-        .localCheckpoint(eager=True)
-    )
-    tagged = tagged.withColumn("_pid", F.shiftright(F.col("_mid"), _MID_SHIFT))
-    sizes = sorted(tuple(r) for r in tagged.groupBy("_pid").count().collect())
-    offsets, total = [], 0
-    for pid, count in sizes:
-        offsets.append((int(pid), total))
-        total += int(count)
-    if total > _INT32_MAX:
-        raise InputDataError(f"{total} rows do not fit an int32 {idx_col}")
-    offset_df = spark.createDataFrame(offsets, "_pid long, _offset long")
-    local = F.col("_mid").bitwiseAND(F.lit((1 << _MID_SHIFT) - 1))
-    return (
-        tagged.join(F.broadcast(offset_df), "_pid")
-        .withColumn(idx_col, (F.col("_offset") + local).cast("int"))
-        .drop("_mid", "_pid", "_offset")
-    )
-
-
-def index_items(pairs: DataFrame) -> DataFrame:
-    """``items[item_idx int, item_id string, n_users int]``.
-
-    ``item_idx`` is dense 0..I-1 by ``n_users`` descending then ``item_id`` ascending, so
-    index 0 is the most popular title and the order is reproducible.
-    """
-    counts = pairs.groupBy("item_id").agg(F.count(F.lit(1)).cast("int").alias("n_users"))
-    indexed = _dense_index(counts, [F.col("n_users").desc(), F.col("item_id").asc()], "item_idx")
-    return indexed.select("item_idx", "item_id", "n_users")
-
-
-def index_users(pairs: DataFrame) -> DataFrame:
-    """``users[user_idx int, user_id string]``: dense 0..U-1 in ``user_id`` order."""
-    users = pairs.select("user_id").distinct()
-    return _dense_index(users, [F.col("user_id").asc()], "user_idx").select("user_idx", "user_id")
-
-
-def unit_hash(salt: str, *cols: str) -> Column:
+def unit_hash(salt: str, *cols: str | Column) -> Column:
     """A uniform number in [0, 1) from ``salt`` and string columns, stable across runs.
 
     ``int(sha256("\\x1f".join([salt, *values])).hexdigest()[:13], 16) / 2**52`` -- plain
     SHA-256, so anyone can recompute a user's split outside Spark.
     """
-    digest = F.sha2(F.concat_ws("\x1f", F.lit(salt), *[F.col(c) for c in cols]), 256)
+    digest = F.sha2(F.concat_ws("\x1f", F.lit(salt), *[_col(c) for c in cols]), 256)
     return F.conv(F.substring(digest, 1, 13), 16, 10).cast("long") / float(2**52)
 
 
-def assign_split(users: DataFrame, split_cfg: SplitConfig) -> DataFrame:
-    """``users`` plus ``split`` in train | val | test by ``u = unit_hash(salt, user_id)``.
+def user_order(col: str = "user_id") -> Column:
+    """bigint in [0, 2**32): CRC-32 of the UTF-8 ``user_id``, the primary key of ``user_idx``.
 
-    val when ``u < val_fraction``, test when ``u < val_fraction + test_fraction``, else
-    train. The salt keeps a user in the same split week after week.
+    ``zlib.crc32(user_id.encode())`` in Python. Users are indexed in ``(crc32, user_id)``
+    order: arbitrary but reproducible, and -- unlike ``user_id`` order -- computable per hash
+    range without a global sort.
     """
+    return F.crc32(F.col(col).cast("binary"))
+
+
+def bucket_bits(shuffle_partitions: int) -> int:
+    """How many leading bits of :func:`user_order` make a bucket: ~16 buckets per partition.
+
+    Buckets only spread the work; the resulting indices do not depend on this number.
+    """
+    return min(20, max(4, math.ceil(math.log2(16 * max(1, shuffle_partitions)))))
+
+
+# --------------------------------------------------------------------------- transforms
+def user_item_sets(positives: DataFrame, bits: int) -> DataFrame:
+    """``[_bucket int, _order long, user_id, items array<string>]``: one row per user.
+
+    ``positives`` are events that passed the positive rule (``user_id``, ``item_id``, ...).
+    ``items`` is the user's distinct item_ids in ascending order (duplicates collapse: a
+    binary matrix). ``_order`` is :func:`user_order` and ``_bucket`` its top ``bits`` bits;
+    rows are hash-partitioned by ``_bucket``, so each bucket (a contiguous range of the user
+    order) lives in one partition: the one shuffle of the job.
+    """
+    keyed = positives.select(
+        F.shiftright(user_order(), 32 - bits).cast("int").alias(_BUCKET), "user_id", "item_id")
+    return (
+        keyed.repartition(_BUCKET)
+        .groupBy(_BUCKET, "user_id")
+        # sort_array, not array_sort: the latter runs an interpreted comparator per element.
+        .agg(F.sort_array(F.collect_set("item_id")).alias("items"))
+        .select(_BUCKET, user_order().alias(_ORDER), "user_id", "items")
+    )
+
+
+def cap_users(users: DataFrame, max_user_positives: int | None) -> DataFrame:
+    """Users with at most ``max_user_positives`` items (bots / shared accounts go)."""
+    if max_user_positives is None:
+        return users
+    return users.filter(F.size("items") <= max_user_positives)
+
+
+def item_user_counts(users: DataFrame) -> DataFrame:
+    """``[item_id, n_users int]`` over ``users[items]`` (items are distinct per user)."""
+    return (
+        users.select(F.explode("items").alias("item_id"))
+        .groupBy("item_id")
+        .agg(F.count(F.lit(1)).cast("int").alias("n_users"))
+    )
+
+
+def _kept(items: Sequence[str] | None) -> Column:
+    """``items`` restricted to the given item ids (all when None), order kept."""
+    if items is None:
+        return F.col("items")
+    # isin over a literal list becomes a hash-set lookup (InSet) for more than a few ids.
+    return F.filter("items", lambda x: x.isin(list(items)))
+
+
+def keep_items(users: DataFrame, items: Sequence[str] | None) -> DataFrame:
+    """``users`` with ``items`` restricted to ``items`` (None keeps all); rows stay."""
+    if items is None:
+        return users
+    return users.withColumn("items", _kept(items))
+
+
+def min_positives(users: DataFrame, min_user_positives: int) -> DataFrame:
+    """Users with at least ``min_user_positives`` items."""
+    return users.filter(F.size("items") >= min_user_positives)
+
+
+def index_items(counts: DataFrame) -> DataFrame:
+    """``[item_idx int, item_id string, n_users int, ...]`` from ``counts[item_id, n_users, ...]``
+    (other columns of ``counts`` follow unchanged).
+
+    ``item_idx`` is dense 0..I-1 by ``n_users`` descending then ``item_id`` ascending, so
+    index 0 is the most popular title and the order is reproducible. The catalogue is small
+    (thousands of titles): one window partition on purpose.
+    """
+    order = Window.partitionBy(F.lit(0)).orderBy(F.col("n_users").desc(), F.col("item_id").asc())
+    rest = [c for c in counts.columns if c not in ("item_id", "n_users")]
+    return counts.select(
+        (F.row_number().over(order) - 1).cast("int").alias("item_idx"),
+        "item_id",
+        F.col("n_users").cast("int").alias("n_users"),
+        *rest,
+    )
+
+
+def bucket_offsets(sizes: Mapping[int, int]) -> list[tuple[int, int]]:
+    """``[(bucket, first user_idx of the bucket)]`` from users per bucket (any order)."""
+    out, total = [], 0
+    for bucket in sorted(sizes):
+        out.append((int(bucket), total))
+        total += int(sizes[bucket])
+    if total > _INT32_MAX + 1:
+        raise InputDataError(f"{total} users do not fit an int32 user_idx")
+    return out
+
+
+def index_users(users: DataFrame, offsets: Sequence[tuple[int, int]]) -> DataFrame:
+    """``users`` plus ``user_idx`` int: the rank of ``(_order, user_id)``, dense 0..U-1.
+
+    Stays distributed: each bucket (a range of ``_order``) is ranked inside its partition,
+    and ``offsets`` -- ``(bucket, users in earlier buckets)`` from :func:`bucket_offsets`,
+    one small row per bucket -- turn local ranks into global ones. No global sort, no
+    single-partition window; the result does not depend on how buckets meet partitions.
+    """
+    spark = users.sparkSession
+    rank = F.row_number().over(Window.partitionBy(_BUCKET).orderBy(_ORDER, "user_id"))
+    offset_df = spark.createDataFrame(list(offsets), f"{_BUCKET} int, _offset long")
+    return (
+        users.withColumn("_rank", rank)
+        .join(F.broadcast(offset_df), _BUCKET)
+        .withColumn("user_idx", (F.col("_offset") + F.col("_rank") - 1).cast("int"))
+        .drop("_rank", "_offset")
+    )
+
+
+def split_of(split_cfg: SplitConfig) -> Column:
+    """train | val | test by ``u = unit_hash(salt, user_id)``: val when ``u < val_fraction``,
+    test when ``u < val_fraction + test_fraction``, else train. The salt keeps a user in
+    the same split week after week."""
     u = unit_hash(split_cfg.salt, "user_id")
     val_end = split_cfg.val_fraction
     test_end = split_cfg.val_fraction + split_cfg.test_fraction
-    split = F.when(u < val_end, "val").when(u < test_end, "test").otherwise("train")
-    return users.withColumn("split", split)
+    return F.when(u < val_end, "val").when(u < test_end, "test").otherwise("train")
 
 
-def assign_parts(interactions: DataFrame, split_cfg: SplitConfig) -> DataFrame:
-    """``interactions[user_id, item_id, split, ...]`` plus ``part``.
+def assign_split(users: DataFrame, split_cfg: SplitConfig) -> DataFrame:
+    """``users`` plus ``split`` (see :func:`split_of`)."""
+    return users.withColumn("split", split_of(split_cfg))
 
-    Train users: every pair is ``train``. Val/test users with n positives: items ranked by
-    ``unit_hash(salt, user_id, item_id)``; the first ``k = ceil(fold_in_fraction * n)``
-    are ``fold_in`` (the model's input) and the rest ``held_out`` (to predict), with k
-    capped at n - 1 so a user with n >= 2 always has something to predict (n = 1: fold_in).
+
+def fold_in_size(n: Column, fraction: float) -> Column:
+    """``k = ceil(fraction * n)`` capped to ``[1, n - 1]``, so a held-out user with n >= 2
+    always has something to predict (n = 1: the one item is fold-in)."""
+    k = F.ceil(n * fraction - _CEIL_EPS)
+    return F.greatest(F.lit(1), F.least(k, n - 1)).cast("int")
+
+
+def assign_parts(users: DataFrame, split_cfg: SplitConfig) -> DataFrame:
+    """``users[user_id, items, split, ...]`` -> one row per (user, item) with ``part``.
+
+    Output: the input columns except ``items``, plus ``item_id`` and ``part``. Train users:
+    every item is ``train``. Val/test users with n items: items ranked by
+    ``unit_hash(salt, user_id, item_id)`` (then item_id); the first
+    ``k = fold_in_size(n)`` are ``fold_in`` (the model's input), the rest ``held_out``.
     """
-    held = F.col("split") != "train"
-    by_user = Window.partitionBy("user_id")
-    # The hash is only computed for held-out users (CASE is lazy); train rows sort as null.
-    key = F.when(held, unit_hash(split_cfg.salt, "user_id", "item_id"))
-    ranked = interactions.withColumn("_n", F.count(F.lit(1)).over(by_user)).withColumn(
-        "_rank", F.row_number().over(by_user.orderBy(key, F.col("item_id")))
-    )
-    k = F.ceil(F.col("_n") * split_cfg.fold_in_fraction - _CEIL_EPS)
-    k = F.greatest(F.lit(1), F.least(k, F.col("_n") - 1))
-    part = F.when(~held, "train").when(F.col("_rank") <= k, "fold_in").otherwise("held_out")
-    return ranked.withColumn("part", part).drop("_n", "_rank")
+    rest = [c for c in users.columns if c != "items"]
+    train = users.filter(F.col("split") == "train").select(
+        *rest, F.explode("items").alias("item_id"), F.lit("train").alias("part"))
+    # Held-out users (a few percent): rank items by their hash. Higher-order functions run
+    # interpreted, so they stay off the train users' rows.
+    keyed = F.transform("items", lambda x: F.struct(
+        unit_hash(split_cfg.salt, F.col("user_id"), x).alias("k"), x.alias("item_id")))
+    k = fold_in_size(F.size("items"), split_cfg.fold_in_fraction)
+    held = users.filter(F.col("split") != "train").select(
+        *rest, k.alias("_k"), F.posexplode(F.sort_array(keyed)).alias("_pos", "_e"))
+    part = F.when(F.col("_pos") < F.col("_k"), "fold_in").otherwise("held_out")
+    return train.unionByName(
+        held.select(*rest, F.col("_e.item_id").alias("item_id"), part.alias("part")))
 
 
-# --------------------------------------------------------------------------- the job
-def _pair_stats(pairs: DataFrame) -> dict[str, int]:
-    row = pairs.agg(
-        F.count(F.lit(1)).alias("pairs"),
-        F.countDistinct("user_id").alias("users"),
-        F.countDistinct("item_id").alias("items"),
-    ).first()
-    return {k: int(row[k]) for k in ("pairs", "users", "items")}
-
-
-def _split_counts(spark: SparkSession, root: str) -> dict[str, dict[str, int]]:
-    """Users, items, nnz and nnz per part of each split, counted from the written files."""
-    inter = spark.read.parquet(spark_path(f"{root}/interactions"))
-    users = spark.read.parquet(spark_path(f"{root}/users")).select("user_idx", "split")
-    rows = (
-        inter.join(users, "user_idx")
-        .groupBy("split")
-        .agg(
-            F.countDistinct("user_idx").alias("users"),
-            F.countDistinct("item_idx").alias("items"),
-            F.count(F.lit(1)).alias("nnz"),
-            *[F.count_if(F.col("part") == p).alias(p) for p in ("train", "fold_in", "held_out")],
+# --------------------------------------------------------------------------- the weekly job
+def _dirt(metrics: Mapping[str, int], what: str, max_fraction: float) -> tuple[dict[str, int], float]:
+    """Dropped events by reason and their share of the events read; too much is an error."""
+    dropped = {r: int(metrics[r]) for r in DROP_REASONS}
+    read = int(metrics["events_read"])
+    fraction = sum(dropped.values()) / read if read else 0.0
+    if fraction > max_fraction:
+        worst = ", ".join(f"{r} {n}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1]) if n)
+        raise InputDataError(
+            f"{fraction:.2%} of the {read} events read in {what} are dirty ({worst}); "
+            f"above quality.max_dirty_fraction = {max_fraction:.2%}"
         )
-        .collect()
-    )
-    out = {s: {"users": 0, "items": 0, "nnz": 0, "train": 0, "fold_in": 0, "held_out": 0}
-           for s in ("train", "val", "test")}
-    for r in rows:
-        out[r["split"]] = {k: int(r[k]) for k in out[r["split"]]}
-    return out
+    return dropped, round(fraction, 6)
+
+
+def _observed_events(
+    spark: SparkSession, src: EventsInput, cfg: PipelineConfig, start: date, end: date
+) -> tuple[DataFrame, Observation, list[Column]]:
+    """Events with a ``_drop`` reason code, counted (by reason) as they flow through."""
+    metrics = event_metrics(F.col("_drop"), positive_condition(cfg.positive))
+    observed = Observation()
+    events = src.df.withColumn("_drop", drop_reason(start, end, cfg.quality.known_event_types))
+    return events.observe(observed, *metrics), observed, metrics
+
+
+def _metrics(observed: Observation, events: DataFrame, exprs: list[Column]) -> dict[str, Any]:
+    """The observed event counts. Spark loses observed metrics when adaptive execution finds
+    everything after them empty (all events dropped); only then, count again."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    try:
+        return dict(observed.get)
+    except (Py4JJavaError, PySparkException):
+        return events.agg(*exprs).first().asDict()
+
+
+def _open(spark: SparkSession, cfg: PipelineConfig, uri: str, start: date, end: date) -> EventsInput:
+    check_event_types(cfg)
+    src = open_events(spark, uri, cfg.events, start, end,
+                      require_watch=cfg.positive.min_watch_seconds > 0)
+    if not src.partitions:
+        first, last = src.available or ("?", "?")
+        raise InputDataError(
+            f"no events in the window [{start.isoformat()}, {end.isoformat()}) under {uri!r}: "
+            f"no dt partition in it (the dataset has dt {first} .. {last})"
+        )
+    return src
+
+
+def _input(uri: str, src: EventsInput, start: date, end: date) -> dict[str, Any]:
+    read = set(src.partitions)
+    days = [start + timedelta(days=i) for i in range((end - start).days)]
+    return {
+        "events_uri": uri,
+        "partitions": src.partitions,
+        "files": src.files,
+        "missing_days": [d.isoformat() for d in days if d.isoformat() not in read],
+    }
+
+
+class _Clock:
+    """Logs how long each step took (INFO on the ``piarec.build_matrix`` logger)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        log.info("build_matrix: %s took %.2f s", step, now - self.t)
+        self.t = now
+
+
+def _stage(users: int, pairs: int, items: int) -> dict[str, int]:
+    return {"pairs": int(pairs), "users": int(users), "items": int(items)}
 
 
 def run(
@@ -208,102 +343,263 @@ def run(
 
     Writes ``<out_root>/window_end=YYYY-MM-DD/`` (interactions/, users/, items/,
     manifest.json, _SUCCESS) through a temporary sibling, replacing an older snapshot of the
-    same window atomically. Returns the manifest. Raises :class:`InputDataError` when the
-    window holds no events or nothing survives the positive rule and the filters.
+    same window atomically. Returns the manifest (plus ``uri``). Raises
+    :class:`InputDataError` -- and publishes nothing -- when the window holds no events, too
+    many are dirty, a file cannot be read, or nothing survives the positive rule and filters.
     """
     start = window_end - timedelta(days=cfg.window_days)
     window = f"[{start.isoformat()}, {window_end.isoformat()})"
+    clock = _Clock()
+    src = _open(spark, cfg, events_uri, start, window_end)
+    clock.lap(f"listing {len(src.partitions)} partitions")
+    f, q = cfg.filters, cfg.quality
+    bits = bucket_bits(int(spark.conf.get("spark.sql.shuffle.partitions")))
 
-    # Extract.
-    raw = read_events(
-        spark, events_uri, cfg.events, start, window_end,
-        require_watch=cfg.positive.min_watch_seconds > 0,
-    )
-    n_read, n_window = raw.agg(
-        F.count(F.lit(1)), F.count_if(window_condition(start, window_end))
-    ).first()
-    if not n_window:
-        raise InputDataError(
-            f"no events in the window {window} under {events_uri!r} "
-            f"({n_read} events read from its dt partitions); check --window-end"
-        )
-
-    # Positives, deduplicated once and kept: every later output starts from them.
-    pairs = positive_pairs(in_window(raw, start, window_end), cfg.positive).persist()
-    kept = None
+    # 1. One scan: classify every event, count by reason on the way, keep clean positives,
+    #    one shuffle into a row per user. Kept in memory: everything else starts here.
+    events, observed, exprs = _observed_events(spark, src, cfg, start, window_end)
+    positives = events.filter((F.col("_drop") == 0) & positive_condition(cfg.positive))
+    users0 = user_item_sets(positives, bits).persist()
+    final = None
     try:
-        positive = _pair_stats(pairs)
-        if not positive["pairs"]:
+        with input_errors(events_uri):
+            users0.count()
+        clock.lap("scan, clean, positives, one row per user")
+        metrics = _metrics(observed, events, exprs)
+        n_read = int(metrics["events_read"])
+        dropped, dirty = _dirt(metrics, f"the window {window}", q.max_dirty_fraction)
+        n_window = n_read - sum(dropped.values())
+        if not n_window:
+            raise InputDataError(
+                f"no events in the window {window} under {events_uri!r} ({n_read} events read "
+                f"from its {len(src.partitions)} dt partition(s), all dropped: {dropped})"
+            )
+        n_positive = int(metrics["positive_events"])
+        if not n_positive:
             raise InputDataError(
                 f"no positive events in the window {window} among {n_window} events "
                 f"(positive rule: {cfg.positive.model_dump()})"
             )
-        # Training filters: items first, then users, one pass each (see filter_users).
-        f = cfg.filters
-        after_items = filter_items(pairs, f.min_item_users)
-        after_items_stats = _pair_stats(after_items)
-        kept = filter_users(after_items, f.min_user_positives, f.max_user_positives).persist()
-        after_users_stats = _pair_stats(kept)
-        if not after_users_stats["pairs"]:
+
+        # 2. Items that survive the bot cap and the minimum users per item (small aggregate).
+        n0 = F.size("items")
+        capped = n0 <= f.max_user_positives if f.max_user_positives is not None else F.lit(True)
+        kept_items = None
+        if f.min_item_users > 1:
+            counts = item_user_counts(cap_users(users0, f.max_user_positives))
+            kept_items = sorted(r.item_id for r in counts.filter(
+                F.col("n_users") >= f.min_item_users).select("item_id").collect())
+            clock.lap("item filter")
+
+        # 3. Per-bucket user counts at every step: the manifest's user/pair counts and the
+        #    offsets of the user index, in one small aggregate.
+        n1 = F.size(_kept(kept_items))
+        keep = capped & (n1 >= f.min_user_positives)
+        stats = users0.groupBy(_BUCKET).agg(
+            F.count(F.lit(1)).alias("u0"), F.sum(n0).alias("p0"),
+            F.count_if(capped).alias("u1"), F.sum(F.when(capped, n0)).alias("p1"),
+            F.count_if(capped & (n1 > 0)).alias("u2"), F.sum(F.when(capped, n1)).alias("p2"),
+            F.count_if(keep).alias("u3"), F.sum(F.when(keep, n1)).alias("p3"),
+        ).collect()
+        clock.lap("user counts per bucket")
+        tot = {k: sum(int(r[k] or 0) for r in stats) for k in
+               ("u0", "p0", "u1", "p1", "u2", "p2", "u3", "p3")}
+        if not tot["p3"]:
             raise InputDataError(
                 f"no interactions left after filters {f.model_dump()} in the window {window} "
-                f"({positive['pairs']} positive pairs of {positive['users']} users before)"
+                f"({tot['p0']} positive pairs of {tot['u0']} users before)"
             )
-        pairs.unpersist()
 
-        # Transform.
-        items = index_items(kept)
-        users = assign_split(index_users(kept), cfg.split)
-        joined = kept.join(users, "user_id").join(
-            F.broadcast(items.select("item_id", "item_idx")), "item_id"
+        # 4. The final users: filtered, indexed, split -- kept for the two writes below.
+        survivors = min_positives(keep_items(cap_users(users0, f.max_user_positives), kept_items),
+                                  f.min_user_positives)
+        offsets = bucket_offsets({r[_BUCKET]: r["u3"] for r in stats if r["u3"]})
+        final = assign_split(index_users(survivors, offsets), cfg.split).persist()
+
+        # 5. Per item: users at every step and per split of the final users, and the item
+        #    index -- one small aggregate, collected (the catalogue is small).
+        item_in = F.lit(True) if kept_items is None else F.col("item_id").isin(kept_items)
+        per_user = users0.select(  # per-user flags first: the split hash once per user
+            "items", capped.alias("_capped"), keep.alias("_keep"),
+            F.when(keep, split_of(cfg.split)).alias("_split"))
+        pairs = per_user.select("_capped", "_keep", "_split", F.explode("items").alias("item_id"))
+        is_final = F.col("_keep") & item_in
+        item_rows = index_items(pairs.groupBy("item_id").agg(
+            F.count_if(is_final).cast("int").alias("n_users"),
+            F.count(F.lit(1)).alias("c0"),
+            F.count_if("_capped").alias("c1"),
+            F.count_if(F.col("_capped") & item_in).alias("c2"),
+            *[F.count_if(is_final & (F.col("_split") == s)).alias(f"n_{s}") for s in SPLITS],
+        )).collect()
+        clock.lap("item counts and index")
+        n_items = {c: sum(1 for r in item_rows if r[c]) for c in ("c0", "c1", "c2", "n_users")}
+        split_items = {s: sum(1 for r in item_rows if r[f"n_{s}"]) for s in SPLITS}
+        # Items nobody keeps sort last, so the kept ones hold indices 0..I-1.
+        items = spark.createDataFrame(
+            [(r.item_idx, r.item_id, r.n_users) for r in item_rows if r.n_users],
+            "item_idx int, item_id string, n_users int",
         )
-        interactions = assign_parts(joined, cfg.split)
 
-        # Load: everything under a temporary sibling, then publish (manifest, _SUCCESS).
-        final = snapshot_uri(out_root, window_end)
-        tmp = temp_sibling(final)
-        outputs = {  # sorted inside files: smaller files, reproducible content
-            "interactions": interactions.select("user_idx", "item_idx", "part")
-            .sortWithinPartitions("user_idx", "item_idx"),
-            "users": users.select("user_idx", "user_id", "split").sortWithinPartitions("user_idx"),
-            "items": items.select("item_idx", "item_id", "n_users")
-            .repartition(1)  # the catalogue is small: one file
-            .sortWithinPartitions("item_idx"),
-        }
+        # 6. Load: everything under a temporary sibling, then publish (manifest, _SUCCESS).
+        final_uri = snapshot_uri(out_root, window_end)
+        tmp = temp_sibling(final_uri)
+        users_seen = Observation()
+        users_out = final.select("user_idx", "user_id", "split").observe(
+            users_seen, *[F.count_if(F.col("split") == s).alias(s) for s in SPLITS])
+        nnz_seen = Observation()
+        interactions = (
+            assign_parts(final.select("user_idx", "user_id", "items", "split"), cfg.split)
+            .join(F.broadcast(items.select("item_id", "item_idx")), "item_id")
+            .observe(nnz_seen, *[
+                F.count_if((F.col("split") == s) & (F.col("part") == p)).alias(f"{s}.{p}")
+                for s in SPLITS for p in PARTS])
+            .select("user_idx", "item_idx", "part")
+        )
         try:
-            for name, df in outputs.items():
-                df.write.parquet(spark_path(f"{tmp}/{name}"))
+            with input_errors(events_uri):
+                users_out.write.parquet(spark_path(f"{tmp}/users"))
+                clock.lap("write users")
+                interactions.write.parquet(spark_path(f"{tmp}/interactions"))
+                clock.lap("write interactions")
+                (items.coalesce(1).sortWithinPartitions("item_idx")  # small: one file
+                 .write.parquet(spark_path(f"{tmp}/items")))
+                clock.lap("write items")
+            n_users, nnz = users_seen.get, nnz_seen.get
+            splits = {}
+            for s in SPLITS:
+                parts = {p: int(nnz[f"{s}.{p}"]) for p in PARTS}
+                splits[s] = {"users": int(n_users[s]), "items": split_items[s],
+                             "nnz": sum(parts.values()), **parts}
             manifest = {
                 "schema_version": SCHEMA_VERSION,
-                "window": {"start": start.isoformat(), "end": window_end.isoformat()},
+                "window": {"start": start.isoformat(), "end": window_end.isoformat(),
+                           "days": cfg.window_days},
                 "events_uri": events_uri,
+                "input": _input(events_uri, src, start, window_end),
                 "config": {
                     "events": cfg.events.model_dump(),
                     "window_days": cfg.window_days,
                     "positive": cfg.positive.model_dump(),
                     "filters": cfg.filters.model_dump(),
                     "split": cfg.split.model_dump(),
+                    "quality": cfg.quality.model_dump(),
                 },
                 "counts": {
-                    "events_read": int(n_read),
-                    "events_in_window": int(n_window),
-                    "positive": positive,
-                    "after_item_filter": after_items_stats,
-                    "after_user_filter": after_users_stats,
-                    "splits": _split_counts(spark, tmp),
+                    "events_read": n_read,
+                    "dropped_events": dropped,
+                    "dirty_fraction": dirty,
+                    "events_in_window": n_window,
+                    "positive_events": n_positive,
+                    "duplicate_positive_events": n_positive - tot["p0"],
+                    "positive": _stage(tot["u0"], tot["p0"], n_items["c0"]),
+                    "after_user_cap": _stage(tot["u1"], tot["p1"], n_items["c1"]),
+                    "after_item_filter": _stage(tot["u2"], tot["p2"], n_items["c2"]),
+                    "after_user_filter": _stage(tot["u3"], tot["p3"], n_items["n_users"]),
+                    "dropped_users": {
+                        "over_max_positives": tot["u0"] - tot["u1"],
+                        "under_min_positives": tot["u1"] - tot["u3"],
+                    },
+                    "dropped_items": {
+                        "under_min_users": n_items["c1"] - n_items["c2"],
+                        "no_users_left": n_items["c2"] - n_items["n_users"],
+                    },
+                    "dropped_pairs": {
+                        "over_max_positives": tot["p0"] - tot["p1"],
+                        "under_min_item_users": tot["p1"] - tot["p2"],
+                        "under_min_positives": tot["p2"] - tot["p3"],
+                    },
+                    "splits": splits,
                 },
+                "code_version": code_version(),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            publish_dir(tmp, final, manifest)
+            publish_dir(tmp, final_uri, manifest)
+            clock.lap("publish")
         except BaseException:
             remove(resolve(tmp))  # leave no half-written prefix behind
             raise
-        manifest["uri"] = final
+        manifest["uri"] = final_uri
         return manifest
     finally:
-        pairs.unpersist()
-        if kept is not None:
-            kept.unpersist()
+        users0.unpersist()
+        if final is not None:
+            final.unpersist()
+
+
+# --------------------------------------------------------------------------- the daily job
+def run_daily(
+    spark: SparkSession, cfg: PipelineConfig, events_uri: str, day: date, out_root: str
+) -> dict[str, Any]:
+    """Publish day ``day``'s histories: ``<out_root>/dt=YYYY-MM-DD/`` (Parquet + ``_manifest.json``).
+
+    One row per user active in ``[day - scoring.history_days, day + 1)`` (any clean event):
+    ``user_id`` string, ``history`` list<string> (positives), ``seen`` list<string> (events
+    of ``scoring.seen_types``), both sorted and distinct -- the rows of
+    :func:`pipelines.events.daily_histories`. Training filters do not apply. Returns the
+    manifest (plus ``uri``); raises :class:`InputDataError` like :func:`run`.
+    """
+    start, end = daily_window(cfg, day)
+    window = f"[{start.isoformat()}, {end.isoformat()})"
+    src = _open(spark, cfg, events_uri, start, end)
+    events, observed, exprs = _observed_events(spark, src, cfg, start, end)
+    rows = histories(events.filter(F.col("_drop") == 0), cfg.positive, cfg.scoring.seen_types)
+    written = Observation()
+    out = (
+        rows.select("user_id",
+                    F.col("history").cast("array<string>"), F.col("seen").cast("array<string>"))
+        .observe(written, F.count(F.lit(1)).alias("users"),
+                 F.count_if(F.size("history") > 0).alias("users_with_history"),
+                 F.sum(F.size("history")).alias("history_items"),
+                 F.sum(F.size("seen")).alias("seen_items"))
+        .sortWithinPartitions("user_id")
+    )
+    final_uri = histories_uri(out_root, day)
+    tmp = temp_sibling(final_uri)
+    try:
+        with input_errors(events_uri):
+            out.write.parquet(spark_path(tmp))
+        metrics = _metrics(observed, events, exprs)
+        counts = written.get if int(metrics["events_read"]) > sum(
+            int(metrics[r]) for r in DROP_REASONS) else {"users": 0}
+        n_read = int(metrics["events_read"])
+        dropped, dirty = _dirt(metrics, f"the window {window}", cfg.quality.max_dirty_fraction)
+        if not int(counts["users"]):
+            raise InputDataError(
+                f"no events in the window {window} under {events_uri!r} ({n_read} events read "
+                f"from its {len(src.partitions)} dt partition(s), all dropped: {dropped})"
+            )
+        manifest = {
+            "schema_version": HISTORIES_SCHEMA_VERSION,
+            "date": day.isoformat(),
+            "window": {"start": start.isoformat(), "end": end.isoformat(),
+                       "days": cfg.scoring.history_days},
+            "events_uri": events_uri,
+            "input": _input(events_uri, src, start, end),
+            "config": {
+                "events": cfg.events.model_dump(),
+                "positive": cfg.positive.model_dump(),
+                "seen_types": list(cfg.scoring.seen_types),
+                "history_days": cfg.scoring.history_days,
+                "quality": cfg.quality.model_dump(),
+            },
+            "counts": {
+                "events_read": n_read,
+                "dropped_events": dropped,
+                "dirty_fraction": dirty,
+                "events_in_window": n_read - sum(dropped.values()),
+                "positive_events": int(metrics["positive_events"]),
+                **{k: int(counts[k] or 0) for k in
+                   ("users", "users_with_history", "history_items", "seen_items")},
+            },
+            "code_version": code_version(),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        publish_dir(tmp, final_uri, manifest, manifest_name=HISTORIES_MANIFEST)
+    except BaseException:
+        remove(resolve(tmp))
+        raise
+    manifest["uri"] = final_uri
+    return manifest
 
 
 # --------------------------------------------------------------------------- CLI
@@ -317,37 +613,55 @@ def _iso_date(text: str) -> date:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load config, build the session, run; one summary or error line."""
     parser = argparse.ArgumentParser(
-        prog="build_matrix", description="Build the weekly user-item snapshot from events."
+        prog="build_matrix",
+        description="Build the weekly user-item snapshot (or, with --daily, day D's histories).",
     )
     parser.add_argument("--events", help="events URI (default: config storage.events_uri)")
     parser.add_argument(
-        "--window-end", required=True, type=_iso_date,
-        help="YYYY-MM-DD, exclusive; the window is [window_end - window_days, window_end)",
+        "--window-end", type=_iso_date,
+        help="weekly: YYYY-MM-DD, exclusive; the window is [window_end - window_days, window_end)",
     )
-    parser.add_argument("--out", help="snapshots root (default: config storage.snapshots_uri)")
+    parser.add_argument("--daily", action="store_true",
+                        help="publish day --date's user histories for scoring instead")
+    parser.add_argument("--date", type=_iso_date,
+                        help="daily: YYYY-MM-DD; window [date - scoring.history_days, date + 1)")
+    parser.add_argument("--out", help="snapshots root (default: storage.snapshots_uri), or with "
+                                      "--daily the histories root (default: storage.histories_uri)")
     parser.add_argument("--config", help="YAML config file (default: $PIAREC_CONFIG or built-in)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.daily and (args.date is None or args.window_end is not None):
+        parser.error("--daily needs --date (and no --window-end)")
+    if not args.daily and (args.window_end is None or args.date is not None):
+        parser.error("give --window-end (weekly snapshot) or --daily --date")
 
     try:
         cfg = load_config(args.config)
         spark = get_spark(cfg.spark)
-        manifest = run(
-            spark, cfg, args.events or cfg.storage.events_uri, args.window_end,
-            args.out or cfg.storage.snapshots_uri,
-        )
+        events = args.events or cfg.storage.events_uri
+        if args.daily:
+            m = run_daily(spark, cfg, events, args.date, args.out or cfg.storage.histories_uri)
+        else:
+            m = run(spark, cfg, events, args.window_end, args.out or cfg.storage.snapshots_uri)
     except PiarecError as exc:
         if args.debug:
             raise
         print(f"build_matrix: error: {exc}", file=sys.stderr)
         return 2
-    s = manifest["counts"]["splits"]
-    n_items = manifest["counts"]["after_user_filter"]["items"]
+    c = m["counts"]
+    if args.daily:
+        print(
+            f"histories {m['uri']}: window [{m['window']['start']}, {m['window']['end']}), "
+            f"{c['users']} active users ({c['users_with_history']} with a history), "
+            f"{c['events_read']} events read, {sum(c['dropped_events'].values())} dropped"
+        )
+        return 0
+    s = c["splits"]
     print(
-        f"snapshot {manifest['uri']}: window [{manifest['window']['start']}, "
-        f"{manifest['window']['end']}), {sum(v['users'] for v in s.values())} users "
+        f"snapshot {m['uri']}: window [{m['window']['start']}, {m['window']['end']}), "
+        f"{sum(v['users'] for v in s.values())} users "
         f"(train {s['train']['users']}, val {s['val']['users']}, test {s['test']['users']}), "
-        f"{n_items} items, {sum(v['nnz'] for v in s.values())} interactions"
+        f"{c['after_user_filter']['items']} items, {sum(v['nnz'] for v in s.values())} interactions"
     )
     return 0
 

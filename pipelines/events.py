@@ -1,54 +1,221 @@
-"""Event transforms shared by the weekly matrix build and the daily scoring job.
+"""Event transforms shared by the weekly matrix build and the daily histories / scoring jobs.
 
 Both jobs must agree on what an event, a window, a positive and a seen title are, so
 those rules live here once:
 
-* :func:`read_events` reads only the ``dt=YYYY-MM-DD`` partitions of a window and renames
-  the configured columns to the canonical ``user_id, item_id, event_type, ts,
-  watch_seconds``;
-* :func:`in_window` keeps ``start <= ts < end`` (a partition is a hint, ``ts`` decides);
+* :func:`open_events` / :func:`read_events` read only the ``dt=YYYY-MM-DD`` partitions of a
+  window (the folders are listed first and only those are handed to Spark) and rename the
+  configured columns to the canonical ``user_id, item_id, event_type, ts, watch_seconds``;
+  missing or mistyped columns fail with every problem named;
+* :func:`drop_reason` / :func:`clean_events` drop tolerable dirt -- null or blank ids, a null
+  ``ts``, a ``ts`` outside the window inside an in-window partition (a partition is a hint,
+  ``ts`` decides), an unknown event type -- and :func:`event_metrics` counts it by reason;
 * :func:`positive_condition` / :func:`positive_pairs` apply the positive rule;
 * :func:`seen_condition` / :func:`seen_pairs` mark consumed titles;
-* :func:`daily_histories` is the daily mode: one row per active user with their positive
-  history and seen titles for scoring day D.
+* :func:`histories` / :func:`daily_histories` are the daily mode: one row per active user
+  with their positive history and seen titles for scoring day D.
 
 All dates and times are UTC (the session time zone is set by :mod:`pipelines.spark`).
 """
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
-from pyspark.errors import AnalysisException
+from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from piarec.config import EventsSchema, PipelineConfig, PositiveRule
-from piarec.errors import InputDataError
+from piarec.errors import ConfigError, InputDataError
 from pipelines.spark import spark_path
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "DROP_REASONS",
+    "EventsInput",
+    "open_events",
     "read_events",
+    "input_errors",
+    "drop_reason",
+    "clean_events",
+    "event_metrics",
     "in_window",
     "window_condition",
     "positive_condition",
     "positive_pairs",
     "seen_condition",
     "seen_pairs",
+    "histories",
     "daily_histories",
+    "daily_window",
+    "check_event_types",
     "utc_midnight",
 ]
 
 CANONICAL_COLUMNS = ("user_id", "item_id", "event_type", "ts", "watch_seconds")
 PARTITION_COL = "dt"
+# Why an event read from an in-window partition is dropped; the first that applies wins.
+DROP_REASONS = (
+    "missing_user_id",  # null, empty or blank
+    "missing_item_id",
+    "missing_ts",
+    "unknown_event_type",  # null, or not in quality.known_event_types
+    "ts_before_window",
+    "ts_after_window",
+)
+
+_INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
+_NUMERIC = (*_INTEGRAL, T.FloatType, T.DoubleType, T.DecimalType)
+_TIMESTAMP = (T.TimestampType, T.TimestampNTZType)
 
 
 def utc_midnight(day: date) -> datetime:
     """00:00 UTC of ``day``: the edge of every window."""
     return datetime.combine(day, time.min, tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class EventsInput:
+    """The events of a window as read: the frame and what was opened to get it."""
+
+    df: DataFrame  # canonical columns (see read_events)
+    partitions: list[str]  # ISO dates of the dt= folders opened, sorted
+    files: int  # data files in them
+    available: tuple[str, str] | None  # first and last dt of the whole dataset
+
+
+def _hadoop_fs(spark: SparkSession, path: str) -> tuple[Any, Any]:
+    """The Hadoop FileSystem and Path Spark itself uses for ``path`` (local, s3a, ...)."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def _list_partitions(spark: SparkSession, uri: str) -> dict[date, str]:
+    """``{day: folder}`` for every ``dt=YYYY-MM-DD`` folder directly under ``uri``.
+
+    One listing of the dataset root (a single LIST on object stores), so a run touches only
+    the folders of its window instead of discovering every partition the dataset ever had.
+    """
+    fs, root = _hadoop_fs(spark, spark_path(uri))
+    if not fs.exists(root):
+        raise InputDataError(f"events path {uri!r} does not exist")
+    found: dict[date, str] = {}
+    other = 0
+    for status in fs.listStatus(root):
+        name = status.getPath().getName()
+        if not status.isDirectory() or name.startswith(("_", ".")):
+            continue
+        if name.startswith(f"{PARTITION_COL}="):
+            try:
+                found[date.fromisoformat(name[len(PARTITION_COL) + 1:])] = status.getPath().toString()
+                continue
+            except ValueError:
+                pass
+        other += 1
+    if not found:
+        raise InputDataError(
+            f"events at {uri!r} are not partitioned by {PARTITION_COL}=YYYY-MM-DD folders "
+            f"({other} other folder(s) found)"
+        )
+    return found
+
+
+def _check_columns(raw: DataFrame, uri: str, wanted: dict[str, str]) -> None:
+    """Every configured column present with a usable type; all problems in one message."""
+    found = [c for c in raw.columns if c != PARTITION_COL] + [PARTITION_COL]
+    missing = [f"{src!r} (for {canon})" for canon, src in wanted.items() if src not in raw.columns]
+    if missing:
+        raise InputDataError(
+            f"events at {uri!r} lack configured column(s) {', '.join(missing)}; "
+            f"columns found: {', '.join(found)} (fix the `events` section of the config)"
+        )
+    expect = {
+        "user_id": ((T.StringType, *_INTEGRAL), "a string or an integer"),
+        "item_id": ((T.StringType, *_INTEGRAL), "a string or an integer"),
+        "event_type": ((T.StringType,), "a string"),
+        "ts": (_TIMESTAMP, "a timestamp"),
+        "watch_seconds": (_NUMERIC, "a number"),
+    }
+    wrong = []
+    for canon, src in wanted.items():
+        dtype = raw.schema[src].dataType
+        types, what = expect[canon]
+        if not isinstance(dtype, types):
+            wrong.append(f"{src!r} (for {canon}) must be {what}, found {dtype.simpleString()}")
+    if wrong:
+        raise InputDataError(f"events at {uri!r} have mistyped column(s): {'; '.join(wrong)}")
+
+
+def open_events(
+    spark: SparkSession,
+    uri: str,
+    schema: EventsSchema,
+    start: date,
+    end: date,
+    *,
+    require_watch: bool = True,
+) -> EventsInput:
+    """Events of the partitions ``dt`` in ``[start, end)``, with canonical column names.
+
+    Output frame: ``user_id`` string, ``item_id`` string, ``event_type`` string, ``ts``
+    timestamp (UTC), ``watch_seconds`` int. Only the window's folders are listed and scanned,
+    and the filter on ``dt`` stays in the plan as a partition filter.
+
+    ``require_watch=False`` lets a source without a watch-time column through (its
+    ``watch_seconds`` is null); callers pass it when the positive rule ignores watch time.
+
+    Raises :class:`InputDataError` when the path does not exist, is not partitioned by
+    ``dt``, or when configured columns are missing or mistyped (all are named). Corrupt files
+    surface when the frame is computed: run actions under :func:`input_errors`.
+    """
+    parts = _list_partitions(spark, uri)
+    chosen = sorted(d for d in parts if start <= d < end)
+    reader = spark.read.option("ignoreCorruptFiles", "false")  # never skip data silently
+    with input_errors(uri):
+        if chosen:
+            raw = reader.option("basePath", spark_path(uri)).parquet(*[parts[d] for d in chosen])
+        else:
+            # Nothing to open in the window: read the root for its schema; the frame is empty.
+            raw = reader.parquet(spark_path(uri))
+
+    wanted = {
+        "user_id": schema.user_col,
+        "item_id": schema.item_col,
+        "event_type": schema.type_col,
+        "ts": schema.ts_col,
+    }
+    if require_watch:
+        wanted["watch_seconds"] = schema.watch_col
+    _check_columns(raw, uri, wanted)
+
+    watch = (
+        F.col(schema.watch_col).try_cast("int")  # an absurd value becomes null, not an error
+        if schema.watch_col in raw.columns
+        else F.lit(None).cast("int")
+    )
+    df = raw.filter(_partition_range(raw, start, end)).select(
+        F.col(schema.user_col).cast("string").alias("user_id"),
+        F.col(schema.item_col).cast("string").alias("item_id"),
+        F.col(schema.type_col).alias("event_type"),
+        # A timestamp without zone is read as UTC wall-clock time (session zone is UTC).
+        F.col(schema.ts_col).cast("timestamp").alias("ts"),
+        watch.alias("watch_seconds"),
+    )
+    days = sorted(parts)
+    return EventsInput(
+        df=df,
+        partitions=[d.isoformat() for d in chosen],
+        files=len(raw.inputFiles()) if chosen else 0,
+        available=(days[0].isoformat(), days[-1].isoformat()),
+    )
 
 
 def read_events(
@@ -60,70 +227,8 @@ def read_events(
     *,
     require_watch: bool = True,
 ) -> DataFrame:
-    """Events of the partitions ``dt`` in ``[start, end)``, with canonical column names.
-
-    Output: ``user_id`` string, ``item_id`` string, ``event_type`` string, ``ts`` timestamp
-    (UTC), ``watch_seconds`` int. Only the window's partitions are scanned: the filter is on
-    the partition column, so Spark prunes the others before opening a file.
-
-    ``require_watch=False`` lets a source without a watch-time column through (its
-    ``watch_seconds`` is null); callers pass it when the positive rule ignores watch time.
-
-    Raises :class:`InputDataError` when the path does not exist or holds no Parquet, when it
-    is not partitioned by ``dt``, or when configured columns are missing (all are named).
-    """
-    path = spark_path(uri)
-    try:
-        raw = spark.read.parquet(path)
-    except AnalysisException as exc:
-        condition = exc.getCondition() or ""
-        if condition == "PATH_NOT_FOUND":
-            raise InputDataError(f"events path {uri!r} does not exist") from None
-        if condition == "UNABLE_TO_INFER_SCHEMA":
-            raise InputDataError(f"events path {uri!r} holds no Parquet files") from None
-        raise
-
-    found = raw.columns
-    if PARTITION_COL not in found:
-        raise InputDataError(
-            f"events at {uri!r} are not partitioned by {PARTITION_COL}=YYYY-MM-DD folders "
-            f"(columns found: {', '.join(found)})"
-        )
-    wanted = {
-        "user_id": schema.user_col,
-        "item_id": schema.item_col,
-        "event_type": schema.type_col,
-        "ts": schema.ts_col,
-    }
-    if require_watch:
-        wanted["watch_seconds"] = schema.watch_col
-    missing = [f"{src!r} (for {canon})" for canon, src in wanted.items() if src not in found]
-    if missing:
-        raise InputDataError(
-            f"events at {uri!r} lack configured column(s) {', '.join(missing)}; "
-            f"columns found: {', '.join(found)} (fix the `events` section of the config)"
-        )
-
-    ts_type = raw.schema[schema.ts_col].dataType
-    if not isinstance(ts_type, (T.TimestampType, T.TimestampNTZType)):
-        raise InputDataError(
-            f"events column {schema.ts_col!r} must be a timestamp, found {ts_type.simpleString()}"
-        )
-
-    in_partitions = raw.filter(_partition_range(raw, start, end))
-    watch = (
-        F.col(schema.watch_col).cast("int")
-        if schema.watch_col in found
-        else F.lit(None).cast("int")
-    )
-    return in_partitions.select(
-        F.col(schema.user_col).cast("string").alias("user_id"),
-        F.col(schema.item_col).cast("string").alias("item_id"),
-        F.col(schema.type_col).cast("string").alias("event_type"),
-        # A timestamp without zone is read as UTC wall-clock time (session zone is UTC).
-        F.col(schema.ts_col).cast("timestamp").alias("ts"),
-        watch.alias("watch_seconds"),
-    )
+    """The frame of :func:`open_events` (canonical columns, window partitions only)."""
+    return open_events(spark, uri, schema, start, end, require_watch=require_watch).df
 
 
 def _partition_range(raw: DataFrame, start: date, end: date) -> Column:
@@ -138,6 +243,52 @@ def _partition_range(raw: DataFrame, start: date, end: date) -> Column:
     return (F.col(PARTITION_COL) >= lo) & (F.col(PARTITION_COL) < hi)
 
 
+_READ_FAILURE = re.compile(r"\[(FAILED_READ_FILE|CANNOT_READ_FILE_FOOTER)[A-Z_.]*\]")
+_FILE_IN_MESSAGE = re.compile(r"(?:reading file|footer for file|file) (\S+?)\.?(?:\s|$)")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost Java cause's message of a Py4J / captured Spark error, when there is one."""
+    java = getattr(exc, "java_exception", None) or getattr(exc, "_origin", None)
+    cause, message = java, None
+    try:
+        while cause is not None:
+            text = cause.getMessage()
+            message = text or message
+            nxt = cause.getCause()
+            cause = None if nxt is None or nxt.equals(cause) else nxt
+    except Exception:  # noqa: BLE001 - best effort: the first line of the error is enough
+        message = None
+    if message:
+        return " ".join(str(message).split())[:300]
+    return str(exc).strip().splitlines()[0][:300]
+
+
+@contextmanager
+def input_errors(uri: str) -> Iterator[None]:
+    """Turn Spark's "cannot read this file" failures into one-line :class:`InputDataError`.
+
+    A corrupt or truncated Parquet file (or one whose column types contradict the others)
+    fails the Spark action that reads it with a long JVM stack trace; the operator needs the
+    file and the reason.
+    """
+    from py4j.protocol import Py4JJavaError
+
+    try:
+        yield
+    except (Py4JJavaError, PySparkException) as exc:
+        text = str(exc)
+        match = _READ_FAILURE.search(text)
+        if not match:
+            raise
+        where = _FILE_IN_MESSAGE.search(text[match.end():])
+        name = where.group(1) if where else "a file"
+        raise InputDataError(
+            f"cannot read events under {uri!r}: {name}: {_root_cause(exc)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- cleaning
 def _ts_literal(value: datetime | date) -> Column:
     """A timestamp literal independent of the driver's local zone (naive = UTC)."""
     if not isinstance(value, datetime):
@@ -148,27 +299,86 @@ def _ts_literal(value: datetime | date) -> Column:
     return F.timestamp_micros(F.lit(micros))
 
 
+def _blank(col: str) -> Column:
+    """Null, empty or spaces only. ``trim`` copies the string, so it only runs on the rare
+    ids that start with a space (AND short-circuits)."""
+    c = F.col(col)
+    return c.isNull() | (F.length(c) == 0) | (c.startswith(" ") & (F.length(F.trim(c)) == 0))
+
+
+def drop_reason(
+    start_ts: datetime | date, end_ts: datetime | date, known_types: Sequence[str] | None
+) -> Column:
+    """int: 1-based index into :data:`DROP_REASONS` of the first reason to drop the event,
+    0 when the event is clean (kept)."""
+    checks = [
+        _blank("user_id"),
+        _blank("item_id"),
+        F.col("ts").isNull(),
+        (F.col("event_type").isNull() | ~F.col("event_type").isin(list(known_types)))
+        if known_types is not None
+        else F.col("event_type").isNull(),
+        F.col("ts") < _ts_literal(start_ts),
+        F.col("ts") >= _ts_literal(end_ts),
+    ]
+    out = F.when(checks[0], F.lit(1))
+    for code, check in enumerate(checks[1:], start=2):
+        out = out.when(check, F.lit(code))
+    return out.otherwise(F.lit(0))
+
+
+def clean_events(
+    df: DataFrame,
+    start_ts: datetime | date,
+    end_ts: datetime | date,
+    known_types: Sequence[str] | None = None,
+) -> DataFrame:
+    """Events with ``start_ts <= ts < end_ts``, non-blank ids and a known event type.
+
+    ``dt`` partitions are written by the upstream owner and may hold late or early events;
+    the timestamp is the authority. Dates mean 00:00 UTC; naive datetimes are UTC.
+    ``known_types=None`` accepts any non-null type.
+    """
+    return df.filter(drop_reason(start_ts, end_ts, known_types) == 0)
+
+
+def event_metrics(reason: Column, positive: Column) -> list[Column]:
+    """Aggregates for an ``observe`` over events with a :func:`drop_reason` column.
+
+    Names: ``events_read``, one per :data:`DROP_REASONS`, ``positive_events`` (clean events
+    passing the positive rule).
+    """
+    return [
+        F.count(F.lit(1)).alias("events_read"),
+        *[F.count_if(reason == code).alias(name) for code, name in enumerate(DROP_REASONS, 1)],
+        F.count_if((reason == 0) & positive).alias("positive_events"),
+    ]
+
+
 def window_condition(start_ts: datetime | date, end_ts: datetime | date) -> Column:
-    """True for events kept by :func:`in_window` (also used to count them in one pass)."""
-    valid_id = lambda c: F.col(c).isNotNull() & (F.length(F.trim(F.col(c))) > 0)  # noqa: E731
-    return (
-        (F.col("ts") >= _ts_literal(start_ts))
-        & (F.col("ts") < _ts_literal(end_ts))
-        & valid_id("user_id")
-        & valid_id("item_id")
-    )
+    """True for events with ``start_ts <= ts < end_ts`` and non-blank ids (any type)."""
+    return drop_reason(start_ts, end_ts, None) == 0
 
 
 def in_window(df: DataFrame, start_ts: datetime | date, end_ts: datetime | date) -> DataFrame:
-    """Events with ``start_ts <= ts < end_ts`` and non-empty ids.
-
-    ``dt`` partitions are written by the upstream owner and may hold late or early events;
-    the timestamp is the authority, so an event in an in-window partition whose ``ts`` falls
-    outside is dropped. Dates mean 00:00 UTC; naive datetimes are UTC.
-    """
+    """Events with ``start_ts <= ts < end_ts`` and non-blank ids, whatever their type."""
     return df.filter(window_condition(start_ts, end_ts))
 
 
+def check_event_types(cfg: PipelineConfig) -> None:
+    """The positive and seen types must be known types, or every such event would be dirt."""
+    known = cfg.quality.known_event_types
+    if known is None:
+        return
+    unknown = sorted({*cfg.positive.event_types, *cfg.scoring.seen_types} - set(known))
+    if unknown:
+        raise ConfigError(
+            f"positive.event_types / scoring.seen_types list {unknown} which are not in "
+            f"quality.known_event_types {list(known)}"
+        )
+
+
+# --------------------------------------------------------------------------- positives, seen
 def positive_condition(rule: PositiveRule) -> Column:
     """True for an event that counts as a positive under ``rule``.
 
@@ -196,39 +406,48 @@ def seen_pairs(df: DataFrame, seen_types: Iterable[str]) -> DataFrame:
     return df.filter(seen_condition(seen_types)).select("user_id", "item_id").distinct()
 
 
+# --------------------------------------------------------------------------- daily mode
+def daily_window(cfg: PipelineConfig, day: date) -> tuple[date, date]:
+    """``[D - scoring.history_days, D + 1)``: the days whose events define day D's users."""
+    return day - timedelta(days=cfg.scoring.history_days), day + timedelta(days=1)
+
+
+def histories(events: DataFrame, rule: PositiveRule, seen_types: Iterable[str]) -> DataFrame:
+    """One row per user of (clean) ``events``: ``user_id, history, seen``.
+
+    ``history`` array<string>: the user's positive item_ids, sorted and distinct; ``seen``
+    array<string>: item_ids with an event of a type in ``seen_types``, sorted and distinct.
+    Both may be empty; every user with any event has a row. One shuffle (group by user).
+    """
+    # collect_set skips nulls, so a non-matching event adds nothing but still makes the
+    # user active (the group exists).
+    return events.groupBy("user_id").agg(
+        F.sort_array(F.collect_set(F.when(positive_condition(rule), F.col("item_id"))))
+        .alias("history"),
+        F.sort_array(F.collect_set(F.when(seen_condition(seen_types), F.col("item_id"))))
+        .alias("seen"),
+    )
+
+
 def daily_histories(
     spark: SparkSession, events_uri: str, cfg: PipelineConfig, date: date
 ) -> DataFrame:
     """Histories for scoring day ``date`` (D).
 
     Window: ``[D - cfg.scoring.history_days days, D + 1 day)`` in UTC. One row per active
-    user (any event of any type in the window)::
+    user (any clean event in the window, see :func:`clean_events`)::
 
         user_id string, history array<string>, seen array<string>
 
     ``history``: the user's positive item_ids (``cfg.positive``), sorted and distinct;
     ``seen``: item_ids with an event of a type in ``cfg.scoring.seen_types``, sorted and
     distinct. Both may be empty. Training filters are not applied: every active user is
-    scored. One shuffle: a single group-by of the window's events by user.
+    scored. ``pipelines/build_matrix.py --daily`` publishes the same rows as a dataset.
     """
-    start = date - timedelta(days=cfg.scoring.history_days)
-    end = date + timedelta(days=1)
+    start, end = daily_window(cfg, date)
     raw = read_events(
-        spark,
-        events_uri,
-        cfg.events,
-        start,
-        end,
+        spark, events_uri, cfg.events, start, end,
         require_watch=cfg.positive.min_watch_seconds > 0,
     )
-    events = in_window(raw, start, end)
-    # collect_set skips nulls, so a non-matching event adds nothing but still makes the
-    # user active (the group exists); an inactive user has no row at all.
-    return events.groupBy("user_id").agg(
-        F.sort_array(
-            F.collect_set(F.when(positive_condition(cfg.positive), F.col("item_id")))
-        ).alias("history"),
-        F.sort_array(
-            F.collect_set(F.when(seen_condition(cfg.scoring.seen_types), F.col("item_id")))
-        ).alias("seen"),
-    )
+    events = clean_events(raw, start, end, cfg.quality.known_event_types)
+    return histories(events, cfg.positive, cfg.scoring.seen_types)

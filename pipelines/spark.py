@@ -17,6 +17,8 @@ from piarec.config import SparkConfig, is_s3
 
 __all__ = ["get_spark", "spark_path"]
 
+_DISCOVERY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
+
 
 def get_spark(cfg: SparkConfig) -> SparkSession:
     """Return the active SparkSession, creating it from ``cfg`` when there is none.
@@ -50,7 +52,12 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
-    return builder.getOrCreate()
+    session = builder.getOrCreate()
+    if session.sparkContext.master.startswith("local") and _DISCOVERY not in cfg.conf:
+        # Spark lists more than 32 folders (a 90-day window) with a distributed job; without
+        # a cluster that job costs more than listing them in the driver (~1.5 s per read).
+        session.conf.set(_DISCOVERY, "1024")
+    return session
 
 
 def _under_spark_submit() -> bool:
