@@ -3,7 +3,7 @@
 # `make test` also builds the Airflow environment (.venv-airflow: Airflow + the Spark
 # provider, dags/requirements.txt) that the DAG tests run `airflow dags test` from. It is
 # kept apart from .venv on purpose: the provider's pyspark-client would break Spark Python
-# UDFs in the project environment (docs: shared notes).
+# UDFs in the project environment.
 
 PYTHON ?= python3
 VENV   ?= .venv

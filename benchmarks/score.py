@@ -11,7 +11,7 @@ partition ``dt=D`` (Parquet, 8 files; ~``--seen`` distinct titles seen per user 
 Zipf-like popularity, ~3/4 of them positives; 10 % of users have no positives, so they get
 the popularity fallback). Every arm reads those Parquet files and writes Parquet (zstd):
 
-- plain: the loop of docs/notes.md: pyarrow reader, vectorised vocabulary mapping, sparse
+- plain: the reference loop: pyarrow reader, vectorised vocabulary mapping, sparse
   encoder, fp32 decoder in batches of 4,096, mask, ``torch.topk``, pyarrow Parquet zstd
   writer with default settings; torch on all cores. Stage times are reported.
 - local: ``piarec score --engine local`` (:func:`piarec.score_local.run_local`), one worker
@@ -122,7 +122,7 @@ def write_config(work: Path, threads: int | None = None) -> Path:
 
 # -- arms (each in its own process) -----------------------------------------------------------
 def arm_plain(args: argparse.Namespace) -> dict:
-    """The plain loop described in docs/notes.md, with per-stage times."""
+    """The plain reference loop, with per-stage times."""
     import pyarrow.dataset as ds
     import torch
 

@@ -106,7 +106,7 @@ def test_get_spark_settings(spark):
 
 
 def test_python_udf_runs(spark):
-    """mapInArrow works: guards against the pyspark / pyspark-client clash in notes.md."""
+    """mapInArrow works: guards against the pyspark / pyspark-client packaging clash (a provider installing pyspark-client over pyspark breaks Python UDFs)."""
 
     def double(batches):
         for b in batches:

@@ -153,7 +153,7 @@ def test_daily_structure(parsed):
 
 def test_spark_environment_has_no_pyspark_client():
     """The environment that runs the Spark jobs (this one) must not carry the Spark
-    provider's pyspark-client over pyspark (notes.md: it breaks Python UDFs)."""
+    provider's pyspark-client over pyspark (it breaks Python UDFs)."""
     with pytest.raises(metadata.PackageNotFoundError):
         metadata.distribution("pyspark-client")
     with pytest.raises(metadata.PackageNotFoundError):
