@@ -115,7 +115,9 @@ def temp_sibling(final_uri: str) -> str:
     """A fresh temporary prefix next to ``final_uri``, for write-then-publish."""
     base = final_uri.rstrip("/")
     parent, name = base.rsplit("/", 1)
-    return f"{parent}/_tmp-{name}-{uuid.uuid4().hex[:12]}"
+    # No "=" in the name: Spark skips "_" names only when they hold no "=", and would
+    # otherwise read "_tmp-arm=champion-…" as a partition of the parent dataset.
+    return f"{parent}/_tmp-{name.replace('=', '-')}-{uuid.uuid4().hex[:12]}"
 
 
 def remove(loc: Location) -> None:

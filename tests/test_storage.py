@@ -115,3 +115,11 @@ def test_persistent_errors_fail_and_publish_nothing(s3, monkeypatch):
         assert proxy.requests == storage.S3_MAX_ATTEMPTS  # gave up after the retries
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
     assert not storage.is_published(final)
+
+
+def test_temporary_siblings_are_invisible_to_partition_discovery():
+    # Spark and pyarrow skip "_" names, but Spark only when they hold no "=".
+    tmp = storage.temp_sibling("s3://b/recs/dt=2026-04-30/arm=champion")
+    parent, name = tmp.rsplit("/", 1)
+    assert parent == "s3://b/recs/dt=2026-04-30"
+    assert name.startswith("_tmp-arm-champion-") and "=" not in name
