@@ -39,7 +39,10 @@ class CSR:
             raise ValueError(f"row index outside [0, {n_rows})")
         if len(cols) and (cols.min() < 0 or cols.max() >= n_cols):
             raise ValueError(f"column index outside [0, {n_cols})")
-        key = np.unique(rows * n_cols + cols)
+        # sort + drop adjacent repeats: same result as np.unique, many times faster
+        key = np.sort(rows * n_cols + cols)
+        if len(key):
+            key = key[np.concatenate(([True], key[1:] != key[:-1]))]
         r, c = np.divmod(key, n_cols)
         indptr = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
