@@ -40,7 +40,7 @@ pytest.importorskip("pyspark")
 from pipelines import build_matrix as bm  # noqa: E402
 from pipelines.spark import get_spark  # noqa: E402
 
-SEEDS = range(6)
+SEEDS = range(5)
 WINDOW_END = date(2024, 2, 10)
 WINDOW_DAYS = 6
 KNOWN = ["impression", "click", "play", "complete"]
