@@ -5,7 +5,8 @@ The trainer and the scorer talk to a model through a few methods:
 - ``encode(batch, keep_prob)`` -> ``(mu, logvar)``, each float32 [B, d]; with
   ``keep_prob=1.0`` ``logits(mu)`` is the deterministic score used for ranking
 - ``logits(z)`` -> float32 [B, I]
-- ``loss(batch, beta, lambda_a, phase)`` -> :class:`LossParts` (training only)
+- ``loss(batch, beta, lambda_a, phase, step=0)`` -> :class:`LossParts` (training only;
+  ``step`` counts the updates made so far, for warmed-up loss weights)
 - ``param_groups()`` / ``phases()`` / ``end_phase(phase)``: how one epoch updates which
   parameters (one joint Adam step here; RecVAE alternates encoder and decoder)
 
@@ -165,7 +166,9 @@ class MultiVAE(nn.Module):
             z = torch.tanh(layer(z))
         return self.decoder[-1](z)
 
-    def loss(self, batch: SparseBatch, beta: float, lambda_a: float, phase: Phase | None = None) -> LossParts:
+    def loss(
+        self, batch: SparseBatch, beta: float, lambda_a: float, phase: Phase | None = None, step: int = 0
+    ) -> LossParts:
         """Eq. 8 of the PIA paper: multinomial NLL + beta * KL + lambda_A * alignment,
         each averaged over the batch. Targets are the batch's own (unmasked) items.
 

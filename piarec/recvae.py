@@ -89,7 +89,9 @@ class RecVAE(nn.Module):
         # As in the reference: the mixture is taken per dimension, then dimensions summed.
         return torch.logsumexp(parts, dim=-1).sum(dim=1)
 
-    def loss(self, batch: SparseBatch, beta: float, lambda_a: float, phase: Phase | None = None) -> LossParts:
+    def loss(
+        self, batch: SparseBatch, beta: float, lambda_a: float, phase: Phase | None = None, step: int = 0
+    ) -> LossParts:
         """NLL + mean_u(gamma |x_u| KL_u) + lambda_A * alignment. ``beta`` is unused (the
         KL weight is user-dependent). In a decoder phase only the NLL is computed: the
         other terms do not depend on the decoder."""

@@ -75,11 +75,11 @@ class LambdaSchedule:
 
 def train_step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batch: SparseBatch, beta: float, lambda_a: float,
-    phase: Phase | None = None,
+    phase: Phase | None = None, step: int = 0,
 ):
-    """One update. Returns the loss parts as floats; raises TrainingError on a non-finite loss."""
+    """One update (``step``: updates made before this one, for step-dependent loss weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss."""
     opt.zero_grad(set_to_none=True)
-    parts = model.loss(batch, beta, lambda_a, phase)
+    parts = model.loss(batch, beta, lambda_a, phase, step=step)
     if not torch.isfinite(parts.total):
         raise TrainingError(
             f"loss became {parts.total.item()} (nll={parts.nll.item()}, kl={parts.kl.item()}, "
@@ -168,7 +168,7 @@ def train(
                 order = rng.permutation(snap.train.n_rows)
                 for batch in _batches(snap.train, order, tc.batch_size, device):
                     beta = beta_at(step, tc.beta_cap, tc.anneal_steps)
-                    parts = train_step(model, opts[phase.group], batch, beta, lam.value, phase)
+                    parts = train_step(model, opts[phase.group], batch, beta, lam.value, phase, step=step)
                     for key, v in parts.items():
                         sums[key] += v
                     step += 1
