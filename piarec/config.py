@@ -53,6 +53,12 @@ class StorageConfig(_Section):
     def recommendations_uri(self) -> str:
         return join_uri(self.root, "recommendations")
 
+    @property
+    def checkpoints_uri(self) -> str:
+        """Training checkpoints, one folder per (snapshot, training config): a killed
+        ``piarec train`` resumes from here; removed once the model is registered."""
+        return join_uri(self.root, "checkpoints")
+
 
 class EventsSchema(_Section):
     # Column names in the events dataset (mapping for sources that name them differently).
@@ -171,13 +177,14 @@ class ScoringConfig(_Section):
     seen_types: list[str] = Field(default_factory=lambda: ["play", "complete"])
     batch_size: int = Field(4096, ge=1)
     model_uri: str = "models:/piarec@champion"
-    arm: str = "champion"
+    # Arm names name folders (arm=<name>): letters, digits, "_" and "-" only.
+    arm: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
     # A/B in the same pass: when set, this model scores the users whose salted hash of
     # user_id falls in the challenger's share and writes them under arm=<challenger_arm>;
     # the others stay in arm=<arm>. The assignment depends on the salt and user_id only,
     # so a user keeps their arm from day to day (change the salt to reshuffle).
     challenger_uri: str | None = None
-    challenger_arm: str = "challenger"
+    challenger_arm: str = Field("challenger", pattern=r"^[A-Za-z0-9_-]+$")
     challenger_share: float = Field(0.1, gt=0.0, le=1.0)
     ab_salt: str = "piarec-ab-v1"
     # `piarec score` engine: "spark" (the daily job) or "local" (one machine, no Spark;

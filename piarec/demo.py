@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from piarec.config import join_uri, load_config
+from piarec.config import load_config
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def run_demo(
     from pipelines import build_matrix, score_users
     from pipelines.spark import get_spark
     from piarec.gate import promote
+    from piarec.score_local import output_uri
     from piarec.snapshot import snapshot_uri
     from piarec.synthetic import generate_events
     from piarec.train_job import run_training
@@ -85,7 +86,7 @@ def run_demo(
     finally:
         spark.stop()
 
-    recs_uri = join_uri(cfg.storage.recommendations_uri, f"dt={score_date}", f"arm={cfg.scoring.arm}")
+    recs_uri = output_uri(cfg.storage.recommendations_uri, score_date, cfg.scoring.arm)
     summary = {
         "workdir": root,
         "events": events,

@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from piarec.bundle import CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE, ModelBundle, load_bundle
-from piarec.config import PipelineConfig, join_uri
+from piarec.config import PipelineConfig
 from piarec.errors import ConfigError, InputDataError
 from piarec.registry import ModelRef, load_model
 from piarec.scorer import (
@@ -56,7 +56,7 @@ from piarec.scorer import (
     WRITE_SCHEMA,
     in_share,
 )
-from piarec.storage import SUCCESS, Location, exists, publish_dir, read_json, remove, resolve
+from piarec.storage import SUCCESS, Location, child_uri, exists, publish_dir, read_json, remove, resolve
 
 MANIFEST = "_manifest.json"  # "_": Parquet readers of the partition skip it
 VALIDATION = "_validation.json"  # written by the DAG's validation of a day (dags/tools)
@@ -155,7 +155,7 @@ def plan_arms(
 # -- input ------------------------------------------------------------------------------------
 def histories_partition(root: str, day: date) -> tuple[str, dict[str, Any] | None]:
     """``<root>/dt=D`` and its manifest; the partition must be published (``_SUCCESS``)."""
-    uri = join_uri(root, f"dt={day.isoformat()}")
+    uri = child_uri(root, f"dt={day.isoformat()}")
     loc = resolve(uri)
     if not exists(loc.child(SUCCESS)):
         raise InputDataError(
@@ -215,12 +215,13 @@ def window(cfg: PipelineConfig, day: date) -> dict[str, str]:
 
 # -- staging and publishing ---------------------------------------------------------------------
 def output_uri(out_root: str, day: date, arm: str) -> str:
-    return join_uri(out_root, f"dt={day.isoformat()}", f"arm={arm}")
+    """``<out_root>/dt=D/arm=<arm>``; an arm name that is not a safe path segment is refused."""
+    return child_uri(out_root, f"dt={day.isoformat()}", f"arm={arm}")
 
 
 def staging_uri(out_root: str, day: date) -> str:
     """A fresh private folder for one run; arms go to ``<staging>/arm=<name>/``."""
-    return join_uri(out_root, STAGING, f"{day.isoformat()}-{uuid.uuid4().hex[:12]}")
+    return child_uri(out_root, STAGING, f"{day.isoformat()}-{uuid.uuid4().hex[:12]}")
 
 
 def write_empty_part(loc: Location) -> None:
@@ -285,7 +286,7 @@ def publish_run(
         part = root.child(f"arm={a.name}")
         if not any(i.base_name.endswith(".parquet") for i in _listing(part)):
             write_empty_part(part)
-    day_loc = resolve(join_uri(out_root, f"dt={day.isoformat()}"))
+    day_loc = resolve(child_uri(out_root, f"dt={day.isoformat()}"))
     for marker in (SUCCESS, VALIDATION):
         remove(day_loc.child(marker))
     for a in plan.arms:

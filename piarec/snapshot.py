@@ -41,10 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from piarec.config import join_uri
 from piarec.errors import InputDataError
 from piarec.sparse import CSR
-from piarec.storage import Location, exists, is_published, read_json, resolve
+from piarec.storage import Location, child_uri, exists, is_published, read_json, resolve
 
 __all__ = [
     "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot", "snapshot_uri",
@@ -97,12 +96,12 @@ class Snapshot:
 
 def snapshot_uri(root: str, window_end: date) -> str:
     """``<root>/window_end=YYYY-MM-DD``: where the snapshot of a window lives."""
-    return join_uri(root, f"window_end={window_end.isoformat()}")
+    return child_uri(root, f"window_end={window_end.isoformat()}")
 
 
 def histories_uri(root: str, day: date) -> str:
     """``<root>/dt=YYYY-MM-DD``: where the daily histories of scoring day ``day`` live."""
-    return join_uri(root, f"dt={day.isoformat()}")
+    return child_uri(root, f"dt={day.isoformat()}")
 
 
 def code_version() -> dict[str, str | None]:

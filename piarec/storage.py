@@ -70,16 +70,19 @@ def resolve(uri: str) -> Location:
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.=-]+$")
 
 
+def safe_segment(seg: str) -> str:
+    """``seg`` when it is a single path component built from an identifier (a date, an arm,
+    a window): never ``..``, ``.``, empty, absolute or holding a separator. Raises
+    :class:`PathEscapeError` otherwise."""
+    if not _SEGMENT.match(seg) or seg in (".", "..") or seg.startswith(".."):
+        raise PathEscapeError(f"{seg!r} is not a safe path segment: use letters, digits, '_', '-', '.', '='")
+    return seg
+
+
 def child_uri(root: str, *segments: str) -> str:
-    """``root/seg1/seg2...`` where each segment is a single path component built from an
-    identifier (a date, an arm, a window): never ``..``, ``.``, empty, absolute or holding
-    a separator, so values from configuration or DAG params cannot leave ``root``."""
-    for seg in segments:
-        if not _SEGMENT.match(seg) or seg in (".", "..") or seg.startswith(".."):
-            raise PathEscapeError(
-                f"{seg!r} is not a safe path segment: use letters, digits, '_', '-', '.', '='"
-            )
-    return "/".join([root.rstrip("/"), *segments])
+    """``root/seg1/seg2...`` with every segment checked by :func:`safe_segment`, so values
+    from configuration, the command line or DAG params cannot leave ``root``."""
+    return "/".join([root.rstrip("/"), *map(safe_segment, segments)])
 
 
 def exists(loc: Location) -> bool:
@@ -96,6 +99,19 @@ def write_bytes(loc: Location, data: bytes) -> None:
     loc.fs.create_dir(parent, recursive=True)
     with loc.fs.open_output_stream(loc.path) as out:
         out.write(data)
+
+
+def replace_bytes(loc: Location, data: bytes) -> None:
+    """Write ``data`` at ``loc`` so that a reader sees the old object or the new one, never
+    a torn write: a local file is written beside it and renamed over it; an S3 PUT is
+    already all-or-nothing."""
+    if _is_s3(loc.uri):
+        write_bytes(loc, data)
+        return
+    suffix = f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp = Location(loc.fs, loc.path + suffix, loc.uri + suffix)
+    write_bytes(tmp, data)
+    loc.fs.move(tmp.path, loc.path)
 
 
 def read_bytes(loc: Location) -> bytes:

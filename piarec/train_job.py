@@ -21,7 +21,9 @@ from piarec.bundle import save_bundle
 from piarec.registry import BUNDLE_ARTIFACT
 from piarec.config import PipelineConfig
 from piarec.evaluation import evaluate_model, evaluate_popularity, train_popularity
+from piarec.errors import TrainingError
 from piarec.snapshot import load_snapshot
+from piarec.storage import child_uri, exists, read_json, remove, resolve, write_json
 from piarec.trainer import train
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,26 @@ def _params(cfg: PipelineConfig) -> dict[str, Any]:
 def _manifest_digest(manifest: dict[str, Any]) -> str:
     """sha256 of the snapshot manifest (canonical JSON): which data a version was trained on."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_dir(cfg: PipelineConfig, manifest_digest: str) -> str:
+    """``<storage.checkpoints_uri>/<key>``: one folder per (snapshot, model/PIA/training
+    config), so a rerun of the same training resumes and a different one starts afresh."""
+    identity = json.dumps({"snapshot": manifest_digest, **_params(cfg)}, sort_keys=True, default=str)
+    return child_uri(cfg.storage.checkpoints_uri, hashlib.sha256(identity.encode()).hexdigest()[:16])
+
+
+def _close_interrupted_run(client, attempt_loc) -> str | None:
+    """Mark the MLflow run of a killed earlier attempt FAILED; returns its id."""
+    if not exists(attempt_loc):
+        return None
+    run_id = read_json(attempt_loc).get("run_id")
+    try:
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # noqa: BLE001 - bookkeeping only; resuming matters more
+        log.warning("could not close the interrupted run %s: %s", run_id, exc)
+    return run_id
 
 
 def _validation_curve(history: list[dict[str, float]]):
@@ -117,9 +139,18 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
     popularity = train_popularity(snap.train)
     experiment_id = registry.ensure_experiment(cfg)
     window = snap.manifest.get("window", {})
+    digest = _manifest_digest(snap.manifest)
+    ck_dir = checkpoint_dir(cfg, digest)
+    ck_uri, attempt = child_uri(ck_dir, "checkpoint.pt"), resolve(child_uri(ck_dir, "attempt.json"))
+    interrupted = _close_interrupted_run(registry.client(cfg), attempt)
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.set_tags({"snapshot": snapshot_uri, "window_end": str(window.get("end", ""))})
+        mlflow.set_tags({"snapshot": snapshot_uri, "window_end": str(window.get("end", "")),
+                         "checkpoint": ck_uri})
+        if interrupted:
+            mlflow.set_tag("resumed_from_run", interrupted)
+            log.info("resuming the training of run %s from %s", interrupted, ck_uri)
+        write_json(attempt, {"run_id": run.info.run_id, "snapshot": snapshot_uri})
         mlflow.log_params(_params(cfg))
         mlflow.log_params({"n_items": snap.train.n_cols, "n_train_users": snap.train.n_rows,
                            "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz})
@@ -133,8 +164,11 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
                      row["lambda_a"], row["train_seconds"])
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
-        with tempfile.TemporaryDirectory() as tmp:
-            result = train(cfg, snap, on_epoch=on_epoch, checkpoint_path=str(Path(tmp, "checkpoint.pt")))
+        try:
+            result = train(cfg, snap, on_epoch=on_epoch, checkpoint_path=ck_uri)
+        except TrainingError as exc:
+            kept = f"the last good checkpoint is kept at {ck_uri}" if exists(resolve(ck_uri)) else "no epoch completed"
+            raise TrainingError(f"{exc}; {kept}") from exc
 
         report = {
             "best_epoch": result.best_epoch,
@@ -153,7 +187,6 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         curve = _validation_curve(history) if cfg.mlflow.log_plots else None
         if curve is not None:
             mlflow.log_figure(curve, "plots/validation_curve.png")
-        digest = _manifest_digest(snap.manifest)
         tags = {
             "window_start": str(window.get("start", "")), "window_end": str(window.get("end", "")),
             "snapshot_uri": snapshot_uri, "snapshot_manifest_sha256": digest,
@@ -185,5 +218,6 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
                                             description=description)
         registry.set_alias(cfg, CHALLENGER, version)
         mlflow.set_tag("registered_version", version)
+    remove(resolve(ck_dir))  # registered: a rerun trains afresh
 
     return {"run_id": run.info.run_id, "version": version, "best_epoch": result.best_epoch, **report}

@@ -13,8 +13,8 @@ snapshot and a config, and reports each epoch through a callback.
 from __future__ import annotations
 
 import copy
+import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +29,7 @@ from piarec.evaluation import evaluate_model
 from piarec.model import Phase, SparseBatch, build_model
 from piarec.snapshot import Snapshot
 from piarec.sparse import CSR
+from piarec.storage import exists, read_bytes, replace_bytes, resolve
 
 
 @dataclass
@@ -102,10 +103,29 @@ def _batches(train: CSR, order: np.ndarray, batch_size: int, device: torch.devic
         yield SparseBatch.from_csr(train.take_rows(order[start : start + batch_size]), device)
 
 
-def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+def save_checkpoint(uri: str, state: dict[str, Any]) -> None:
+    """Write ``state`` at ``uri`` (a local path or ``s3://``); a crash mid-write leaves the
+    previous checkpoint in place, never a truncated one."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    replace_bytes(resolve(uri), buf.getvalue())
+
+
+def load_checkpoint(uri: str, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint at ``uri``, or None when there is none. Loaded weights-only: a
+    checkpoint holds tensors and plain values, never code."""
+    loc = resolve(uri)
+    if not exists(loc):
+        return None
+    return torch.load(io.BytesIO(read_bytes(loc)), map_location=device, weights_only=True)
+
+
+def _check_finite(model: torch.nn.Module, epoch: int) -> None:
+    """Refuse to checkpoint non-finite weights: the last good checkpoint must survive."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"weights became non-finite in epoch {epoch} ({', '.join(bad[:3])}); "
+                            "lower training.lr or pia.lambda_a")
 
 
 def train(
@@ -116,8 +136,14 @@ def train(
     checkpoint_path: str | None = None,
 ) -> TrainResult:
     """Fit the configured model (+ PIA when ``cfg.pia.enabled``) on ``snap.train``; select
-    the epoch with the best validation NDCG@100. Resumes from ``checkpoint_path`` when it
-    exists (the checkpoint holds weights, optimizers, step, schedules and RNG states)."""
+    the epoch with the best validation NDCG@100.
+
+    With ``checkpoint_path`` (a local path or ``s3://`` URI) the state is saved after every
+    epoch and a run resumes from it when it exists: weights, optimizers, step, schedules and
+    RNG states, so a resumed run reaches the same weights as an uninterrupted one. Epochs
+    restored from a checkpoint are replayed through ``on_epoch`` first. A non-finite loss
+    or weight raises :class:`TrainingError` and leaves the last good checkpoint in place.
+    """
     tc = cfg.training
     if snap.train.n_rows == 0:
         raise TrainingError("the snapshot has no training users")
@@ -139,8 +165,8 @@ def train(
     best_metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
 
-    if checkpoint_path and os.path.exists(checkpoint_path):
-        ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    ck = load_checkpoint(checkpoint_path, device) if checkpoint_path else None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         for name, opt in opts.items():
             opt.load_state_dict(ck["optimizers"][name])
@@ -154,6 +180,8 @@ def train(
         rng.bit_generator.state = ck["numpy_rng"]
         if first_epoch > tc.epochs or (tc.early_stop_patience and since_best >= tc.early_stop_patience):
             first_epoch = tc.epochs + 1  # the checkpointed run had already finished
+        for row in history if on_epoch else ():
+            on_epoch(row)
 
     # -- the loop ---------------------------------------------------------------------
     for epoch in range(first_epoch, tc.epochs + 1):
@@ -195,6 +223,7 @@ def train(
         if on_epoch:
             on_epoch(row)
 
+        _check_finite(model, epoch)
         if checkpoint_path:
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizers": {n: o.state_dict() for n, o in opts.items()},

@@ -94,3 +94,23 @@ def test_training_logs_model_artifacts_to_s3_and_resolves_them(s3, local_snapsho
     bundle, ref = load_model(cfg, "models:/piarec@challenger")
     assert ref.version == out["version"]
     assert bundle.n_items == len(bundle.item_ids) > 0
+    left = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="root/checkpoints/").get(
+        "Contents", [])]
+    assert not [k for k in left if not k.endswith("/")]  # written while training, removed once registered
+
+
+def test_training_resumes_from_a_checkpoint_on_s3(s3, planted_snapshot):
+    import torch
+
+    from piarec.trainer import train
+
+    cfg = lambda epochs: load_config(environ={}, overrides={  # noqa: E731
+        "model": {"hidden_dim": 32, "latent_dim": 8},
+        "training": {"epochs": epochs, "batch_size": 100, "lr": 3e-3, "device": "cpu"}})
+    ck = f"s3://{BUCKET}/ck/run/checkpoint.pt"
+    straight = train(cfg(3), planted_snapshot)
+    train(cfg(1), planted_snapshot, checkpoint_path=ck)
+    assert storage.exists(storage.resolve(ck))
+    resumed = train(cfg(3), planted_snapshot, checkpoint_path=ck)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name

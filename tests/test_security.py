@@ -55,3 +55,44 @@ def test_path_segments_cannot_escape_their_root(segment):
 def test_safe_segments_stay_under_the_root():
     assert child_uri("s3://bucket/recs/", "dt=2026-04-30", "arm=champion") == "s3://bucket/recs/dt=2026-04-30/arm=champion"
     assert child_uri("/data/snapshots", "window_end=2026-05-01") == "/data/snapshots/window_end=2026-05-01"
+
+
+def test_arm_names_from_configuration_cannot_escape(monkeypatch):
+    from piarec.config import load_config
+    from piarec.errors import ConfigError
+
+    monkeypatch.setenv("PIAREC__SCORING__ARM", "../../etc")
+    with pytest.raises(ConfigError, match="scoring.arm"):
+        load_config()
+    monkeypatch.delenv("PIAREC__SCORING__ARM")
+    with pytest.raises(ConfigError, match="scoring.challenger_arm"):
+        load_config(overrides={"scoring": {"challenger_arm": "/abs"}})
+
+
+def test_output_paths_are_built_from_checked_segments(tmp_path):
+    import datetime as dt
+
+    from piarec.score_local import output_uri, staging_uri
+    from piarec.snapshot import histories_uri, snapshot_uri
+
+    day = dt.date(2026, 4, 30)
+    root = str(tmp_path / "recs")
+    assert output_uri(root, day, "champion") == f"{root}/dt=2026-04-30/arm=champion"
+    assert staging_uri(root, day).startswith(f"{root}/_staging/2026-04-30-")
+    assert snapshot_uri(root, day) == f"{root}/window_end=2026-04-30"
+    assert histories_uri(root, day) == f"{root}/dt=2026-04-30"
+    for arm in ("../../x", "a/b", "/etc"):  # "arm=.." would be a plain folder name
+        with pytest.raises(PathEscapeError):
+            output_uri(root, day, arm)
+
+
+def test_cli_refuses_an_escaping_arm_in_one_line(tmp_path, capsys):
+    from piarec.cli import main
+
+    out = tmp_path / "recs"
+    rc = main(["score", "--date", "2026-04-30", "--engine", "local", "--histories", str(tmp_path / "h"),
+               "--out", str(out), "--model", str(tmp_path / "no-model"), "--arm", "../../escaped"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "../../escaped" in err[0] and "Traceback" not in err[0]
+    assert not out.exists() and not (tmp_path / "escaped").exists()

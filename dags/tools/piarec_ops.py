@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from piarec.config import PipelineConfig, join_uri, load_config
+from piarec.config import PipelineConfig, load_config
 from piarec.errors import PiarecError
 from piarec.scorer import OUTPUT_SCHEMA
 from piarec.snapshot import snapshot_uri
-from piarec.storage import SUCCESS, exists, is_published, read_json, resolve, write_bytes, write_json
+from piarec.storage import SUCCESS, child_uri, exists, is_published, read_json, resolve, write_bytes, write_json
 
 NOT_READY = 1  # events-ready: a sensor pokes again
 MANIFEST = "_manifest.json"  # the recommendations partition's manifest (pipelines/score_users.py)
@@ -58,7 +58,7 @@ def missing_partitions(cfg: PipelineConfig, start: dt.date, end: dt.date) -> lis
 
 def recs_uri(cfg: PipelineConfig, day: dt.date, arm: str | None = None) -> str:
     parts = [f"dt={day.isoformat()}"] + ([f"arm={arm}"] if arm else [])
-    return join_uri(cfg.storage.recommendations_uri, *parts)
+    return child_uri(cfg.storage.recommendations_uri, *parts)
 
 
 # --------------------------------------------------------------------------- validation
