@@ -1,8 +1,9 @@
 """The pipeline's own S3 paths against a real S3-protocol server on 127.0.0.1.
 
 Covered here: events written by the generator, snapshot and manifest reads, MLflow
-artifact logging and model resolution. Spark's own reads and writes of s3:// need the
-s3a connector jars of the Spark image (docs/status.md lists those paths).
+artifact logging and model resolution, training checkpoints, and the single-node scorer
+end to end. Spark's own reads and writes of s3:// need the s3a connector jars of the
+Spark image (README, Operations, lists those paths).
 """
 
 from __future__ import annotations
@@ -114,3 +115,34 @@ def test_training_resumes_from_a_checkpoint_on_s3(s3, planted_snapshot):
     resumed = train(cfg(3), planted_snapshot, checkpoint_path=ck)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
+    """Histories read from S3, recommendations published to S3: the same rows, manifest
+    and markers as the same run on local folders."""
+    from piarec import score_local
+    from test_score_local import DAY, make_histories, read_arm, save_model, write_histories
+
+    data = make_histories(60, seed=3)
+    write_histories(tmp_path / "histories", DAY, data)
+    save_model(tmp_path / "champion", 0)
+    fs = storage.resolve(f"s3://{BUCKET}/x").fs
+    pafs.copy_files(str(tmp_path / "histories"), f"{BUCKET}/e2e/histories",
+                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    cfg = load_config(environ={}, overrides={"scoring": {"k": 5, "batch_size": 8, "threads": 2, "history_days": 7}})
+
+    def run(hist: str, out: str) -> dict:
+        plan = score_local.plan_arms(cfg, str(tmp_path / "champion"), "champion")
+        return score_local.run_local(cfg, DAY, hist, out, plan, 5)["champion"]
+
+    local = run(str(tmp_path / "histories"), str(tmp_path / "recs"))
+    remote = run(f"s3://{BUCKET}/e2e/histories", f"s3://{BUCKET}/e2e/recs")
+    part = f"e2e/recs/dt={DAY}/arm=champion"
+    assert storage.is_published(f"s3://{BUCKET}/{part}")
+    remote_rows = ds.dataset(f"{BUCKET}/{part}", filesystem=fs, format="parquet").to_table().to_pylist()
+    assert sorted(remote_rows, key=lambda r: r["user_id"]) == sorted(read_arm(tmp_path, "champion"),
+                                                                     key=lambda r: r["user_id"])
+    assert len(remote_rows) == len(data["user_id"])
+    assert remote["counts"] == local["counts"] and remote["input"]["uri"].startswith("s3://")
+    staging = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/e2e/recs/_staging", allow_not_found=True, recursive=True))
+    assert not [i for i in staging if i.type == pafs.FileType.File]  # nothing left behind
