@@ -67,13 +67,13 @@ def write_snapshot(snap: Snapshot, uri: Path) -> str:
     return str(uri)
 
 
-def planted() -> Snapshot:
+def planted(n_train: int = 800) -> Snapshot:
     """The planted checkerboard of tests/conftest.py as a Snapshot (users of 8 blocks)."""
     from conftest import planted_split
 
     from piarec.snapshot import Split
 
-    train, _, _ = planted_split(800, seed=0)
+    train, _, _ = planted_split(n_train, seed=0)
     _, vf, vh = planted_split(64, seed=1)
     _, tf, th = planted_split(64, seed=2)
     ids = lambda prefix, n: np.array([f"{prefix}{i}" for i in range(n)], dtype=object)  # noqa: E731

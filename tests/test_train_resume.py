@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,26 +24,15 @@ from piarec import registry
 from piarec.config import load_config
 from piarec.errors import TrainingError
 from piarec.model import MultiVAE
-from piarec.snapshot import Snapshot, Split
 from piarec.train_job import checkpoint_dir, run_training
-from conftest import planted_split
-from test_gate import write_snapshot
+from test_gate import planted, write_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 EPOCHS = 12
 
 
 def _snapshot(root: Path) -> str:
-    train, _, _ = planted_split(3000, seed=0)
-    _, vf, vh = planted_split(64, seed=1)
-    _, tf, th = planted_split(64, seed=2)
-    ids = lambda prefix, n: np.array([f"{prefix}{i}" for i in range(n)], dtype=object)  # noqa: E731
-    snap = Snapshot(uri="memory://planted", manifest={"window": {"start": "2026-01-01", "end": "2026-04-01"}},
-                    item_ids=ids("t", train.n_cols),
-                    item_popularity=np.bincount(train.indices, minlength=train.n_cols).astype(np.int64),
-                    train=train, train_user_ids=ids("u", train.n_rows),
-                    val=Split(ids("v", 64), vf, vh), test=Split(ids("w", 64), tf, th))
-    return write_snapshot(snap, root / "snapshots" / "window_end=2026-04-01")
+    return write_snapshot(planted(3000), root / "snapshots" / "window_end=2026-04-01")
 
 
 def _config(root: Path) -> tuple[Path, object]:
