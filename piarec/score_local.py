@@ -314,22 +314,46 @@ def staged(out_root: str, day: date):
         raise
 
 
-# -- the single-node engine -------------------------------------------------------------------
-class _PartWriter:
-    """Parquet files ``<arm dir>/part-<worker>-<n>.parquet`` of one worker and arm, rolled
-    over every ``rows_per_file`` rows. Item ids arrive dictionary-encoded against the
-    model's vocabulary, so the writer stores that dictionary instead of hashing strings;
-    min/max statistics are kept only where a reader can use them."""
+def part_name(tag: str, n: int) -> str:
+    return f"part-{tag}-{n:05d}.zstd.parquet"
 
-    def __init__(self, loc: Location, worker: int, rows_per_file: int):
-        self.loc, self.worker, self.rows_per_file = loc, worker, rows_per_file
+
+def part_tag(name: str) -> str | None:
+    """The writer tag of a :func:`part_name` file name, None for any other name."""
+    if not (name.startswith("part-") and name.endswith(".zstd.parquet")):
+        return None
+    return name[len("part-"):].rsplit("-", 1)[0]
+
+
+def keep_committed_parts(staging: str, arms: list[str], committed: set[str]) -> int:
+    """Delete the part files under ``<staging>/arm=<name>/`` whose writer tag is not in
+    ``committed`` (failed or duplicate task attempts); returns how many were deleted."""
+    root, dropped = resolve(staging), 0
+    for name in arms:
+        for info in _listing(root.child(f"arm={name}")):
+            if info.type == pafs.FileType.File and part_tag(info.base_name) not in committed:
+                root.fs.delete_file(info.path)
+                dropped += 1
+    return dropped
+
+
+# -- the single-node engine -------------------------------------------------------------------
+class PartWriter:
+    """Parquet files ``<arm dir>/part-<tag>-<n>.zstd.parquet`` of one writer (a thread of
+    this engine, a task attempt of the Spark job) and arm, rolled over every
+    ``rows_per_file`` rows. Item ids arrive dictionary-encoded against the model's
+    vocabulary (:data:`~piarec.scorer.WRITE_SCHEMA`), so the writer stores that dictionary
+    instead of hashing strings; min/max statistics are kept only where a reader can use them."""
+
+    def __init__(self, loc: Location, tag: str, rows_per_file: int):
+        self.loc, self.tag, self.rows_per_file = loc, tag, rows_per_file
         self.writer: pq.ParquetWriter | None = None
         self.files = self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.writer is None:
             self.loc.fs.create_dir(self.loc.path, recursive=True)
-            path = f"{self.loc.path}/part-{self.worker:03d}-{self.files:05d}.zstd.parquet"
+            path = f"{self.loc.path}/{part_name(self.tag, self.files)}"
             self.writer = pq.ParquetWriter(
                 path, WRITE_SCHEMA, filesystem=self.loc.fs, compression="zstd",
                 use_dictionary=["item_ids.list.element", "model_version", "source"],
@@ -383,7 +407,8 @@ def run_local(
     counts = {a.name: ArmCounts() for a in plan.arms}
 
     def worker(wid: int, staging: Location) -> None:
-        writers = [_PartWriter(staging.child(f"arm={a.name}"), wid, cfg.scoring.rows_per_file) for a in plan.arms]
+        writers = [PartWriter(staging.child(f"arm={a.name}"), f"{wid:03d}", cfg.scoring.rows_per_file)
+                   for a in plan.arms]
         local = {a.name: ArmCounts() for a in plan.arms}
         try:
             while not stop.is_set():

@@ -69,9 +69,6 @@ HISTORY_SCHEMA = pa.schema(
         pa.field("seen", pa.list_(pa.string())),  # titles of a seen event type in the window
     ]
 )
-# Parquet column settings both engines use: zstd; no dictionary for unique user ids and
-# near-unique float scores (it only costs write time and bytes); the rest is dictionary.
-NO_DICTIONARY_COLUMNS = ("user_id", "scores.list.element")
 
 MIN_ROWS = 32  # fewest rows per matrix product (see the module docstring)
 _CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # logits per block (a CPU reuses it: no page faults)

@@ -11,9 +11,15 @@ histories dataset ``<ROOT>/dt=D/`` (``--histories``; ROOT defaults to
 ``storage.histories_uri``). Transform: ``mapInArrow`` with
 :class:`piarec.scorer.TopKScorer` in every Python worker; with a challenger
 (``--challenger`` or ``scoring.challenger_uri``) each user is scored by the model of the
-arm a salted hash of their id assigns them. Load: Parquet (zstd) partitioned by arm into
-a staging folder, then each arm published as ``<out>/dt=D/arm=<arm>/`` with
-``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.score_local.publish_run`).
+arm a salted hash of their id assigns them. Load: each task writes its rows as Parquet
+(zstd) under ``<staging>/arm=<arm>/`` itself, with pyarrow through :mod:`piarec.storage`
+(local or S3, the same writer as the single-node engine), and returns one summary row per
+arm. The driver commits: it keeps the files of the task attempts whose summaries it
+collected (Spark returns exactly one successful attempt per partition), deletes those of
+failed or duplicate attempts, and publishes each arm as ``<out>/dt=D/arm=<arm>/`` with
+``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.score_local.publish_run`). So the
+output path never goes through Spark's Hadoop filesystem layer: S3 works without the s3a
+connector and is tested against a local S3 server.
 
 ``--engine local`` runs the same day on one machine without Spark
 (:func:`piarec.score_local.run_local`, from the histories dataset; a GPU when present):
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import uuid
 from datetime import date
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,22 +52,28 @@ from piarec.score_local import (
     MANIFEST,
     ArmCounts,
     ArmPlan,
+    PartWriter,
     bundle_from_files,
     check_history_columns,
     histories_partition,
+    keep_committed_parts,
     output_uri,
     plan_arms,
     publish_run,
     staged,
     window,
 )
-from piarec.scorer import MODEL, NO_DICTIONARY_COLUMNS, OUTPUT_SCHEMA, POPULARITY, in_share
+from piarec.scorer import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.storage import resolve
 
-__all__ = ["MANIFEST", "main", "output_uri", "run", "score_histories", "score_partition"]
+__all__ = ["MANIFEST", "main", "output_uri", "run", "score_partition", "score_to_staging", "write_partition"]
 
 ARM_COL = "arm"
 UNKNOWN_COL = "unknown_titles"  # per-user count of history + seen entries outside the vocabulary
 WORKER_SCHEMA = OUTPUT_SCHEMA.append(pa.field(ARM_COL, pa.string())).append(pa.field(UNKNOWN_COL, pa.int64()))
+# What a task returns to the driver: per arm, the writer tag of its files and its counts.
+SUMMARY_SCHEMA = pa.schema([("task", pa.string()), ("arm", pa.string()), ("model", pa.int64()),
+                            ("popularity", pa.int64()), ("unknown", pa.int64())])
 
 # Worker-side cache: bundle digest -> (bundle, vocabulary as Arrow). Python workers are
 # reused across tasks, so each process loads each model of a run once.
@@ -89,9 +102,11 @@ def score_partition(
     challenger_share: float,
     k: int,
     batch_size: int,
+    dictionary: bool = False,
 ) -> Iterator[pa.RecordBatch]:
-    """The ``mapInArrow`` function: ``user_id, history, seen`` batches in, batches in
-    :data:`WORKER_SCHEMA` out, one row per input row.
+    """Score a partition: ``user_id, history, seen`` batches in, batches in
+    :data:`WORKER_SCHEMA` out (item ids dictionary-encoded with ``dictionary``), one row
+    per input row; every output batch holds one arm.
 
     ``arms``: ``{"name", "version", "digest", "broadcast"}`` per arm, the control first;
     with two arms a user goes to the second when :func:`piarec.scorer.in_share` says so.
@@ -115,23 +130,59 @@ def score_partition(
             history, unknown_history = map_arrow_lists(part.column("history"), vocab)
             seen, unknown_seen = map_arrow_lists(part.column("seen"), vocab)
             scored = scorers[a].score(history, seen)
-            out = to_record_batch(part.column("user_id"), scored, vocab, arm["version"])
+            out = to_record_batch(part.column("user_id"), scored, vocab, arm["version"], dictionary=dictionary)
             yield (out.append_column(ARM_COL, pa.array([arm["name"]] * part.num_rows, pa.string()))
                    .append_column(UNKNOWN_COL, pa.array(unknown_history + unknown_seen, pa.int64())))
 
 
-def score_histories(histories, plan: ArmPlan, broadcasts: list[Any], k: int, batch_size: int):
-    """``user_id, history, seen`` -> the output columns plus ``arm`` and
-    ``unknown_titles``, one row per input row (a Spark DataFrame in and out)."""
+def write_partition(
+    batches: Iterator[pa.RecordBatch], *, staging: str, rows_per_file: int, **score: Any
+) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` function: score a partition (:func:`score_partition` with
+    ``score``), write its rows under ``<staging>/arm=<name>/`` as files tagged with this
+    task attempt, and yield one :data:`SUMMARY_SCHEMA` row per arm."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    tag = f"p{ctx.partitionId():05d}-a{ctx.attemptNumber()}" if ctx else f"x{uuid.uuid4().hex[:12]}"
+    root = resolve(staging)
+    names = [a["name"] for a in score["arms"]]
+    writers = {n: PartWriter(root.child(f"arm={n}"), tag, rows_per_file) for n in names}
+    counts = {n: ArmCounts() for n in names}
+    drop = [WORKER_SCHEMA.get_field_index(ARM_COL), WORKER_SCHEMA.get_field_index(UNKNOWN_COL)]
+    try:
+        for out in score_partition(batches, dictionary=True, **score):
+            name = out.column(ARM_COL)[0].as_py()
+            n_pop = int(np.count_nonzero(np.asarray(out.column("source").to_numpy(zero_copy_only=False)) == POPULARITY))
+            counts[name].add(out.num_rows - n_pop, n_pop, int(np.sum(out.column(UNKNOWN_COL).to_numpy())))
+            writers[name].write(pa.RecordBatch.from_arrays(
+                [c for i, c in enumerate(out.columns) if i not in drop], schema=WRITE_SCHEMA))
+    finally:
+        for w in writers.values():
+            w.close()
+    yield pa.RecordBatch.from_pylist(
+        [{"task": tag, "arm": n, "model": c.users[MODEL], "popularity": c.users[POPULARITY],
+          "unknown": c.unknown_titles} for n, c in counts.items()], schema=SUMMARY_SCHEMA)
+
+
+def score_to_staging(histories, plan: ArmPlan, broadcasts: list[Any], k: int, batch_size: int,
+                     staging: str, rows_per_file: int) -> dict[str, ArmCounts]:
+    """Score every row of ``histories`` (``user_id, history, seen``) into ``staging`` and
+    commit: only the files of the task attempts Spark returned stay. Returns the counts."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
     arms = [{"name": a.name, "version": a.version, "digest": a.digest, "broadcast": b}
             for a, b in zip(plan.arms, broadcasts)]
     # A partial of a module-level function pickles by reference: workers import this
     # module, so _WORKER_MODELS is the same dict for every task of a worker process.
-    fn = functools.partial(score_partition, arms=arms, salt=plan.salt, challenger_share=plan.challenger_share,
-                           k=k, batch_size=batch_size)
-    return histories.select("user_id", "history", "seen").mapInArrow(fn, from_arrow_schema(WORKER_SCHEMA))
+    fn = functools.partial(write_partition, staging=staging, rows_per_file=rows_per_file, arms=arms,
+                           salt=plan.salt, challenger_share=plan.challenger_share, k=k, batch_size=batch_size)
+    rows = histories.select("user_id", "history", "seen").mapInArrow(fn, from_arrow_schema(SUMMARY_SCHEMA)).collect()
+    keep_committed_parts(staging, [a.name for a in plan.arms], {r["task"] for r in rows})
+    counts = {a.name: ArmCounts() for a in plan.arms}
+    for r in rows:
+        counts[r["arm"]].add(r["model"], r["popularity"], r["unknown"])
+    return counts
 
 
 def run(
@@ -154,9 +205,6 @@ def run(
 
     Returns the manifest of the control arm ``arm``; it summarises every arm under "arms".
     """
-    from pyspark.sql import Observation
-    from pyspark.sql import functions as F
-
     from pipelines.spark import spark_path
 
     if k < 1:
@@ -177,37 +225,13 @@ def run(
         histories = daily_histories(spark, events_uri, cfg, date)
         source = {"kind": "events", "uri": events_uri}
     broadcasts = [spark.sparkContext.broadcast({"files": a.files}) for a in plan.arms]
-    scored = score_histories(histories, plan, broadcasts, k, cfg.scoring.batch_size)
-    # Counts come from an Observation on the write itself: one pass over the data, and
-    # the metrics are taken from the result stage's successful tasks only (no double
-    # counting on retries), so nothing has to be cached or recomputed.
-    obs = Observation("score_users")
-    metrics = []
-    for a in plan.arms:
-        in_arm = F.col(ARM_COL) == a.name
-        for src in (MODEL, POPULARITY):
-            metrics.append(F.sum(F.when(in_arm & (F.col("source") == src), 1).otherwise(0)).alias(f"{a.name}/{src}"))
-        metrics.append(F.sum(F.when(in_arm, F.col(UNKNOWN_COL)).otherwise(0)).alias(f"{a.name}/{UNKNOWN_COL}"))
-    scored = scored.observe(obs, *metrics)
     with staged(out_root, date) as staging:
         try:
-            writer = scored.drop(UNKNOWN_COL).write.partitionBy(ARM_COL).option("compression", "zstd")
-            for column in NO_DICTIONARY_COLUMNS:
-                writer = writer.option(f"parquet.enable.dictionary#{column}", "false")
-            for column in ("item_ids.list.element", "scores.list.element"):  # min/max of no use
-                writer = writer.option(f"parquet.column.statistics.enabled#{column}", "false")
-            # One open file per arm in each task instead of a sort of the rows by arm.
-            with _sql_conf(spark, "spark.sql.maxConcurrentOutputFileWriters", str(len(plan.arms) + 1)):
-                writer.parquet(spark_path(staging))
+            counts = score_to_staging(histories, plan, broadcasts, k, cfg.scoring.batch_size, staging,
+                                      cfg.scoring.rows_per_file)
         finally:
             for b in broadcasts:
                 b.destroy()
-        got = {name: int(value or 0) for name, value in obs.get.items()}
-        counts = {}
-        for a in plan.arms:
-            counts[a.name] = ArmCounts()
-            counts[a.name].add(got[f"{a.name}/{MODEL}"], got[f"{a.name}/{POPULARITY}"],
-                               got[f"{a.name}/{UNKNOWN_COL}"])
         manifests = publish_run(staging, out_root, date, plan, counts, k=k, window=window(cfg, date),
                                 source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"})
     return manifests[plan.arms[0].name]
@@ -220,23 +244,6 @@ def _arrow_type(spark_type) -> pa.DataType:
         return to_arrow_type(spark_type)
     except Exception:  # noqa: BLE001 - an unsupported type is reported as missing
         return pa.null()
-
-
-class _sql_conf:
-    """Set a Spark SQL setting for the body, then restore it."""
-
-    def __init__(self, spark, key: str, value: str):
-        self.spark, self.key, self.value = spark, key, value
-
-    def __enter__(self):
-        self.saved = self.spark.conf.get(self.key, None)
-        self.spark.conf.set(self.key, self.value)
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            self.spark.conf.unset(self.key)
-        else:
-            self.spark.conf.set(self.key, self.saved)
 
 
 _DEFAULT_ROOT = "<storage.histories_uri>"

@@ -146,3 +146,52 @@ def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
     assert remote["counts"] == local["counts"] and remote["input"]["uri"].startswith("s3://")
     staging = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/e2e/recs/_staging", allow_not_found=True, recursive=True))
     assert not [i for i in staging if i.type == pafs.FileType.File]  # nothing left behind
+
+
+def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
+    """The Spark job's tasks write their Parquet with pyarrow and the driver commits, so
+    its output path needs no Hadoop S3 connector: same rows as the local engine."""
+    import os
+
+    from pyspark.sql import SparkSession
+
+    from piarec import score_local
+    from pipelines import score_users
+    from pipelines.spark import get_spark
+    from test_score_local import DAY, make_histories, read_arm, save_model, write_histories
+
+    data = make_histories(70, seed=4)
+    write_histories(tmp_path / "histories", DAY, data)
+    save_model(tmp_path / "champion", 0)
+    save_model(tmp_path / "challenger", 1)
+    scoring = {"k": 5, "batch_size": 8, "threads": 2, "history_days": 7, "challenger_share": 0.4}
+    local_cfg = load_config(environ={}, overrides={"scoring": scoring})
+    plan = score_local.plan_arms(local_cfg, str(tmp_path / "champion"), "champion", str(tmp_path / "challenger"))
+    score_local.run_local(local_cfg, DAY, str(tmp_path / "histories"), str(tmp_path / "recs"), plan, 5)
+
+    # Executors get their AWS settings from their own environment, as on a cluster node.
+    aws = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                      "AWS_ENDPOINT_URL")}
+    cfg = load_config(environ={}, overrides={"scoring": scoring, "spark": {
+        "master": "local[2]", "shuffle_partitions": 2, "conf": {f"spark.executorEnv.{k}": v for k, v in aws.items()}}})
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    spark = get_spark(cfg.spark)
+    out = f"s3://{BUCKET}/spark/recs"
+    try:
+        manifest = score_users.run(spark, cfg, "unused", DAY, out, str(tmp_path / "champion"), 5, "champion",
+                                   histories_uri=str(tmp_path / "histories"),
+                                   challenger_uri=str(tmp_path / "challenger"))
+    finally:
+        spark.stop()
+    fs = storage.resolve(out).fs
+    total = 0
+    for arm in ("champion", "challenger"):
+        part = f"{BUCKET}/spark/recs/dt={DAY}/arm={arm}"
+        assert storage.is_published(f"s3://{part}")
+        rows = ds.dataset(part, filesystem=fs, format="parquet").to_table().to_pylist()
+        assert sorted(rows, key=lambda r: r["user_id"]) == sorted(read_arm(tmp_path, arm), key=lambda r: r["user_id"])
+        total += len(rows)
+    assert total == len(data["user_id"]) == manifest["counts"]["users"] + manifest["arms"]["challenger"]["counts"]["users"]
+    assert manifest["engine"]["name"] == "spark"

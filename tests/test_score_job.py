@@ -22,7 +22,7 @@ from piarec.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.model import MultiVAE
 from piarec import score_local
-from piarec.scorer import OUTPUT_SCHEMA, TopKScorer, in_share, map_histories
+from piarec.scorer import HISTORY_SCHEMA, OUTPUT_SCHEMA, TopKScorer, in_share, map_histories
 from pipelines import score_users
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,3 +322,50 @@ def test_spark_submit_from_checkout(env):
     rows = read_partition(final)
     assert manifest["counts"]["users"] == len(rows) and manifest["k"] == 4
     assert max(len(r["item_ids"]) for r in rows) == 4
+
+
+def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypatch):
+    """A task attempt that died after writing some rows, and its successful retry: the
+    commit keeps the retry's files only, so every user appears once."""
+    import pyspark
+
+    root, events, cfg = env
+    plan = score_local.plan_arms(cfg, str(root / "model"), "champion")
+    arm = plan.arms[0]
+    spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": _CountingBroadcast({"files": arm.files})}
+    hist = expected_histories(events, cfg)
+    users = sorted(hist)
+    table = pa.table({"user_id": users, "history": [hist[u][0] for u in users], "seen": [hist[u][1] for u in users]},
+                     schema=HISTORY_SCHEMA)
+    batches = table.to_batches(max_chunksize=4)
+    assert len(batches) >= 4
+    staging = str(tmp_path / "staging")
+
+    class Ctx:
+        def __init__(self, attempt):
+            self.attempt = attempt
+
+        def partitionId(self):
+            return 3
+
+        def attemptNumber(self):
+            return self.attempt
+
+    def attempt(n, batches):
+        monkeypatch.setattr(pyspark.TaskContext, "get", classmethod(lambda cls: Ctx(n)))
+        return score_users.write_partition(iter(batches), staging=staging, rows_per_file=20, arms=[spec],
+                                           salt="x", challenger_share=0.0, k=3, batch_size=8)
+
+    threads = torch.get_num_threads()
+    try:
+        list(attempt(0, batches[:2]))  # wrote part of the partition, then its executor was lost
+        summary = list(attempt(1, batches))[0].to_pylist()
+    finally:
+        torch.set_num_threads(threads)
+    assert [s["task"] for s in summary] == ["p00003-a1"]
+    names = sorted(p.name for p in (tmp_path / "staging" / "arm=champion").iterdir())
+    assert any("-a0-" in n for n in names) and any("-a1-" in n for n in names)
+    assert score_local.keep_committed_parts(staging, ["champion"], {"p00003-a1"}) == sum("-a0-" in n for n in names)
+    rows = ds.dataset(str(tmp_path / "staging" / "arm=champion"), format="parquet").to_table()
+    assert sorted(rows.column("user_id").to_pylist()) == users  # each user once
+    assert summary[0]["model"] + summary[0]["popularity"] == len(users)
