@@ -35,6 +35,7 @@ from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.bash import BashOperator
+from airflow.providers.standard.sensors.bash import BashSensor
 
 PIAREC_HOME = os.environ.get("PIAREC_HOME") or str(Path(__file__).resolve().parents[1])
 PIAREC_VENV = os.environ.get("PIAREC_VENV") or os.path.join(PIAREC_HOME, ".venv")
@@ -65,6 +66,19 @@ DEFAULT_ARGS = {
 def ops(command: str) -> str:
     """A bash command running ``dags/tools/piarec_ops.py <command>`` in the project venv."""
     return f"{PYTHON} {OPS} {command}"
+
+
+def events_sensor(ops_args: str, poke_every: timedelta) -> BashSensor:
+    """``wait_for_events``: pokes ``piarec_ops.py <ops_args>`` (exit 1 = not ready yet) in
+    reschedule mode, so a waiting DAG run holds no worker slot; gives up after 12 hours."""
+    return BashSensor(
+        task_id="wait_for_events",
+        bash_command=ops(ops_args),
+        retry_exit_code=NOT_READY,
+        mode="reschedule",
+        poke_interval=poke_every.total_seconds(),
+        timeout=timedelta(hours=12).total_seconds(),
+    )
 
 
 def spark_conf() -> dict[str, str]:

@@ -22,10 +22,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.standard.sensors.bash import BashSensor
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
-from piarec_dag_support import DEFAULT_ARGS, NOT_READY, REGISTERED_MODEL, BashOperator, ops, spark_submit
+from piarec_dag_support import DEFAULT_ARGS, REGISTERED_MODEL, BashOperator, events_sensor, ops, spark_submit
 
 DAY = "{{ params.date or ds }}"
 K_ARG = "{{ '--k=%d' % params.k if params.k else '' }}"
@@ -58,14 +57,7 @@ with DAG(
     tags=["piarec"],
     doc_md=__doc__,
 ) as dag:
-    wait_for_events = BashSensor(
-        task_id="wait_for_events",
-        bash_command=ops(f"events-ready --day {DAY}"),
-        retry_exit_code=NOT_READY,
-        mode="reschedule",
-        poke_interval=timedelta(minutes=10).total_seconds(),
-        timeout=timedelta(hours=12).total_seconds(),
-    )
+    wait_for_events = events_sensor(f"events-ready --day {DAY}", timedelta(minutes=10))
     score = spark_submit(
         "score_users", "score_users", [f"--date={DAY}", "--arm=champion", MODEL_ARG, K_ARG, *CHALLENGER_ARGS],
         execution_timeout=timedelta(hours=4),

@@ -16,10 +16,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.standard.sensors.bash import BashSensor
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from piarec_dag_support import DEFAULT_ARGS, NOT_READY, PIAREC, REFUSED, SKIP, BashOperator, ops, spark_submit, trainer
+from piarec_dag_support import DEFAULT_ARGS, PIAREC, REFUSED, SKIP, BashOperator, events_sensor, ops, spark_submit, trainer
 
 WINDOW_END = "{{ params.window_end or ds }}"
 
@@ -36,14 +35,7 @@ with DAG(
     tags=["piarec"],
     doc_md=__doc__,
 ) as dag:
-    wait_for_events = BashSensor(
-        task_id="wait_for_events",
-        bash_command=ops(f"events-ready --window-end {WINDOW_END}"),
-        retry_exit_code=NOT_READY,
-        mode="reschedule",
-        poke_interval=timedelta(minutes=15).total_seconds(),
-        timeout=timedelta(hours=12).total_seconds(),
-    )
+    wait_for_events = events_sensor(f"events-ready --window-end {WINDOW_END}", timedelta(minutes=15))
     build_snapshot = spark_submit(
         "build_snapshot", "build_matrix", [f"--window-end={WINDOW_END}"],
         execution_timeout=timedelta(hours=3),
