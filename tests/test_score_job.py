@@ -24,6 +24,7 @@ from piarec.model import MultiVAE
 from piarec import score_local
 from piarec.scorer import HISTORY_SCHEMA, OUTPUT_SCHEMA, TopKScorer, in_share, map_histories
 from pipelines import score_users
+from test_score_local import assert_output_files
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = date(2026, 3, 10)
@@ -179,17 +180,7 @@ def test_manifest_and_success_marker(spark, env):
     assert manifest["model"]["uri"] == str(root / "model") and manifest["model"]["n_items"] == N_ITEMS
     assert manifest["counts"]["users"] == len(read_partition(final))
     assert manifest["engine"]["name"] == "spark" and list(manifest["arms"]) == ["challenger"]
-    parts = list(final.glob("*.parquet"))
-    assert parts and {f.name for f in final.iterdir() if not f.name.startswith((".", "_"))} == {
-        f.name for f in parts}
-    for part in parts:  # zstd everywhere; float scores and user ids written without a dictionary
-        meta = pq.ParquetFile(part).metadata
-        for g in range(meta.num_row_groups):
-            cols = {meta.row_group(g).column(i).path_in_schema: meta.row_group(g).column(i)
-                    for i in range(meta.num_columns)}
-            assert {c.compression for c in cols.values()} == {"ZSTD"}
-            for name in ("scores.list.element", "user_id"):
-                assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & set(cols[name].encodings)
+    assert_output_files(final)  # the same files as the single-node engine writes
 
 
 def test_rerun_replaces_partition(spark, env):

@@ -139,14 +139,13 @@ def test_ab_run_is_exact_per_arm(env):
     assert len(by_user["seen-all"]["item_ids"]) == 2
 
 
-def test_output_files(env):
-    root, _, _ = env
-    run(env, challenger=False)
-    final = root / "recs" / f"dt={DAY}" / "arm=champion"
-    assert (final / "_SUCCESS").is_file() and not (root / "recs" / f"dt={DAY}" / "arm=challenger").exists()
+def assert_output_files(final: Path) -> None:
+    """The published Parquet of one arm, as both engines write it: only data files beside
+    the markers; zstd everywhere; item ids dictionary-encoded; unique user ids and float
+    scores without a dictionary."""
     parts = sorted(final.glob("*.parquet"))
     assert parts and {p.name for p in final.iterdir() if not p.name.startswith("_")} == {p.name for p in parts}
-    for part in parts:  # zstd everywhere; unique user ids and float scores without a dictionary
+    for part in parts:
         meta = pq.ParquetFile(part).metadata
         for g in range(meta.num_row_groups):
             cols = {meta.row_group(g).column(i).path_in_schema: meta.row_group(g).column(i)
@@ -155,6 +154,14 @@ def test_output_files(env):
             for name in ("scores.list.element", "user_id"):
                 assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & set(cols[name].encodings)
             assert "RLE_DICTIONARY" in cols["item_ids.list.element"].encodings
+
+
+def test_output_files(env):
+    root, _, _ = env
+    run(env, challenger=False)
+    final = root / "recs" / f"dt={DAY}" / "arm=champion"
+    assert (final / "_SUCCESS").is_file() and not (root / "recs" / f"dt={DAY}" / "arm=challenger").exists()
+    assert_output_files(final)
     # Nothing left in staging.
     assert [p for p in (root / "recs" / "_staging").iterdir()] == []
 
