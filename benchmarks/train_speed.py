@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from piarec.config import ModelConfig
-from piarec.model import MultiVAE, SparseBatch, multinomial_nll, alignment_closed_form, gaussian_kl
+from piarec.model import MultiVAE, SparseBatch, alignment_closed_form, gaussian_kl
 from piarec.sparse import CSR
 
 

@@ -44,6 +44,7 @@ from pyspark.sql import Observation  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from pipelines import build_matrix as bm  # noqa: E402
+from pipelines import matrix_transforms as mt  # noqa: E402
 from pipelines.events import (  # noqa: E402
     DROP_REASONS,
     clean_events,
@@ -278,10 +279,10 @@ def test_user_item_sets(spark):
     df = spark.createDataFrame([
         ("u2", "b"), ("u1", "c"), ("u1", "a"), ("u2", "b"), ("u1", "c"), ("u3", "z"),
     ], PAIRS)
-    got = rows(bm.user_item_sets(df, 4))
+    got = rows(mt.user_item_sets(df, 4))
     assert got == [(4, 1112514422, "u1", ["a", "c"]), (10, 2890006106, "u3", ["z"]),
                    (13, 3678850764, "u2", ["b"])]
-    assert bm.user_item_sets(df, 4).columns == ["_bucket", "_order", "user_id", "items"]
+    assert mt.user_item_sets(df, 4).columns == ["_bucket", "_order", "user_id", "items"]
 
 
 def test_filters_cap_items_users(spark):
@@ -290,30 +291,30 @@ def test_filters_cap_items_users(spark):
         ("u4", ["a", "b", "c", "d"]), ("u5", ["c", "d"]),
     ], USERS)
     # Bot cap 3: u4 (4 items) goes first, so its items do not count for the item filter.
-    capped = bm.cap_users(users, 3)
+    capped = mt.cap_users(users, 3)
     assert rows(capped, "user_id") == [("u1",), ("u2",), ("u3",), ("u5",)]
-    assert rows(bm.item_user_counts(capped)) == [
+    assert rows(mt.item_user_counts(capped)) == [
         ("a", 3), ("b", 2), ("c", 1), ("d", 1), ("x", 1), ("y", 1)]
     # Items with >= 2 users among those left: a, b. Rows stay; arrays shrink.
-    kept = bm.keep_items(capped, ["a", "b"])
+    kept = mt.keep_items(capped, ["a", "b"])
     assert rows(kept) == [("u1", ["a", "b"]), ("u2", ["a", "b"]), ("u3", ["a"]), ("u5", [])]
     # Users with >= 2 positives left: u1, u2.
-    assert rows(bm.min_positives(kept, 2)) == [("u1", ["a", "b"]), ("u2", ["a", "b"])]
-    assert bm.cap_users(users, None) is users and bm.keep_items(users, None) is users
+    assert rows(mt.min_positives(kept, 2)) == [("u1", ["a", "b"]), ("u2", ["a", "b"])]
+    assert mt.cap_users(users, None) is users and mt.keep_items(users, None) is users
 
 
 def test_index_items_by_popularity_then_id(spark):
     counts = spark.createDataFrame([("c", 2), ("a", 3), ("d", 1), ("b", 2)],
                                    "item_id string, n_users int")
-    items = bm.index_items(counts)
+    items = mt.index_items(counts)
     assert items.dtypes == [("item_idx", "int"), ("item_id", "string"), ("n_users", "int")]
     assert rows(items) == [(0, "a", 3), (1, "b", 2), (2, "c", 2), (3, "d", 1)]
 
 
 def test_bucket_offsets():
-    assert bm.bucket_offsets({7: 2, 0: 3, 3: 1}) == [(0, 0), (3, 3), (7, 4)]
+    assert mt.bucket_offsets({7: 2, 0: 3, 3: 1}) == [(0, 0), (3, 3), (7, 4)]
     with pytest.raises(InputDataError, match="do not fit an int32"):
-        bm.bucket_offsets({0: 2**31, 1: 1})
+        mt.bucket_offsets({0: 2**31, 1: 1})
 
 
 def test_index_users_dense_and_independent_of_buckets(spark):
@@ -330,10 +331,10 @@ def test_index_users_dense_and_independent_of_buckets(spark):
     try:
         for bits, partitions in ((4, 2), (6, 5)):
             spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
-            users = bm.user_item_sets(pairs, bits)
+            users = mt.user_item_sets(pairs, bits)
             sizes = {r[0]: r[1] for r in users.groupBy("_bucket").count().collect()}
             assert len(sizes) > 3  # several buckets, really spread over partitions
-            indexed = bm.index_users(users, bm.bucket_offsets(sizes))
+            indexed = mt.index_users(users, mt.bucket_offsets(sizes))
             assert indexed.select("user_idx").dtypes == [("user_idx", "int")]
             assert rows(indexed, "user_idx", "user_id") == want
     finally:
@@ -342,9 +343,9 @@ def test_index_users_dense_and_independent_of_buckets(spark):
 
 def test_unit_hash_and_user_order(spark):
     df = spark.createDataFrame([("u1", "A"), ("u3", "C"), ("ü1", "C")], PAIRS)
-    got = rows(df.select("user_id", bm.unit_hash("piarec-split-v1", "user_id").alias("u"),
-                         bm.unit_hash("piarec-split-v1", "user_id", F.col("item_id")).alias("v"),
-                         bm.user_order().alias("crc")))
+    got = rows(df.select("user_id", mt.unit_hash("piarec-split-v1", "user_id").alias("u"),
+                         mt.unit_hash("piarec-split-v1", "user_id", F.col("item_id")).alias("v"),
+                         mt.user_order().alias("crc")))
     assert got[0][0] == "u1" and got[0][1] == pytest.approx(0.4836, abs=1e-4)
     assert got[1][0] == "u3" and got[1][1] == pytest.approx(0.0910, abs=1e-4)
     assert got[1][2] == pytest.approx(0.0600, abs=1e-4)
@@ -358,11 +359,11 @@ def test_assign_split(spark):
     ids = ["g", "u8", "u3", "a", "carol", "u2", "u5", "d", "u1", "u6"]
     users = spark.createDataFrame(list(enumerate(ids)), "user_idx int, user_id string")
     cfg = SplitConfig(val_fraction=0.1, test_fraction=0.15)
-    assert rows(bm.assign_split(users, cfg), "user_id", "split") == [
+    assert rows(mt.assign_split(users, cfg), "user_id", "split") == [
         ("a", "test"), ("carol", "test"), ("d", "train"), ("g", "val"), ("u1", "train"),
         ("u2", "test"), ("u3", "val"), ("u5", "test"), ("u6", "train"), ("u8", "val")]
     none_held = SplitConfig(val_fraction=0.0, test_fraction=0.0)
-    assert {r.split for r in bm.assign_split(users, none_held).collect()} == {"train"}
+    assert {r.split for r in mt.assign_split(users, none_held).collect()} == {"train"}
 
 
 def test_assign_parts(spark):
@@ -372,7 +373,7 @@ def test_assign_parts(spark):
         [(7, "p", list("abcde"), "val"), (8, "q", ["a", "b"], "test"), (9, "r", ["a"], "val"),
          (1, "t", ["x", "y"], "train")],
         "user_idx int, user_id string, items array<string>, split string")
-    out = bm.assign_parts(df, SplitConfig(fold_in_fraction=0.8))
+    out = mt.assign_parts(df, SplitConfig(fold_in_fraction=0.8))
     assert out.columns == ["user_idx", "user_id", "split", "item_id", "part"]
     assert rows(out, "user_id", "item_id", "part") == [
         # n=5: ceil(0.8*5)=4 fold_in, the last by hash (c) held out
@@ -386,7 +387,7 @@ def test_assign_parts(spark):
     # Float noise: 0.7 * 10 = 7.000000000000001 must still mean 7 fold-in items.
     s = spark.createDataFrame([("s", [f"i{j}" for j in range(10)], "test")],
                               "user_id string, items array<string>, split string")
-    held = rows(bm.assign_parts(s, SplitConfig(fold_in_fraction=0.7)).filter("part = 'held_out'"),
+    held = rows(mt.assign_parts(s, SplitConfig(fold_in_fraction=0.7)).filter("part = 'held_out'"),
                 "item_id")
     assert held == [("i7",), ("i8",), ("i9",)]
 
