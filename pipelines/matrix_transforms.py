@@ -71,9 +71,8 @@ def user_item_sets(positives: DataFrame, bits: int) -> DataFrame:
     rows end hash-partitioned by ``_bucket``, so each bucket (a contiguous range of the user
     order) lives in one partition.
 
-    Aggregated before the bucket shuffle: the sets are first built map-side (duplicates
-    collapse before any row moves), and only the per-user rows are shuffled by bucket.
-    Shuffling the events by bucket first was ~20 % slower on 20M events.
+    Aggregated before the bucket shuffle: partial sets are built map-side (duplicates
+    collapse before rows move), and the per-user rows are then shuffled by bucket.
     """
     keyed = positives.select(
         F.shiftright(user_order(), 32 - bits).cast("int").alias(BUCKET), "user_id", "item_id")
