@@ -128,7 +128,7 @@ def arm_plain(args: argparse.Namespace) -> dict:
 
     from piarec.bundle import load_bundle
     from piarec.model import SparseBatch
-    from piarec.scorer import OUTPUT_SCHEMA, map_arrow_lists
+    from piarec.score_io import OUTPUT_SCHEMA, map_arrow_lists
 
     bundle = load_bundle(args.model)
     model, vocab = bundle.model.eval(), pa.array(bundle.item_ids.tolist(), pa.string())

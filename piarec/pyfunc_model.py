@@ -56,7 +56,8 @@ class PiarecRecommender(PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from piarec.scorer import TopKScorer, map_histories, to_record_batch
+        from piarec.scorer import TopKScorer
+        from piarec.score_io import map_histories, to_record_batch
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)

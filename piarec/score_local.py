@@ -48,14 +48,7 @@ from piarec.bundle import CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE, ModelBundle, lo
 from piarec.config import PipelineConfig
 from piarec.errors import ConfigError, InputDataError
 from piarec.registry import ModelRef, load_model
-from piarec.scorer import (
-    HISTORY_SCHEMA,
-    MODEL,
-    OUTPUT_SCHEMA,
-    POPULARITY,
-    WRITE_SCHEMA,
-    in_share,
-)
+from piarec.score_io import HISTORY_SCHEMA, MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
 from piarec.storage import SUCCESS, Location, child_uri, exists, publish_dir, read_json, remove, resolve
 
 MANIFEST = "_manifest.json"  # "_": Parquet readers of the partition skip it
@@ -342,7 +335,7 @@ class PartWriter:
     """Parquet files ``<arm dir>/part-<tag>-<n>.zstd.parquet`` of one writer (a thread of
     this engine, a task attempt of the Spark job) and arm, rolled over every
     ``rows_per_file`` rows. Item ids arrive dictionary-encoded against the model's
-    vocabulary (:data:`~piarec.scorer.WRITE_SCHEMA`), so the writer stores that dictionary
+    vocabulary (:data:`~piarec.score_io.WRITE_SCHEMA`), so the writer stores that dictionary
     instead of hashing strings; min/max statistics are kept only where a reader can use them."""
 
     def __init__(self, loc: Location, tag: str, rows_per_file: int):
@@ -390,7 +383,8 @@ def run_local(
     import torch
 
     from piarec.device import pick_device
-    from piarec.scorer import TopKScorer, map_arrow_lists, to_record_batch
+    from piarec.scorer import TopKScorer
+    from piarec.score_io import map_arrow_lists, to_record_batch
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")

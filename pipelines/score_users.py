@@ -63,7 +63,7 @@ from piarec.score_local import (
     staged,
     window,
 )
-from piarec.scorer import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.score_io import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
 from piarec.storage import resolve
 
 __all__ = ["MANIFEST", "main", "output_uri", "run", "score_partition", "score_to_staging", "write_partition"]
@@ -109,11 +109,12 @@ def score_partition(
     per input row; every output batch holds one arm.
 
     ``arms``: ``{"name", "version", "digest", "broadcast"}`` per arm, the control first;
-    with two arms a user goes to the second when :func:`piarec.scorer.in_share` says so.
+    with two arms a user goes to the second when :func:`piarec.score_io.in_share` says so.
     """
     import torch
 
-    from piarec.scorer import TopKScorer, map_arrow_lists, to_record_batch
+    from piarec.scorer import TopKScorer
+    from piarec.score_io import map_arrow_lists, to_record_batch
 
     # Spark runs one task per core; torch threads on top would oversubscribe the executor.
     torch.set_num_threads(1)

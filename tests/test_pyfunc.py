@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from piarec import registry
-from piarec.scorer import TopKScorer, map_histories
+from piarec.scorer import TopKScorer
+from piarec.score_io import map_histories
 from piarec.train_job import run_training
 from test_gate import planted, small_cfg, write_snapshot
 

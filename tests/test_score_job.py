@@ -22,7 +22,8 @@ from piarec.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.model import MultiVAE
 from piarec import score_local
-from piarec.scorer import HISTORY_SCHEMA, OUTPUT_SCHEMA, TopKScorer, in_share, map_histories
+from piarec.scorer import TopKScorer
+from piarec.score_io import HISTORY_SCHEMA, OUTPUT_SCHEMA, in_share, map_histories
 from pipelines import score_users
 from test_score_local import assert_output_files
 

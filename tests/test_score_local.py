@@ -23,7 +23,7 @@ from piarec.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.errors import InputDataError
 from piarec.model import MultiVAE
-from piarec.scorer import OUTPUT_SCHEMA, in_share, map_histories
+from piarec.score_io import OUTPUT_SCHEMA, in_share, map_histories
 from test_scorer import reference
 
 REPO = Path(__file__).resolve().parents[1]

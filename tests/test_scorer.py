@@ -10,17 +10,8 @@ import torch
 from piarec.bundle import ModelBundle
 from piarec.config import ModelConfig
 from piarec.model import MultiVAE, SparseBatch
-from piarec.scorer import (
-    MIN_ROWS,
-    OUTPUT_SCHEMA,
-    WRITE_SCHEMA,
-    TopKScorer,
-    map_arrow_lists,
-    map_histories,
-    to_record_batch,
-    top_k_rows,
-    top_k_torch,
-)
+from piarec.scorer import MIN_ROWS, TopKScorer, top_k_rows, top_k_torch
+from piarec.score_io import OUTPUT_SCHEMA, WRITE_SCHEMA, map_arrow_lists, map_histories, to_record_batch
 from piarec.sparse import CSR
 
 N_USERS, N_ITEMS = 40, 60

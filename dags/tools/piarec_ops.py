@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import PiarecError
-from piarec.scorer import OUTPUT_SCHEMA
+from piarec.score_io import OUTPUT_SCHEMA
 from piarec.snapshot import snapshot_uri
 from piarec.storage import SUCCESS, child_uri, exists, is_published, read_json, resolve, write_bytes, write_json
 
