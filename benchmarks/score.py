@@ -183,7 +183,8 @@ def arm_plain(args: argparse.Namespace) -> dict:
 
 def arm_local(args: argparse.Namespace) -> dict:
     from piarec.config import load_config
-    from piarec.score_local import plan_arms, run_local
+    from piarec.score_local import run_local
+    from piarec.score_run import plan_arms
 
     cfg = load_config(args.config, environ={})
     plan = plan_arms(cfg, args.model, "champion")

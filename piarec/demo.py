@@ -36,7 +36,7 @@ def run_demo(
     from pipelines import build_matrix, score_users
     from pipelines.spark import get_spark
     from piarec.gate import promote
-    from piarec.score_local import output_uri
+    from piarec.score_run import output_uri
     from piarec.snapshot import snapshot_uri
     from piarec.synthetic import generate_events
     from piarec.train_job import run_training

@@ -17,7 +17,7 @@ arm a salted hash of their id assigns them. Load: each task writes its rows as P
 arm. The driver commits: it keeps the files of the task attempts whose summaries it
 collected (Spark returns exactly one successful attempt per partition), deletes those of
 failed or duplicate attempts, and publishes each arm as ``<out>/dt=D/arm=<arm>/`` with
-``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.score_local.publish_run`). So the
+``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.score_run.publish_run`). So the
 output path never goes through Spark's Hadoop filesystem layer: S3 works without the s3a
 connector and is tested against a local S3 server.
 
@@ -48,7 +48,7 @@ import pyarrow as pa
 
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError, PiarecError
-from piarec.score_local import (
+from piarec.score_run import (
     MANIFEST,
     ArmCounts,
     ArmPlan,

@@ -21,7 +21,7 @@ import yaml
 from piarec.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.model import MultiVAE
-from piarec import score_local
+from piarec import score_local, score_run
 from piarec.scorer import TopKScorer
 from piarec.score_io import HISTORY_SCHEMA, OUTPUT_SCHEMA, in_share, map_histories
 from pipelines import score_users
@@ -224,7 +224,7 @@ def test_ab_pass_and_local_engine_write_the_same(spark, env):
     assert (hist_root / f"dt={DAY}" / "_SUCCESS").is_file()
     kw = {"histories_uri": str(hist_root), "challenger_uri": str(root / "model2"), "challenger_share": 0.5}
     spark_manifest = run_job(spark, env, out="recs-ab", **kw)
-    plan = score_local.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
+    plan = score_run.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
     local = score_local.run_local(cfg, DAY, str(hist_root), str(root / "recs-local"), plan, K, threads=2)
 
     expected = expected_histories(events, cfg)
@@ -264,7 +264,7 @@ class _CountingBroadcast:
 
 def test_worker_loads_each_model_once(env):
     root, _, cfg = env
-    plan = score_local.plan_arms(cfg, str(root / "model"), "champion")
+    plan = score_run.plan_arms(cfg, str(root / "model"), "champion")
     arm = plan.arms[0]
     bc = _CountingBroadcast({"files": arm.files})
     batch = pa.RecordBatch.from_pydict(
@@ -292,7 +292,7 @@ def test_worker_loads_each_model_once(env):
     assert out.column("arm").to_pylist() == ["champion"] * 2
     assert out.column("source").to_pylist() == ["model", "popularity"]
     assert "t01" not in out.column("item_ids").to_pylist()[0]  # seen
-    rebuilt = score_local.bundle_from_files(arm.files)
+    rebuilt = score_run.bundle_from_files(arm.files)
     for name, tensor in arm.bundle.model.state_dict().items():
         torch.testing.assert_close(rebuilt.model.state_dict()[name], tensor, rtol=0, atol=0)
 
@@ -322,7 +322,7 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     import pyspark
 
     root, events, cfg = env
-    plan = score_local.plan_arms(cfg, str(root / "model"), "champion")
+    plan = score_run.plan_arms(cfg, str(root / "model"), "champion")
     arm = plan.arms[0]
     spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": _CountingBroadcast({"files": arm.files})}
     hist = expected_histories(events, cfg)
@@ -357,7 +357,7 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     assert [s["task"] for s in summary] == ["p00003-a1"]
     names = sorted(p.name for p in (tmp_path / "staging" / "arm=champion").iterdir())
     assert any("-a0-" in n for n in names) and any("-a1-" in n for n in names)
-    assert score_local.keep_committed_parts(staging, ["champion"], {"p00003-a1"}) == sum("-a0-" in n for n in names)
+    assert score_run.keep_committed_parts(staging, ["champion"], {"p00003-a1"}) == sum("-a0-" in n for n in names)
     rows = ds.dataset(str(tmp_path / "staging" / "arm=champion"), format="parquet").to_table()
     assert sorted(rows.column("user_id").to_pylist()) == users  # each user once
     assert summary[0]["model"] + summary[0]["popularity"] == len(users)

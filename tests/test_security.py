@@ -72,7 +72,7 @@ def test_arm_names_from_configuration_cannot_escape(monkeypatch):
 def test_output_paths_are_built_from_checked_segments(tmp_path):
     import datetime as dt
 
-    from piarec.score_local import output_uri, staging_uri
+    from piarec.score_run import output_uri, staging_uri
     from piarec.snapshot import histories_uri, snapshot_uri
 
     day = dt.date(2026, 4, 30)
