@@ -110,6 +110,20 @@ class SplitConfig(_Section):
         return self
 
 
+class RegularizerConfig(_Section):
+    # Optional collapse regularizers added to the model's loss (Multi-VAE); all off by default.
+    # Latent reconstruction (LRVAE): alpha * ||z - mu_enc(softmax(logits(z)))||^2 per user.
+    latent_recon: bool = False  # switch for the latent reconstruction term
+    latent_recon_weight: float = Field(1.0, ge=0.0)  # alpha_T, the weight after warm-up
+    latent_recon_warmup: int = Field(10_000, ge=0)  # updates over which alpha grows linearly from 0
+    # Noise-contrastive (NC-VAE): delta * KL(q(z | x_noise) || N(0, K^2 I)) for corrupted inputs.
+    noise_contrastive: bool = False  # switch for the noise-contrastive term
+    nc_weight: float = Field(0.1, ge=0.0)  # delta, the weight of the contrastive KL
+    nc_prior_scale: float = Field(5.0, gt=0.0)  # K: standard deviation of the contrastive prior
+    nc_noise: Literal["swap", "decoder"] = "swap"  # corrupt by random item swaps, or sample from the decoder
+    nc_swap_fraction: float = Field(0.5, gt=0.0, le=1.0)  # swap: share of each history replaced by random items
+
+
 class ModelConfig(_Section):
     # Backbone: "multivae" (Liang et al. 2018) or "recvae" (Shenbin et al. 2020).
     backbone: Literal["multivae", "recvae"] = "multivae"
@@ -133,6 +147,8 @@ class ModelConfig(_Section):
     recvae_encoder_passes: int = Field(3, ge=1)
     recvae_decoder_passes: int = Field(1, ge=1)
     recvae_prior_weights: list[float] = Field(default_factory=lambda: [0.15, 0.75, 0.1])
+    # Optional posterior-collapse regularizers (Multi-VAE only; all off by default).
+    regularizers: RegularizerConfig = Field(default_factory=RegularizerConfig)
 
     @property
     def extra_encoder_layers(self) -> int:
@@ -143,7 +159,23 @@ class ModelConfig(_Section):
         w = self.recvae_prior_weights
         if len(w) != 3 or min(w) <= 0 or abs(sum(w) - 1.0) > 1e-6:
             raise ValueError("model.recvae_prior_weights must be three positive weights summing to 1")
+        reg = self.regularizers
+        if self.backbone == "recvae" and (reg.latent_recon or reg.noise_contrastive):
+            raise ValueError("model.regularizers (latent_recon, noise_contrastive) apply to the Multi-VAE "
+                             "backbone only; switch them off for backbone 'recvae'")
         return self
+
+
+class DiagnosticsConfig(_Section):
+    # Posterior-collapse diagnostics on validation users (piarec/diagnostics.py).
+    enabled: bool = True  # compute them after validation evaluations
+    every: int = Field(1, ge=1)  # every this many epochs
+    users: int = Field(1000, ge=2)  # users sampled for active units, KL, mutual information
+    self_consistency_users: int = Field(256, ge=1)  # latents checked for encode(decode(z)) = z
+    jacobian_users: int = Field(16, ge=0)  # users whose decoder Jacobian gives the IMA contrast; 0 skips it
+    mask_users: int = Field(64, ge=0)  # users for mask stability (Proposition 3.2); 0 skips it
+    mask_repeats: int = Field(8, ge=2)  # R: input masks drawn per user
+    mask_keep_prob: float | None = Field(None, gt=0.0, le=1.0)  # masks' keep probability; null = the model's own
 
 
 class PIAConfig(_Section):
@@ -235,6 +267,8 @@ class GateConfig(_Section):
     min_active_units: int = Field(5, ge=0)
     # At most this share of validation users may get exactly the popularity top-K.
     max_popularity_share: float = Field(0.2, ge=0.0, le=1.0)
+    # At least this share of the snapshot's titles must be in the challenger's vocabulary.
+    min_vocabulary_overlap: float = Field(0.95, ge=0.0, le=1.0)
 
 
 class PipelineConfig(_Section):
@@ -246,6 +280,7 @@ class PipelineConfig(_Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     pia: PIAConfig = Field(default_factory=PIAConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)

@@ -9,6 +9,9 @@ The trainer and the scorer talk to a model through a few methods:
   ``step`` counts the updates made so far, for warmed-up loss weights)
 - ``param_groups()`` / ``phases()`` / ``end_phase(phase)``: how one epoch updates which
   parameters (one joint Adam step here; RecVAE alternates encoder and decoder)
+- optionally ``encode_dense(x)`` -> ``(mu, logvar)`` for non-negative dense rows x [B, I]
+  (a decoder's softmax, say), unmasked: the collapse diagnostics and the latent
+  reconstruction term feed the decoder's output back through the encoder with it
 
 :func:`build_model` makes the model a :class:`~piarec.config.ModelConfig` describes.
 Input batches are sparse (:class:`SparseBatch`, cut from CSR rows): the first encoder
@@ -18,14 +21,14 @@ layer is an ``embedding_bag`` over the user's items, so a [B, I] input is never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piarec.config import ModelConfig
+from piarec.config import ModelConfig, RegularizerConfig
 from piarec.flows import IAF, log_normal
 from piarec.sparse import CSR
 
@@ -55,12 +58,21 @@ class SparseBatch:
         return torch.repeat_interleave(torch.arange(self.size, device=self.indices.device), self.lengths)
 
 
+def _zero() -> torch.Tensor:
+    return torch.zeros(())
+
+
 @dataclass
 class LossParts:
+    """The loss and its terms (scalars). ``total`` is what is minimised; the optional
+    regularizers' unweighted values are zero when they are switched off."""
+
     total: torch.Tensor
     nll: torch.Tensor
     kl: torch.Tensor
     align: torch.Tensor
+    latent_recon: torch.Tensor = field(default_factory=_zero)
+    noise_contrastive: torch.Tensor = field(default_factory=_zero)
 
 
 @dataclass(frozen=True)
@@ -96,9 +108,53 @@ def sparse_first_layer(
     return h + bias
 
 
+def dense_first_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``normalize(x) @ weight + bias`` for dense non-negative rows x, float [B, I] -> [B, H].
+
+    The same L2 normalisation the sparse path applies to binary rows, so a binary x gives
+    exactly :func:`sparse_first_layer` with ``keep_prob=1``. The encoder is therefore
+    invariant to the scale of x: a softmax p and the expected counts |x_u| * p encode alike.
+    """
+    return F.normalize(x, dim=1) @ weight + bias
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag exp(logvar)) || N(0, I)) per row, float32 [B]."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
+
+
+def gaussian_kl_wide(mu: torch.Tensor, logvar: torch.Tensor, scale: float) -> torch.Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, scale^2 I)) per row, float32 [B]."""
+    log_s2 = 2.0 * math.log(scale)
+    return 0.5 * ((logvar.exp() + mu.pow(2)) / scale**2 - 1.0 - logvar + log_s2).sum(dim=1)
+
+
+def warmup_weight(step: int, final: float, warmup_steps: int) -> float:
+    """``final * min(1, step / warmup_steps)``: linear from 0 at step 0 to ``final``
+    (``final`` from the start when ``warmup_steps`` is 0)."""
+    if warmup_steps <= 0:
+        return float(final)
+    return float(final) * min(1.0, step / warmup_steps)
+
+
+def swap_items(batch: SparseBatch, n_items: int, fraction: float) -> SparseBatch:
+    """A copy of ``batch`` with each entry replaced, with probability ``fraction``, by an
+    item drawn uniformly from all ``n_items`` (row lengths unchanged; a drawn item may
+    repeat one the row holds, a negligible count bump when rows are short next to I)."""
+    swap = torch.rand(batch.indices.shape, device=batch.indices.device) < fraction
+    drawn = torch.randint(n_items, batch.indices.shape, device=batch.indices.device)
+    return SparseBatch(torch.where(swap, drawn, batch.indices), batch.offsets, batch.lengths)
+
+
+def sample_from_decoder(logits: torch.Tensor, lengths: torch.Tensor) -> SparseBatch:
+    """Histories drawn from the decoder: row u holds ``lengths[u]`` distinct items sampled
+    without replacement from softmax(logits_u). ``logits`` [B, I] (not differentiated)."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    n = int(lengths.max().clamp(min=1))
+    draws = torch.multinomial(probs, n, replacement=False)  # [B, n]
+    keep = torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+    offsets = torch.cumsum(lengths, 0) - lengths
+    return SparseBatch(draws[keep], offsets, lengths.clone())
 
 
 class MultiVAE(nn.Module):
@@ -139,14 +195,17 @@ class MultiVAE(nn.Module):
         nn.init.normal_(self.anchors, 0.0, 0.01)
 
     # -- the model contract ---------------------------------------------------------
-    def encode_base(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, ...]:
-        """The Gaussian part: ``mu, logvar`` of q(z0 | x) and the last hidden layer
-        (the flows' context), float32 [B, d], [B, d], [B, H]."""
-        h = torch.tanh(sparse_first_layer(batch, self.item_in, self.bias_in, keep_prob))
+    def _stats(self, first: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = torch.tanh(first)
         for layer in self.encoder_extra:
             h = torch.tanh(layer(h))
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar, h
+
+    def encode_base(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, ...]:
+        """The Gaussian part: ``mu, logvar`` of q(z0 | x) and the last hidden layer
+        (the flows' context), float32 [B, d], [B, d], [B, H]."""
+        return self._stats(sparse_first_layer(batch, self.item_in, self.bias_in, keep_prob))
 
     def encode(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu, logvar``: float32 [B, d]. ``logits(mu)`` is the deterministic score.
@@ -156,6 +215,18 @@ class MultiVAE(nn.Module):
         base posterior's mode, and ``logvar`` is the base (z0) log-variance.
         """
         mu, logvar, h = self.encode_base(batch, keep_prob)
+        if self.flow is not None:
+            mu, _ = self.flow(mu, h)
+        return mu, logvar
+
+    def encode_dense_base(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`encode_base` of dense non-negative rows ``x`` float [B, I] (unmasked)."""
+        return self._stats(dense_first_layer(x, self.item_in, self.bias_in))
+
+    def encode_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode` of dense non-negative rows ``x`` float [B, I], e.g. a decoder's
+        softmax; L2-normalised like binary input (see :func:`dense_first_layer`)."""
+        mu, logvar, h = self.encode_dense_base(x)
         if self.flow is not None:
             mu, _ = self.flow(mu, h)
         return mu, logvar
@@ -187,12 +258,39 @@ class MultiVAE(nn.Module):
             log_q = log_normal(z0, mu, logvar).sum(dim=1) - logdet
             log_p = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(dim=1)
             kl = (log_q - log_p).mean()
-        nll = multinomial_nll(self.logits(z), batch)
+        logits = self.logits(z)
+        nll = multinomial_nll(logits, batch)
         if lambda_a > 0:
             align = alignment_closed_form(mu, logvar, self.anchors, batch).mean()
         else:
             align = torch.zeros((), device=mu.device)
-        return LossParts(nll + beta * kl + lambda_a * align, nll, kl, align)
+        total = nll + beta * kl + lambda_a * align
+        reg = self.cfg.regularizers
+        if not (reg.latent_recon or reg.noise_contrastive):
+            # Switched off: not a single extra operation or random draw, so training is
+            # bit-identical to a model without the regularizers.
+            return LossParts(total, nll, kl, align)
+        zero = torch.zeros((), device=mu.device)
+        lr_term, nc_term = zero, zero
+        if reg.latent_recon:
+            lr_term = latent_reconstruction(self, z, logits)
+            total = total + warmup_weight(step, reg.latent_recon_weight, reg.latent_recon_warmup) * lr_term
+        if reg.noise_contrastive:
+            nc_term = self.noise_contrastive(batch, logits, reg)
+            total = total + reg.nc_weight * nc_term
+        return LossParts(total, nll, kl, align, lr_term, nc_term)
+
+    def noise_contrastive(self, batch: SparseBatch, logits: torch.Tensor, reg: RegularizerConfig) -> torch.Tensor:
+        """NC-VAE's contrastive term, mean over the batch: KL(q(z0 | x~) || N(0, K^2 I)) of
+        contrastive histories x~ (random item swaps, or draws from the current decoder).
+        The base Gaussian is used with the IAF encoder (closed form); the corrupted input is
+        not masked again."""
+        if reg.nc_noise == "swap":
+            noisy = swap_items(batch, self.n_items, reg.nc_swap_fraction)
+        else:
+            noisy = sample_from_decoder(logits, batch.lengths)
+        mu, logvar, _ = self.encode_base(noisy, 1.0)
+        return gaussian_kl_wide(mu, logvar, reg.nc_prior_scale).mean()
 
     # -- how an epoch trains it ---------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -205,11 +303,23 @@ class MultiVAE(nn.Module):
         """Hook after a phase's passes (RecVAE refreshes its prior here)."""
 
 
+def latent_reconstruction(model: nn.Module, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """LRVAE's term, mean over rows: ||mu_enc(softmax(logits)) - z||^2 with ``logits`` =
+    ``model.logits(z)``, float [B, I], and ``z`` [B, d].
+
+    ``z`` is a target (detached): the term trains the encoder and decoder so that
+    encode(decode(z)) returns z, and cannot be lowered by moving the posterior samples
+    themselves toward a fixed point of that map, which would favour collapse.
+    """
+    mu_back, _ = model.encode_dense(torch.softmax(logits, dim=1))
+    return (mu_back - z.detach()).pow(2).sum(dim=1).mean()
+
+
 def build_model(n_items: int, cfg: ModelConfig) -> nn.Module:
     """The model ``cfg`` describes, freshly initialised, on CPU."""
     if n_items < 1:
         raise ValueError(f"a model needs at least one item, got n_items={n_items}")
-    if cfg.backbone == "recvae":
+    if cfg.backbone == "recvae":  # (ModelConfig refuses regularizers for RecVAE)
         from piarec.recvae import RecVAE  # noqa: PLC0415 - recvae imports this module
 
         return RecVAE(n_items, cfg)

@@ -26,7 +26,9 @@ from torch import nn
 
 from piarec.config import ModelConfig
 from piarec.flows import log_normal
-from piarec.model import LossParts, Phase, SparseBatch, alignment_closed_form, multinomial_nll, sparse_first_layer
+from piarec.model import (
+    LossParts, Phase, SparseBatch, alignment_closed_form, dense_first_layer, multinomial_nll, sparse_first_layer,
+)
 
 N_DENSE_LAYERS = 5
 WIDE_PRIOR_LOGVAR = 10.0
@@ -46,7 +48,11 @@ class RecVAEEncoder(nn.Module):
         self.fc_logvar = nn.Linear(hidden, latent)
 
     def forward(self, batch: SparseBatch, keep_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.norms[0](F.silu(sparse_first_layer(batch, self.item_in, self.bias_in, keep_prob)))
+        return self.rest(sparse_first_layer(batch, self.item_in, self.bias_in, keep_prob))
+
+    def rest(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after the first layer's pre-activation ``first`` [B, H]."""
+        h = self.norms[0](F.silu(first))
         total = h  # running sum of all earlier layers' outputs (the dense connections)
         for fc, norm in zip(self.fcs, self.norms[1:]):
             h = norm(F.silu(fc(h) + total))
@@ -71,6 +77,11 @@ class RecVAE(nn.Module):
     def encode(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu, logvar`` of q(z | x): float32 [B, d]."""
         return self.encoder(batch, keep_prob)
+
+    def encode_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mu, logvar`` of dense non-negative rows ``x`` float [B, I] (L2-normalised like
+        binary input, unmasked)."""
+        return self.encoder.rest(dense_first_layer(x, self.encoder.item_in, self.encoder.bias_in))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """Unnormalised item scores, float32 [B, I]."""
