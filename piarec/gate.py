@@ -10,9 +10,15 @@ every check passes:
 2. **no regression** (when a champion exists): NDCG@100 and Recall@20 at least
    ``(1 - gate.tolerance)`` times the champion's;
 3. **no posterior collapse**: at least ``gate.min_active_units`` active latent units
-   (:func:`piarec.diagnostics.active_units` on the validation users);
+   (:func:`piarec.diagnostics.active_units` on the validation users); the other collapse
+   diagnostics of that module (KL, mutual information, self-consistency, IMA contrast,
+   mask stability) are recorded beside it as ``challenger_collapse_*`` metrics when
+   ``diagnostics.enabled``, for the record only;
 4. **healthy scores**: every score of every validation user finite, and at most
-   ``gate.max_popularity_share`` of the users given exactly the popularity top-K.
+   ``gate.max_popularity_share`` of the users given exactly the popularity top-K;
+5. **vocabulary**: at least ``gate.min_vocabulary_overlap`` of the snapshot's titles are
+   in the challenger's vocabulary (a model of another catalogue, or one tagged with the
+   wrong snapshot, is refused by name instead of by its metrics on unknown titles).
 
 The decision and its reasons are recorded in MLflow (a ``gate`` run with metrics and
 ``gate_decision.json``, plus a ``gate_decision`` tag on the version and its training
@@ -34,7 +40,7 @@ import torch
 from piarec import registry
 from piarec.bundle import ModelBundle
 from piarec.config import PipelineConfig
-from piarec.diagnostics import active_units, posterior_means
+from piarec.diagnostics import active_units, collapse_metrics, posterior_means
 from piarec.errors import InputDataError, ModelNotFoundError
 from piarec.evaluation import evaluate_popularity, model_topk, train_popularity
 from piarec.metrics import summarize
@@ -100,6 +106,17 @@ def _remap(rows: CSR, mapping: np.ndarray, n_cols: int) -> CSR:
     keep = cols >= 0
     row_of = np.repeat(np.arange(rows.n_rows), rows.row_lengths())
     return CSR.from_pairs(row_of[keep], cols[keep], rows.n_rows, n_cols)
+
+
+def item_mapping(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
+    """int64 [len(src)]: position of each src item id in dst, -1 when absent."""
+    return _mapping(src_ids, dst_ids)
+
+
+def bundle_rows(bundle: ModelBundle, item_ids: np.ndarray, rows: CSR) -> CSR:
+    """``rows`` (columns in the order of ``item_ids``) in the bundle's item space; items the
+    bundle does not know are dropped."""
+    return _remap(rows, _mapping(item_ids, bundle.item_ids), bundle.n_items)
 
 
 def evaluate_bundle(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: int = 2000) -> dict[str, float]:
@@ -184,6 +201,13 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     decision = GateDecision(promoted=False, challenger=challenger, champion_before=champion, snapshot=snap.uri)
     checks, metrics = decision.checks, decision.metrics
 
+    # 5. (first: it explains every other figure) The challenger knows the snapshot's titles.
+    overlap = float(np.mean(_mapping(snap.item_ids, cand.item_ids) >= 0)) if snap.n_items else 0.0
+    metrics["challenger_vocabulary_overlap"] = overlap
+    checks.append(Check("vocabulary", overlap >= g.min_vocabulary_overlap,
+                        f"{overlap:.1%} of the snapshot's {snap.n_items} titles are in the model's vocabulary "
+                        f"of {cand.n_items} (at least {g.min_vocabulary_overlap:.0%})"))
+
     # 1. Against popularity, on the same validation users.
     ours = evaluate_bundle(cand, snap, snap.val, cfg.training.eval_batch_size)
     pop = evaluate_popularity(train_popularity(snap.train), snap.val)
@@ -216,6 +240,9 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     h = health(cand, fold_in, cfg.scoring.k, cfg.training.eval_batch_size)
     metrics.update({"challenger_active_units": h["active_units"], "challenger_popularity_share": h["popularity_share"],
                     "challenger_scores_finite": h["finite"]})
+    if cfg.diagnostics.enabled and h["finite"] and np.count_nonzero(fold_in.row_lengths()) >= 2:
+        collapse = collapse_metrics(cand.model, fold_in, cfg.diagnostics, seed=cfg.training.seed)
+        metrics.update({f"challenger_collapse_{k}": v for k, v in collapse.items()})
     checks.append(Check("active latent units", h["active_units"] >= g.min_active_units,
                         f"{int(h['active_units'])} of {int(h['latent_dim'])} "
                         f"(floor {g.min_active_units}; active = posterior-mean variance > 0.01)"))

@@ -24,6 +24,7 @@ import torch
 
 from piarec.config import PipelineConfig
 from piarec.device import pick_device
+from piarec.diagnostics import collapse_metrics
 from piarec.errors import TrainingError
 from piarec.evaluation import evaluate_model
 from piarec.model import Phase, SparseBatch, build_model
@@ -214,11 +215,18 @@ def train(
             since_best += 1
         lambda_used = lam.value
         raised = lam.update(improved)
+        # Collapse diagnostics on the same validation users (logged beside the metrics;
+        # they do not pick the model). Their own seed: the training RNG streams stay untouched.
+        dc = cfg.diagnostics
+        diag = (collapse_metrics(model, snap.val.fold_in, dc, seed=tc.seed)
+                if dc.enabled and epoch % dc.every == 0 and np.count_nonzero(snap.val.fold_in.row_lengths()) >= 2
+                else {})
 
         row = {"epoch": epoch, "step": step, "beta": beta_at(step, tc.beta_cap, tc.anneal_steps),
                "lambda_a": lambda_used, "lambda_raised": float(raised), "train_seconds": train_s,
                **{k: v / max(n_batches, 1) for k, v in sums.items()},
-               **{f"val_{k}": v for k, v in metrics.items()}}
+               **{f"val_{k}": v for k, v in metrics.items()},
+               **{f"diag_{k}": v for k, v in diag.items()}}
         history.append(row)
         if on_epoch:
             on_epoch(row)

@@ -199,3 +199,28 @@ def test_an_equal_challenger_is_promoted_and_a_manual_alias_move_is_honoured(tra
     # A person moves the alias back in the MLflow UI: the next resolution follows it.
     registry.client(cfg).set_registered_model_alias("piarec", CHAMPION, "1")
     assert registry.resolve_model(cfg, "models:/piarec@champion").version == "1"
+
+
+def test_a_model_of_another_catalogue_is_refused(trained, capsys):
+    """A challenger whose vocabulary does not match the snapshot it is gated on (registered
+    from another catalogue, or tagged with the wrong snapshot) is refused by name, before
+    its metrics on mostly unknown titles can mislead anyone."""
+    from piarec.cli import main
+
+    cfg, uri, _ = trained
+    champion = registry.alias_version(cfg, CHAMPION)
+    good = _bundle(cfg, "1")
+    foreign = np.array([f"other-{i}" for i in good.item_ids], dtype=object)
+    quarter = len(foreign) // 4
+    foreign[:quarter] = good.item_ids[:quarter]
+    register_challenger(cfg, uri, good.model, foreign, good.popularity)
+    decision = promote(cfg)
+    assert not decision.promoted and "vocabulary" in _failed(decision), decision.summary()
+    assert decision.metrics["challenger_vocabulary_overlap"] == pytest.approx(quarter / len(foreign))
+    assert registry.alias_version(cfg, CHAMPION) == champion
+    # The CLI says why, and exits 1 with --strict.
+    (Path(cfg.storage.root) / "gate.yaml").write_text(
+        f"storage: {{root: '{cfg.storage.root}'}}\nscoring: {{k: 20}}\ngate: {{min_active_units: 3}}\n")
+    assert main(["--config", str(Path(cfg.storage.root) / "gate.yaml"), "promote", "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] vocabulary" in out and f"{quarter / len(foreign):.1%}" in out
