@@ -4,9 +4,13 @@
         [--models popularity,ease,multivae,multivae+pia] [--heldout-frac 0.1 | --heldout-users N]
         [--epochs 200] [--patience 25] [--batch-size 500] [--lambda-grid 0.1,1,8] [--json OUT]
 
-Model names: ``popularity``, ``ease``, and ``<backbone>[-<encoder>][+pia]`` with backbone
-``multivae`` or ``recvae`` and encoder ``deeper``, ``iaf`` or ``liang`` (Liang's 200 -> 600 -> I
-decoder), e.g. ``multivae-iaf+pia``, ``recvae+pia``.
+Model names: ``popularity``, ``ease``, and ``<backbone>[-<encoder>][+pia][+lr][+nc]`` with
+backbone ``multivae`` or ``recvae`` and encoder ``deeper``, ``iaf`` or ``liang`` (Liang's
+200 -> 600 -> I decoder), e.g. ``multivae-iaf+pia``, ``recvae+pia``. The Multi-VAE suffixes
+``+lr`` (latent reconstruction, weight ``--lr-weight`` warmed up over ``--lr-warmup-epochs``)
+and ``+nc`` (noise-contrastive, weight ``--nc-weight``, prior N(0, ``--nc-scale``^2 I), noise
+``--nc-noise``) switch on the collapse regularizers of ``model.regularizers``. Each neural
+run also reports the collapse diagnostics of ``piarec.diagnostics`` on the test users.
 
 Protocol (piarec.datasets): strong generalization, one fixed split (``--split-seed``),
 training seeds 0..S-1. Everything is picked on validation users: the epoch (best validation
@@ -31,8 +35,9 @@ import torch
 
 from piarec.baselines import DEFAULT_EASE_LAMBDAS, fit_ease_on_validation
 from piarec.compare import paired_bootstrap
-from piarec.config import load_config
+from piarec.config import DiagnosticsConfig, load_config
 from piarec.datasets import load_dataset
+from piarec.diagnostics import collapse_metrics
 from piarec.evaluation import model_topk, per_user_evaluation, popularity_topk, train_popularity
 from piarec.metrics import interaction_groups, summarize, summarize_groups
 from piarec.trainer import train
@@ -42,15 +47,48 @@ ENCODERS = {"shallow": {}, "deeper": {"encoder": "deeper"}, "iaf": {"encoder": "
             "liang": {"decoder_hidden": [600]}}
 
 
+REGULARIZER_SUFFIXES = ("+lr", "+nc")
+DIAGNOSTICS = ("active_units", "kl_mean", "mutual_info", "self_consistency", "ima_contrast", "mask_variance",
+               "mask_anchor_dist")
+
+
+def split_regularizers(name: str) -> tuple[str, list[str]]:
+    """'multivae+pia+lr+nc' -> ('multivae+pia', ['+lr', '+nc'])."""
+    found = []
+    while name.endswith(REGULARIZER_SUFFIXES):
+        suffix = name[name.rindex("+"):]
+        found.insert(0, suffix)
+        name = name[: -len(suffix)]
+    return name, found
+
+
 def parse_model(name: str) -> tuple[str, str, bool]:
-    """'multivae-iaf+pia' -> ('multivae', 'iaf', True)."""
-    pia = name.endswith("+pia")
-    base = name[: -len("+pia")] if pia else name
+    """'multivae-iaf+pia' -> ('multivae', 'iaf', True); regularizer suffixes are ignored
+    here (see :func:`split_regularizers`)."""
+    base, regs = split_regularizers(name)
+    pia = base.endswith("+pia")
+    base = base[: -len("+pia")] if pia else base
     backbone, _, encoder = base.partition("-")
     encoder = encoder or "shallow"
-    if backbone not in ("multivae", "recvae") or encoder not in ENCODERS or (backbone == "recvae" and encoder != "shallow"):
-        raise SystemExit(f"unknown model {name!r}: use popularity, ease, multivae[-deeper|-iaf|-liang][+pia], recvae[+pia]")
+    if backbone not in ("multivae", "recvae") or encoder not in ENCODERS or (backbone == "recvae" and encoder != "shallow") \
+            or (backbone == "recvae" and regs):
+        raise SystemExit(f"unknown model {name!r}: use popularity, ease, multivae[-deeper|-iaf|-liang][+pia][+lr][+nc], "
+                         "recvae[+pia]")
     return backbone, encoder, pia
+
+
+def regularizer_overrides(name: str, args, updates_per_epoch: int) -> dict[str, Any]:
+    """``model.regularizers`` for the name's suffixes ({} without any, so the settings, and
+    the cache keys, of plain models are unchanged)."""
+    _, regs = split_regularizers(name)
+    out: dict[str, Any] = {}
+    if "+lr" in regs:
+        out.update(latent_recon=True, latent_recon_weight=args.lr_weight,
+                   latent_recon_warmup=args.lr_warmup_epochs * updates_per_epoch)
+    if "+nc" in regs:
+        out.update(noise_contrastive=True, nc_weight=args.nc_weight, nc_prior_scale=args.nc_scale,
+                   nc_noise=args.nc_noise)
+    return out
 
 
 def log(msg: str) -> None:
@@ -62,6 +100,9 @@ def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None)
     backbone, encoder, pia = parse_model(name)
     lr = args.recvae_lr if backbone == "recvae" else args.lr
     model_cfg = {"backbone": backbone, **ENCODERS[encoder]}
+    regs = regularizer_overrides(name, args, -(-snap.train.n_rows // args.batch_size))
+    if regs:
+        model_cfg["regularizers"] = regs
     overrides = {
         "model": model_cfg,
         "pia": {"enabled": pia, "lambda_a": lam, "lambda_max": args.lambda_max, "lambda_scale": args.lambda_scale,
@@ -69,19 +110,26 @@ def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None)
         "training": {"epochs": args.recvae_epochs if backbone == "recvae" else args.epochs, "early_stop_patience": args.patience, "batch_size": args.batch_size,
                      "lr": lr, "seed": seed, "device": "auto"},
     }
+    # Only when asked for, so the settings (and cache keys) of earlier runs are unchanged.
+    for arg, key in (("beta_cap", "beta_cap"), ("anneal_steps", "anneal_steps")):
+        if getattr(args, arg) is not None:
+            overrides["training"][key] = getattr(args, arg)
     key = hashlib.sha256(json.dumps([snap.uri, snap.manifest["protocol"], overrides], sort_keys=True).encode()).hexdigest()[:20]
     if cache is not None and (cache / f"{key}.json").exists():
         return json.loads((cache / f"{key}.json").read_text())
-    cfg = load_config(environ={}, overrides=overrides)
+    # Per-epoch collapse diagnostics are off unless asked for: they pick nothing and change no
+    # result (they restore the RNG state), so they stay out of the cache key too.
+    cfg = load_config(environ={}, overrides={**overrides, "diagnostics": {"enabled": args.epoch_diagnostics}})
     t0 = time.perf_counter()
     result = train(cfg, snap)
     seconds = time.perf_counter() - t0
     per_user = per_user_evaluation(model_topk(result.model, snap.test.fold_in), snap.test)
+    diagnostics = collapse_metrics(result.model, snap.test.fold_in, DiagnosticsConfig(), seed=0)
     run = {
         "model": name, "lambda_a": lam, "seed": seed, "best_epoch": result.best_epoch,
         "epochs_run": len(result.history), "train_seconds": seconds, "lambda_a_final": result.lambda_a,
         "val": result.best_metrics, "test": {m: float(np.nanmean(per_user[m])) for m in METRICS},
-        "per_user": {k: v.tolist() for k, v in per_user.items()},
+        "per_user": {k: v.tolist() for k, v in per_user.items()}, "diagnostics": diagnostics,
     }
     log(f"  {name} lambda_a={lam:g} seed={seed}: val ndcg {result.best_metrics['ndcg_at_100']:.4f} "
         f"test ndcg {run['test']['ndcg_at_100']:.4f} (best epoch {result.best_epoch}/{len(result.history)}, {seconds:.0f}s)")
@@ -129,7 +177,12 @@ def markdown(snap, args, results: dict[str, dict[str, Any]]) -> str:
            f"{args.batch_size}; lr {args.lr:g} (RecVAE {args.recvae_lr:g}, ≤ {args.recvae_epochs} epochs of 3 encoder + 1 "
            f"decoder passes); torch threads {args.threads}; λ_A grid {args.lambda_grid} "
            f"(picked on validation, seed 0), λ_scale {args.lambda_scale:g} every ρ = {args.rho} stalled epochs, "
-           f"λ_max {args.lambda_max:g}.",
+           f"λ_max {args.lambda_max:g}."
+           + (f" β cap {args.beta_cap:g}." if args.beta_cap is not None else "")
+           + (f" β annealed over {args.anneal_steps} updates." if args.anneal_steps is not None else "")
+           + (f" Regularizers: +lr weight {args.lr_weight:g} warmed up over {args.lr_warmup_epochs} epochs; +nc δ "
+              f"{args.nc_weight:g}, K {args.nc_scale:g}, {args.nc_noise} noise."
+              if any(split_regularizers(n)[1] for n in results) else ""),
            "",
            "| model | picked on validation | Recall@20 | Recall@50 | NDCG@100 | val NDCG@100 | best epoch | s/run |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -151,7 +204,18 @@ def markdown(snap, args, results: dict[str, dict[str, Any]]) -> str:
         cells = [f"{np.nanmean([s[j]['ndcg_at_100'] for s in per_seed]):.4f}" for j in range(len(groups))]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
 
+    diag_rows = [(n, r["runs"]) for n, r in results.items() if r["runs"] and "diagnostics" in r["runs"][0]]
+    if diag_rows:
+        out += ["", "Collapse diagnostics of the selected models on the test users (piarec.diagnostics, mean over "
+                "seeds; KL and MI in nats, MI bound log N):", "",
+                "| model | " + " | ".join(DIAGNOSTICS) + " |", "| --- |" + " --- |" * len(DIAGNOSTICS)]
+        for name, runs in diag_rows:
+            cells = [f"{np.mean([r['diagnostics'].get(k, np.nan) for r in runs]):.4g}" for k in DIAGNOSTICS]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+
     pairs = [(n[: -len("+pia")], n) for n in results if n.endswith("+pia") and n[: -len("+pia")] in results]
+    pairs += [(split_regularizers(n)[0], n) for n in results
+              if split_regularizers(n)[1] and split_regularizers(n)[0] in results]
     if "ease" in results:
         pairs += [("ease", n) for n in results if n.endswith("+pia")]
     if pairs:
@@ -192,6 +256,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rho", type=int, default=5, help="epochs without improvement before lambda_A is raised")
     p.add_argument("--ease-grid", default=",".join(f"{v:g}" for v in DEFAULT_EASE_LAMBDAS))
     p.add_argument("--recvae-epochs", type=int, default=50, help="RecVAE's epochs (each = 3 encoder + 1 decoder passes)")
+    p.add_argument("--beta-cap", type=float, default=None, help="KL weight cap (default: the config's, 0.2)")
+    p.add_argument("--anneal-steps", type=int, default=None,
+                   help="updates over which beta grows to its cap (default: the config's, 200000)")
+    p.add_argument("--epoch-diagnostics", action="store_true",
+                   help="compute the collapse diagnostics after every epoch while training (slower; off by default)")
+    p.add_argument("--lr-weight", type=float, default=1.0, help="+lr: final latent reconstruction weight")
+    p.add_argument("--lr-warmup-epochs", type=int, default=20, help="+lr: epochs of linear warm-up of that weight")
+    p.add_argument("--nc-weight", type=float, default=0.1, help="+nc: weight delta of the contrastive KL")
+    p.add_argument("--nc-scale", type=float, default=5.0, help="+nc: std K of the contrastive prior N(0, K^2 I)")
+    p.add_argument("--nc-noise", default="swap", choices=["swap", "decoder"], help="+nc: contrastive inputs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache", default=None, help="folder caching finished runs by their settings")
     p.add_argument("--json", default=None)

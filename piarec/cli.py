@@ -2,7 +2,7 @@
 
     piarec [--debug] [--config FILE] <command> [options]
 
-Commands: generate-events, build-matrix, train, promote, score, demo. The Spark
+Commands: generate-events, build-matrix, train, promote, report, score, demo. The Spark
 commands (build-matrix, score) are the jobs in ``pipelines/`` run in local mode; the
 same files run on a cluster with ``spark-submit pipelines/<job>.py``.
 
@@ -67,6 +67,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0 if decision.promoted or not args.strict else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from piarec.report import report_run
+
+    out = report_run(_config(args), args.run, args.out, seed=args.seed)
+    print(json.dumps({"out_dir": out["out_dir"], "collapse": out["collapse"],
+                      "silhouette": out["tsne"]["silhouette"], "groups": out["groups"]}, indent=2, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from piarec.demo import run_demo
 
@@ -101,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="run the promotion gate: challenger -> champion")
     pr.add_argument("--strict", action="store_true", help="exit 1 when the gate refuses")
     pr.set_defaults(func=cmd_promote)
+
+    r = sub.add_parser("report", help="collapse diagnostics, per-group metrics and latent t-SNE of a training run")
+    r.add_argument("--run", required=True, help="MLflow run id of a `piarec train` run")
+    r.add_argument("--out", default=None, help="output folder (default ./report-<run id>); also logged under report/")
+    r.add_argument("--seed", type=int, default=0, help="seed of the diagnostics' sampling and t-SNE (default 0)")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="the whole pipeline end to end on generated events")
     d.add_argument("--workdir", default="piarec-demo", help="folder for everything (default ./piarec-demo)")
