@@ -231,6 +231,12 @@ def _sample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(k, n), replace=False))
 
 
+def diagnosable(rows: CSR) -> bool:
+    """True when ``rows`` hold at least two users with items: what :func:`collapse_metrics`
+    needs (a variance, a mixture of posteriors)."""
+    return int(np.count_nonzero(rows.row_lengths())) >= 2
+
+
 def collapse_metrics(model: torch.nn.Module, rows: CSR, cfg: DiagnosticsConfig, *, seed: int = 0) -> dict[str, float]:
     """The collapse diagnostics of ``model`` on the users of ``rows`` (CSR [U, I], e.g. the
     validation fold-in), as flat MLflow-safe keys:
@@ -245,9 +251,10 @@ def collapse_metrics(model: torch.nn.Module, rows: CSR, cfg: DiagnosticsConfig, 
     out. Deterministic for ``seed``; the model's train/eval mode and the global torch RNG
     state are restored on return.
     """
+    if not diagnosable(rows):
+        raise ValueError(f"collapse metrics need at least two users with items, got "
+                         f"{np.count_nonzero(rows.row_lengths())}")
     nonempty = np.flatnonzero(rows.row_lengths() > 0)
-    if len(nonempty) < 2:
-        raise ValueError(f"collapse metrics need at least two users with items, got {len(nonempty)}")
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     was_training = model.training

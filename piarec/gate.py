@@ -40,7 +40,7 @@ import torch
 from piarec import registry
 from piarec.bundle import ModelBundle
 from piarec.config import PipelineConfig
-from piarec.diagnostics import active_units, collapse_metrics, posterior_means
+from piarec.diagnostics import active_units, collapse_metrics, diagnosable, posterior_means
 from piarec.errors import InputDataError, ModelNotFoundError
 from piarec.evaluation import evaluate_popularity, model_topk, train_popularity
 from piarec.metrics import summarize
@@ -240,7 +240,7 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     h = health(cand, fold_in, cfg.scoring.k, cfg.training.eval_batch_size)
     metrics.update({"challenger_active_units": h["active_units"], "challenger_popularity_share": h["popularity_share"],
                     "challenger_scores_finite": h["finite"]})
-    if cfg.diagnostics.enabled and h["finite"] and np.count_nonzero(fold_in.row_lengths()) >= 2:
+    if cfg.diagnostics.enabled and h["finite"] and diagnosable(fold_in):
         collapse = collapse_metrics(cand.model, fold_in, cfg.diagnostics, seed=cfg.training.seed)
         metrics.update({f"challenger_collapse_{k}": v for k, v in collapse.items()})
     checks.append(Check("active latent units", h["active_units"] >= g.min_active_units,

@@ -155,10 +155,7 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         mlflow.log_params({"n_items": snap.train.n_cols, "n_train_users": snap.train.n_rows,
                            "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz})
 
-        history: list[dict[str, float]] = []
-
         def on_epoch(row: dict[str, float]) -> None:
-            history.append(dict(row))
             log.info("epoch %d  loss %.2f  val ndcg@100 %.4f  recall@20 %.4f  lambda_a %.3g  (%.1fs)",
                      row["epoch"], row["loss"], row["val_ndcg_at_100"], row["val_recall_at_20"],
                      row["lambda_a"], row["train_seconds"])
@@ -182,9 +179,9 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
             for who, metrics in report[split].items():
                 mlflow.log_metrics({f"final_{split}_{who}_{k}": v for k, v in metrics.items()})
         mlflow.log_dict(report, "evaluation.json")
-        mlflow.log_dict({"epochs": history}, "history.json")
+        mlflow.log_dict({"epochs": result.history}, "history.json")
 
-        curve = _validation_curve(history) if cfg.mlflow.log_plots else None
+        curve = _validation_curve(result.history) if cfg.mlflow.log_plots else None
         if curve is not None:
             mlflow.log_figure(curve, "plots/validation_curve.png")
         tags = {

@@ -24,7 +24,7 @@ import torch
 
 from piarec.config import PipelineConfig
 from piarec.device import pick_device
-from piarec.diagnostics import collapse_metrics
+from piarec.diagnostics import collapse_metrics, diagnosable
 from piarec.errors import TrainingError
 from piarec.evaluation import evaluate_model
 from piarec.model import Phase, SparseBatch, build_model
@@ -79,7 +79,8 @@ def train_step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batch: SparseBatch, beta: float, lambda_a: float,
     phase: Phase | None = None, step: int = 0,
 ):
-    """One update (``step``: updates made before this one, for step-dependent loss weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss."""
+    """One update; ``step`` counts the updates made before it (for step-dependent loss
+    weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss."""
     opt.zero_grad(set_to_none=True)
     parts = model.loss(batch, beta, lambda_a, phase, step=step)
     if not torch.isfinite(parts.total):
@@ -165,6 +166,8 @@ def train(
     best_state: dict[str, torch.Tensor] | None = None
     best_metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
+    dc = cfg.diagnostics
+    diagnose = dc.enabled and diagnosable(snap.val.fold_in)
 
     ck = load_checkpoint(checkpoint_path, device) if checkpoint_path else None
     if ck is not None:
@@ -217,10 +220,8 @@ def train(
         raised = lam.update(improved)
         # Collapse diagnostics on the same validation users (logged beside the metrics;
         # they do not pick the model). Their own seed: the training RNG streams stay untouched.
-        dc = cfg.diagnostics
         diag = (collapse_metrics(model, snap.val.fold_in, dc, seed=tc.seed)
-                if dc.enabled and epoch % dc.every == 0 and np.count_nonzero(snap.val.fold_in.row_lengths()) >= 2
-                else {})
+                if diagnose and epoch % dc.every == 0 else {})
 
         row = {"epoch": epoch, "step": step, "beta": beta_at(step, tc.beta_cap, tc.anneal_steps),
                "lambda_a": lambda_used, "lambda_raised": float(raised), "train_seconds": train_s,
