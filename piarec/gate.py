@@ -94,7 +94,7 @@ class GateDecision:
 
 
 # --------------------------------------------------------------------------- evaluation
-def _mapping(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
+def item_mapping(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
     """int64 [len(src)]: position of each src item id in dst, -1 when absent."""
     index = {item: i for i, item in enumerate(np.asarray(dst_ids).tolist())}
     return np.array([index.get(item, -1) for item in np.asarray(src_ids).tolist()], dtype=np.int64)
@@ -108,30 +108,29 @@ def _remap(rows: CSR, mapping: np.ndarray, n_cols: int) -> CSR:
     return CSR.from_pairs(row_of[keep], cols[keep], rows.n_rows, n_cols)
 
 
-def item_mapping(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
-    """int64 [len(src)]: position of each src item id in dst, -1 when absent."""
-    return _mapping(src_ids, dst_ids)
-
-
 def bundle_rows(bundle: ModelBundle, item_ids: np.ndarray, rows: CSR) -> CSR:
     """``rows`` (columns in the order of ``item_ids``) in the bundle's item space; items the
     bundle does not know are dropped."""
-    return _remap(rows, _mapping(item_ids, bundle.item_ids), bundle.n_items)
+    return _remap(rows, item_mapping(item_ids, bundle.item_ids), bundle.n_items)
 
 
-def evaluate_bundle(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: int = 2000) -> dict[str, float]:
-    """The protocol's metrics of a bundle on ``split`` of ``snap``, in the snapshot's item space.
+def bundle_topk(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: int = 2000) -> np.ndarray:
+    """int64 [U, 100]: the bundle's top-100 for ``split``'s users, in the snapshot's item
+    space (-1 for titles the snapshot does not hold).
 
     A bundle trained on another snapshot has its own vocabulary: fold-in items it does
     not know are dropped from its input, and its recommendations of titles that the
     snapshot does not hold count as misses. So models of different weeks are compared on
     exactly the same users and held-out items.
     """
-    to_bundle = _mapping(snap.item_ids, bundle.item_ids)
-    fold_in = _remap(split.fold_in, to_bundle, bundle.n_items)
-    topk = model_topk(bundle.model, fold_in, 100, batch_size)
-    to_snap = _mapping(bundle.item_ids, snap.item_ids)
-    return summarize(np.where(topk >= 0, to_snap[np.clip(topk, 0, None)], -1), split.held_out)
+    topk = model_topk(bundle.model, bundle_rows(bundle, snap.item_ids, split.fold_in), 100, batch_size)
+    to_snap = item_mapping(bundle.item_ids, snap.item_ids)
+    return np.where(topk >= 0, to_snap[np.clip(topk, 0, None)], -1)
+
+
+def evaluate_bundle(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: int = 2000) -> dict[str, float]:
+    """The protocol's metrics of a bundle on ``split`` of ``snap`` (see :func:`bundle_topk`)."""
+    return summarize(bundle_topk(bundle, snap, split, batch_size), split.held_out)
 
 
 def health(bundle: ModelBundle, fold_in: CSR, k: int, batch_size: int = 2000) -> dict[str, float]:
@@ -202,7 +201,7 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     checks, metrics = decision.checks, decision.metrics
 
     # 5. (first: it explains every other figure) The challenger knows the snapshot's titles.
-    overlap = float(np.mean(_mapping(snap.item_ids, cand.item_ids) >= 0)) if snap.n_items else 0.0
+    overlap = float(np.mean(item_mapping(snap.item_ids, cand.item_ids) >= 0)) if snap.n_items else 0.0
     metrics["challenger_vocabulary_overlap"] = overlap
     checks.append(Check("vocabulary", overlap >= g.min_vocabulary_overlap,
                         f"{overlap:.1%} of the snapshot's {snap.n_items} titles are in the model's vocabulary "
@@ -236,7 +235,7 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
         decision.reasons.append("no champion yet: a first model is promoted when it beats popularity")
 
     # 3. and 4. Collapse and score health of the challenger.
-    fold_in = _remap(snap.val.fold_in, _mapping(snap.item_ids, cand.item_ids), cand.n_items)
+    fold_in = bundle_rows(cand, snap.item_ids, snap.val.fold_in)
     h = health(cand, fold_in, cfg.scoring.k, cfg.training.eval_batch_size)
     metrics.update({"challenger_active_units": h["active_units"], "challenger_popularity_share": h["popularity_share"],
                     "challenger_scores_finite": h["finite"]})

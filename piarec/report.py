@@ -127,16 +127,6 @@ def group_table(topk: np.ndarray, split) -> list[dict[str, Any]]:
     return summarize_groups(per_user, groups)
 
 
-def _bundle_topk(bundle, snap, split, batch_size: int) -> np.ndarray:
-    """The bundle's top-100 of ``split`` in the snapshot's item space (as the gate ranks)."""
-    from piarec.evaluation import model_topk
-    from piarec.gate import bundle_rows, item_mapping
-
-    topk = model_topk(bundle.model, bundle_rows(bundle, snap.item_ids, split.fold_in), 100, batch_size)
-    to_snap = item_mapping(bundle.item_ids, snap.item_ids)
-    return np.where(topk >= 0, to_snap[np.clip(topk, 0, None)], -1)
-
-
 def build_report(bundle, snap, cfg: PipelineConfig, out_dir: str | Path, *, title: str = "", seed: int = 0
                  ) -> dict[str, Any]:
     """Compute the report of ``bundle`` on ``snap`` and write it to ``out_dir``.
@@ -144,7 +134,7 @@ def build_report(bundle, snap, cfg: PipelineConfig, out_dir: str | Path, *, titl
     Returns the JSON-ready dict that ``report.json`` holds. Needs validation users.
     """
     from piarec.diagnostics import collapse_metrics, kl_per_dimension
-    from piarec.gate import bundle_rows
+    from piarec.gate import bundle_rows, bundle_topk
     from piarec.metrics import summarize
 
     if snap.val.n_users < 2:
@@ -156,7 +146,7 @@ def build_report(bundle, snap, cfg: PipelineConfig, out_dir: str | Path, *, titl
     kl_dims = kl_per_dimension(bundle.model, val_rows)
 
     test = snap.test if snap.test.n_users > 0 else snap.val
-    topk = _bundle_topk(bundle, snap, test, cfg.training.eval_batch_size)
+    topk = bundle_topk(bundle, snap, test, cfg.training.eval_batch_size)
     table = group_table(topk, test)
     overall = summarize(topk, test.held_out)
 
