@@ -106,14 +106,19 @@ def register_challenger(cfg, snapshot_uri: str, model, item_ids, popularity) -> 
     return version
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A published planted snapshot and a first model trained on it (version 1, challenger)."""
-    root = tmp_path_factory.mktemp("gate")
+def train_planted(root: Path):
+    """The planted snapshot published under ``root`` and a first model trained on it by
+    ``run_training`` (version 1, challenger): ``(cfg, snap, snapshot uri, training summary)``."""
     snap = planted()
     uri = write_snapshot(snap, root / "snapshots" / "window_end=2026-04-01")
     cfg = small_cfg(root)
-    out = run_training(cfg, uri)
+    return cfg, snap, uri, run_training(cfg, uri)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A published planted snapshot and a first model trained on it (version 1, challenger)."""
+    cfg, _, uri, out = train_planted(tmp_path_factory.mktemp("gate"))
     return cfg, uri, out
 
 

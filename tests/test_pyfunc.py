@@ -17,19 +17,14 @@ import pytest
 from piarec import registry
 from piarec.scorer import TopKScorer
 from piarec.score_io import map_histories
-from piarec.train_job import run_training
-from test_gate import planted, small_cfg, write_snapshot
+from test_gate import train_planted
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pyfunc")
-    snap = planted()
-    uri = write_snapshot(snap, root / "snapshots" / "window_end=2026-04-01")
-    cfg = small_cfg(root)
-    out = run_training(cfg, uri)
+    cfg, snap, _, out = train_planted(tmp_path_factory.mktemp("pyfunc"))
     registry.set_alias(cfg, "champion", out["version"])
     return cfg, snap, out
 
