@@ -5,7 +5,7 @@
         [--out docs/_bench_build_matrix.md]
 
 For each size (millions of events) a synthetic log of 90 daily partitions is generated with
-:func:`piarec.synthetic.generate_events` (users sized to hit the event count; 4,000 titles;
+:func:`piarec.data.synthetic.generate_events` (users sized to hit the event count; 4,000 titles;
 cached under ``--workdir`` between runs) and, in one Spark session on ``local[2]``:
 
 - scan: every column the job reads (``user_id, item_id, event_type, ts, watch_seconds``)
@@ -44,7 +44,7 @@ COLUMNS = ["user_id", "item_id", "event_type", "ts", "watch_seconds"]
 
 def events_dir(workdir: Path, millions: float) -> tuple[Path, dict]:
     """The cached synthetic log of ~``millions`` M events (generated on first use)."""
-    from piarec.synthetic import generate_events
+    from piarec.data.synthetic import generate_events
 
     users = max(DAYS, round(millions * 1e6 / EVENTS_PER_USER))
     path = workdir / f"events-u{users}-i{ITEMS}-d{DAYS}-s0"
@@ -184,7 +184,7 @@ def render(rows: list[dict], args: argparse.Namespace, spark_cfg) -> str:
         f"master {args.master}, spark.sql.shuffle.partitions {spark_cfg.shuffle_partitions} "
         "(AQE on), driver memory 6g.",
         "",
-        f"Input: synthetic events (piarec.synthetic, {ITEMS:,} titles, {DAYS} daily partitions, "
+        f"Input: synthetic events (piarec.data.synthetic, {ITEMS:,} titles, {DAYS} daily partitions, "
         "zstd Parquet); job: default configuration, 90-day window. Best of "
         f"{args.repeats} alternating runs per size after a warm-up; events/s = events read / "
         "wall seconds. Scan = the job's five columns written to the noop sink.",

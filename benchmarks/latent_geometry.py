@@ -4,7 +4,7 @@
     python benchmarks/latent_geometry.py --data PATH [--format auto] [--heldout-users 100]
         [--seeds 3] [--lambda-a 0.01] [--figure docs/figures/latent_geometry.png] [--json OUT]
 
-Trains three models on one split (piarec.datasets, strong generalization): keep_prob 1.0,
+Trains three models on one split (piarec.research.datasets, strong generalization): keep_prob 1.0,
 keep_prob 0.5, and keep_prob 0.5 + PIA (lambda_A fixed, schedule off), each for ``--seeds``
 seeds, epochs picked on validation NDCG@100. Writes a 3-panel t-SNE of the validation + test
 users' posterior means coloured by activity cohort (seed 0), with the cohorts' silhouette
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from piarec.config import DiagnosticsConfig, load_config
-from piarec.datasets import load_dataset
-from piarec.diagnostics import collapse_metrics
-from piarec.evaluation import model_topk
-from piarec.report import group_table, latent_geometry, plot_tsne, pyplot
-from piarec.sparse import CSR
-from piarec.trainer import train
+from piarec.research.datasets import load_dataset
+from piarec.evaluate.diagnostics import collapse_metrics
+from piarec.evaluate.protocol import model_topk
+from piarec.evaluate.report import group_table, latent_geometry, plot_tsne, pyplot
+from piarec.data.csr import CSR
+from piarec.train.trainer import train
 
 SETTINGS = (("no masking", 1.0, False), ("masking", 0.5, False), ("masking + PIA", 0.5, True))
 MASK_KEEP_PROB = 0.5

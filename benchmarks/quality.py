@@ -10,9 +10,9 @@ backbone ``multivae`` or ``recvae`` and encoder ``deeper``, ``iaf`` or ``liang``
 ``+lr`` (latent reconstruction, weight ``--lr-weight`` warmed up over ``--lr-warmup-epochs``)
 and ``+nc`` (noise-contrastive, weight ``--nc-weight``, prior N(0, ``--nc-scale``^2 I), noise
 ``--nc-noise``) switch on the collapse regularizers of ``model.regularizers``. Each neural
-run also reports the collapse diagnostics of ``piarec.diagnostics`` on the test users.
+run also reports the collapse diagnostics of ``piarec.evaluate.diagnostics`` on the test users.
 
-Protocol (piarec.datasets): strong generalization, one fixed split (``--split-seed``),
+Protocol (piarec.research.datasets): strong generalization, one fixed split (``--split-seed``),
 training seeds 0..S-1. Everything is picked on validation users: the epoch (best validation
 NDCG@100, early stopping after ``--patience`` epochs without improvement), EASE's lambda,
 and PIA's starting lambda_A (grid ``--lambda-grid``, trained with seed 0; the other seeds
@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from piarec.baselines import DEFAULT_EASE_LAMBDAS, fit_ease_on_validation
-from piarec.compare import paired_bootstrap
+from piarec.models.baselines import DEFAULT_EASE_LAMBDAS, fit_ease_on_validation
+from piarec.evaluate.compare import paired_bootstrap
 from piarec.config import DiagnosticsConfig, load_config
-from piarec.datasets import load_dataset
-from piarec.diagnostics import collapse_metrics
-from piarec.evaluation import model_topk, per_user_evaluation, popularity_topk, train_popularity
-from piarec.metrics import interaction_groups, summarize, summarize_groups
-from piarec.trainer import train
+from piarec.research.datasets import load_dataset
+from piarec.evaluate.diagnostics import collapse_metrics
+from piarec.evaluate.protocol import model_topk, per_user_evaluation, popularity_topk, train_popularity
+from piarec.evaluate.metrics import interaction_groups, summarize, summarize_groups
+from piarec.train.trainer import train
 
 METRICS = ("recall_at_20", "recall_at_50", "ndcg_at_100")
 ENCODERS = {"shallow": {}, "deeper": {"encoder": "deeper"}, "iaf": {"encoder": "iaf"},
@@ -206,7 +206,7 @@ def markdown(snap, args, results: dict[str, dict[str, Any]]) -> str:
 
     diag_rows = [(n, r["runs"]) for n, r in results.items() if r["runs"] and "diagnostics" in r["runs"][0]]
     if diag_rows:
-        out += ["", "Collapse diagnostics of the selected models on the test users (piarec.diagnostics, mean over "
+        out += ["", "Collapse diagnostics of the selected models on the test users (piarec.evaluate.diagnostics, mean over "
                 "seeds; KL and MI in nats, MI bound log N):", "",
                 "| model | " + " | ".join(DIAGNOSTICS) + " |", "| --- |" + " --- |" * len(DIAGNOSTICS)]
         for name, runs in diag_rows:

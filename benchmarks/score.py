@@ -14,7 +14,7 @@ the popularity fallback). Every arm reads those Parquet files and writes Parquet
 - plain: the reference loop: pyarrow reader, vectorised vocabulary mapping, sparse
   encoder, fp32 decoder in batches of 4,096, mask, ``torch.topk``, pyarrow Parquet zstd
   writer with default settings; torch on all cores. Stage times are reported.
-- local: ``piarec score --engine local`` (:func:`piarec.score_local.run_local`), one worker
+- local: ``piarec score --engine local`` (:func:`piarec.daily.local_engine.run_local`), one worker
   thread per core, and again with one worker thread.
 - spark: ``piarec score --histories`` (:func:`pipelines.score_users.run`), local[cores],
   timed after a warm-up run on a smaller day in the same session.
@@ -52,9 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 def make_model(directory: Path, n_items: int) -> Path:
     import torch
 
-    from piarec.bundle import save_bundle
+    from piarec.models.bundle import save_bundle
     from piarec.config import ModelConfig
-    from piarec.model import MultiVAE
+    from piarec.models.multivae import MultiVAE
 
     if (directory / "config.json").is_file():
         return directory
@@ -126,9 +126,9 @@ def arm_plain(args: argparse.Namespace) -> dict:
     import pyarrow.dataset as ds
     import torch
 
-    from piarec.bundle import load_bundle
-    from piarec.model import SparseBatch
-    from piarec.score_io import OUTPUT_SCHEMA, map_arrow_lists
+    from piarec.models.bundle import load_bundle
+    from piarec.models.multivae import SparseBatch
+    from piarec.scoring.arrow import OUTPUT_SCHEMA, map_arrow_lists
 
     bundle = load_bundle(args.model)
     model, vocab = bundle.model.eval(), pa.array(bundle.item_ids.tolist(), pa.string())
@@ -183,8 +183,8 @@ def arm_plain(args: argparse.Namespace) -> dict:
 
 def arm_local(args: argparse.Namespace) -> dict:
     from piarec.config import load_config
-    from piarec.score_local import run_local
-    from piarec.score_run import plan_arms
+    from piarec.daily.local_engine import run_local
+    from piarec.daily.run import plan_arms
 
     cfg = load_config(args.config, environ={})
     plan = plan_arms(cfg, args.model, "champion")

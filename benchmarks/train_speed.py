@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from piarec.config import ModelConfig
-from piarec.model import MultiVAE, SparseBatch, alignment_closed_form, gaussian_kl
-from piarec.sparse import CSR
+from piarec.models.multivae import MultiVAE, SparseBatch, alignment_closed_form, gaussian_kl
+from piarec.data.csr import CSR
 
 
 def synthetic_ml20m(n_users: int, n_items: int, n_pos: int, seed: int = 0) -> CSR:

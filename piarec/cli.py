@@ -40,7 +40,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_generate_events(args: argparse.Namespace) -> int:
-    from piarec.synthetic import generate_events
+    from piarec.data.synthetic import generate_events
 
     summary = generate_events(args.out, users=args.users, items=args.items, days=args.days,
                               seed=args.seed, start=args.start, progress=log.info)
@@ -49,7 +49,7 @@ def cmd_generate_events(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from piarec.train_job import run_training
+    from piarec.train.job import run_training
 
     cfg = _config(args)
     if args.epochs:
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from piarec.gate import promote
+    from piarec.registry.gate import promote
 
     decision = promote(_config(args))
     print(decision.summary())
@@ -68,7 +68,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from piarec.report import report_run
+    from piarec.evaluate.report import report_run
 
     out = report_run(_config(args), args.run, args.out, seed=args.seed)
     print(json.dumps({"out_dir": out["out_dir"], "collapse": out["collapse"],

@@ -167,7 +167,7 @@ class ModelConfig(_Section):
 
 
 class DiagnosticsConfig(_Section):
-    # Posterior-collapse diagnostics on validation users (piarec/diagnostics.py).
+    # Posterior-collapse diagnostics on validation users (piarec/evaluate/diagnostics.py).
     enabled: bool = True  # compute them after validation evaluations
     every: int = Field(1, ge=1)  # every this many epochs
     users: int = Field(1000, ge=2)  # users sampled for active units, KL, mutual information
@@ -226,7 +226,7 @@ class ScoringConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Decoder precision. "auto" = bf16 on a GPU, fp32 on the CPU. bf16 is followed by an
     # exact correction pass, so the top-K and its scores never depend on this setting
-    # beyond fp32 rounding (see piarec/scorer.py).
+    # beyond fp32 rounding (see piarec/scoring/scorer.py).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Local engine worker threads, each scoring whole batches (null = one per CPU core).
     threads: int | None = Field(None, ge=1)
@@ -255,7 +255,7 @@ class SparkConfig(_Section):
 
 
 class GateConfig(_Section):
-    # The promotion gate (piarec/gate.py): challenger vs popularity and champion, evaluated
+    # The promotion gate (piarec/registry/gate.py): challenger vs popularity and champion, evaluated
     # by the gate on the same validation users of the challenger's snapshot.
     # Every challenger must beat popularity on this validation metric by this relative uplift.
     metric: str = "ndcg_at_100"
@@ -263,7 +263,7 @@ class GateConfig(_Section):
     # NDCG@100 and Recall@20 may be at most this much (relative) below the champion's.
     tolerance: float = Field(0.02, ge=0.0, lt=1.0)
     # Posterior collapse: at least this many latent units must be active (posterior-mean
-    # variance over validation users > 0.01, piarec/diagnostics.py).
+    # variance over validation users > 0.01, piarec/evaluate/diagnostics.py).
     min_active_units: int = Field(5, ge=0)
     # At most this share of validation users may get exactly the popularity top-K.
     max_popularity_share: float = Field(0.2, ge=0.0, le=1.0)

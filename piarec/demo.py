@@ -35,11 +35,11 @@ def run_demo(
     """Run every stage and return (and write to ``<workdir>/demo-summary.json``) a summary."""
     from pipelines import build_matrix, score_users
     from pipelines.spark import get_spark
-    from piarec.gate import promote
-    from piarec.score_run import output_uri
-    from piarec.snapshot import snapshot_uri
-    from piarec.synthetic import generate_events
-    from piarec.train_job import run_training
+    from piarec.registry.gate import promote
+    from piarec.daily.run import output_uri
+    from piarec.data.snapshot import snapshot_uri
+    from piarec.data.synthetic import generate_events
+    from piarec.train.job import run_training
 
     root = os.path.abspath(workdir)
     cfg = load_config(config_path, overrides={

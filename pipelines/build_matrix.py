@@ -7,7 +7,7 @@ Weekly: read the window's partitions, drop and count dirty events, keep positive
 item) pairs once per user, apply the training filters (bot cap, then minimum users per item,
 then minimum positives per user), index items by popularity and users by a hash order, split
 users by a salted hash, split held-out users' items into fold-in and held-out parts, and
-publish ``<out>/window_end=YYYY-MM-DD/`` atomically (layout in :mod:`piarec.snapshot`).
+publish ``<out>/window_end=YYYY-MM-DD/`` atomically (layout in :mod:`piarec.data.snapshot`).
 
 Daily (``--daily``): the same reading and cleaning for ``[D - scoring.history_days, D + 1)``,
 one row per active user ``user_id, history, seen`` (no training filter), published as
@@ -41,7 +41,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from piarec.config import PipelineConfig, load_config  # noqa: E402
 from piarec.errors import InputDataError, PiarecError  # noqa: E402
-from piarec.snapshot import (  # noqa: E402
+from piarec.data.snapshot import (  # noqa: E402
     HISTORIES_MANIFEST,
     HISTORIES_SCHEMA_VERSION,
     SCHEMA_VERSION,
@@ -49,7 +49,7 @@ from piarec.snapshot import (  # noqa: E402
     histories_uri,
     snapshot_uri,
 )
-from piarec.storage import publish_dir, remove, resolve, temp_sibling  # noqa: E402
+from piarec.data.storage import publish_dir, remove, resolve, temp_sibling  # noqa: E402
 from pipelines.events import (  # noqa: E402
     DROP_REASONS,
     EventsInput,

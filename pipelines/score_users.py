@@ -9,24 +9,24 @@ Extract: the histories of day D (``user_id, history, seen``, one row per user ac
 daily transform :func:`pipelines.events.daily_histories`, or read from the published
 histories dataset ``<ROOT>/dt=D/`` (``--histories``; ROOT defaults to
 ``storage.histories_uri``). Transform: ``mapInArrow`` with
-:class:`piarec.scorer.TopKScorer` in every Python worker; with a challenger
+:class:`piarec.scoring.scorer.TopKScorer` in every Python worker; with a challenger
 (``--challenger`` or ``scoring.challenger_uri``) each user is scored by the model of the
 arm a salted hash of their id assigns them. Load: each task writes its rows as Parquet
-(zstd) under ``<staging>/arm=<arm>/`` itself, with pyarrow through :mod:`piarec.storage`
+(zstd) under ``<staging>/arm=<arm>/`` itself, with pyarrow through :mod:`piarec.data.storage`
 (local or S3, the same writer as the single-node engine), and returns one summary row per
 arm. The driver commits: it keeps the files of the task attempts whose summaries it
 collected (Spark returns exactly one successful attempt per partition), deletes those of
 failed or duplicate attempts, and publishes each arm as ``<out>/dt=D/arm=<arm>/`` with
-``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.score_run.publish_run`). So the
+``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.daily.run.publish_run`). So the
 output path never goes through Spark's Hadoop filesystem layer: S3 works without the s3a
 connector and is tested against a local S3 server.
 
 ``--engine local`` runs the same day on one machine without Spark
-(:func:`piarec.score_local.run_local`, from the histories dataset; a GPU when present):
+(:func:`piarec.daily.local_engine.run_local`, from the histories dataset; a GPU when present):
 same output, same publishing. This module imports pyspark only on the Spark path.
 
 Each model travels to executors as the bytes of its bundle files in a broadcast; every
-Python worker loads it once (weights-only, through :func:`piarec.bundle.load_bundle`)
+Python worker loads it once (weights-only, through :func:`piarec.models.bundle.load_bundle`)
 and keeps it for later tasks, keyed by the files' digest.
 
 The ``pipelines`` package must be importable on executors (installed in the image, or
@@ -48,7 +48,7 @@ import pyarrow as pa
 
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError, PiarecError
-from piarec.score_run import (
+from piarec.daily.run import (
     MANIFEST,
     ArmCounts,
     ArmPlan,
@@ -63,8 +63,8 @@ from piarec.score_run import (
     staged,
     window,
 )
-from piarec.score_io import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
-from piarec.storage import resolve
+from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.data.storage import resolve
 
 __all__ = ["MANIFEST", "main", "output_uri", "run", "score_partition", "score_to_staging", "write_partition"]
 
@@ -109,12 +109,12 @@ def score_partition(
     per input row; every output batch holds one arm.
 
     ``arms``: ``{"name", "version", "digest", "broadcast"}`` per arm, the control first;
-    with two arms a user goes to the second when :func:`piarec.score_io.in_share` says so.
+    with two arms a user goes to the second when :func:`piarec.scoring.arrow.in_share` says so.
     """
     import torch
 
-    from piarec.scorer import TopKScorer
-    from piarec.score_io import map_arrow_lists, to_record_batch
+    from piarec.scoring.scorer import TopKScorer
+    from piarec.scoring.arrow import map_arrow_lists, to_record_batch
 
     # Spark runs one task per core; torch threads on top would oversubscribe the executor.
     torch.set_num_threads(1)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         challenger = args.challenger or cfg.scoring.challenger_uri
         histories = cfg.storage.histories_uri if args.histories == _DEFAULT_ROOT else args.histories
         if (args.engine or cfg.scoring.engine) == "local":
-            from piarec.score_local import run_local
+            from piarec.daily.local_engine import run_local
 
             if args.events:
                 raise ConfigError("the local engine reads the published histories (--histories), not events")

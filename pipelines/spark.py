@@ -69,7 +69,7 @@ def _under_spark_submit() -> bool:
 def spark_path(uri: str) -> str:
     """The path Spark should read or write for a storage URI.
 
-    Local paths become absolute, so Spark and :mod:`piarec.storage` (which also makes them
+    Local paths become absolute, so Spark and :mod:`piarec.data.storage` (which also makes them
     absolute) name the same folder whatever the working directory of the executors is.
     ``s3://`` URIs are passed through unchanged: the cluster maps the scheme onto the s3a
     connector (``spark.hadoop.fs.s3.impl``), see docs/architecture.md.

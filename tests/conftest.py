@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from piarec.sparse import CSR
+from piarec.data.csr import CSR
 
 
 def planted_split(n_users: int, n_groups: int = 8, items_per_group: int = 25, per_user: int = 8,
@@ -29,7 +29,7 @@ def planted_split(n_users: int, n_groups: int = 8, items_per_group: int = 25, pe
 
 @pytest.fixture
 def planted_snapshot():
-    from piarec.snapshot import Snapshot, Split
+    from piarec.data.snapshot import Snapshot, Split
 
     train, _, _ = planted_split(800, seed=0)
     _, vf, vh = planted_split(64, seed=1)

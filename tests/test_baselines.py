@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from piarec.baselines import EASE, ease_weights, fit_ease, fit_ease_on_validation, gram
-from piarec.snapshot import Split
-from piarec.sparse import CSR
+from piarec.models.baselines import EASE, ease_weights, fit_ease, fit_ease_on_validation, gram
+from piarec.data.snapshot import Split
+from piarec.data.csr import CSR
 
 
 def test_ease_two_items_hand_computed():

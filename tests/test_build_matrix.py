@@ -37,7 +37,7 @@ from piarec.config import (
     SplitConfig,
 )
 from piarec.errors import ConfigError, InputDataError
-from piarec.snapshot import HISTORIES_MANIFEST, histories_uri, load_snapshot, snapshot_uri
+from piarec.data.snapshot import HISTORIES_MANIFEST, histories_uri, load_snapshot, snapshot_uri
 
 pyspark = pytest.importorskip("pyspark")
 from pyspark.sql import Observation  # noqa: E402

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from piarec.compare import paired_bootstrap
+from piarec.evaluate.compare import paired_bootstrap
 
 
 def test_constant_shift_has_a_degenerate_interval():

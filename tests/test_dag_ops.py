@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags" / "tools"))
 import piarec_ops as ops  # noqa: E402
 
 from piarec.config import load_config  # noqa: E402
-from piarec.score_io import OUTPUT_SCHEMA  # noqa: E402
+from piarec.scoring.arrow import OUTPUT_SCHEMA  # noqa: E402
 
 DAY = dt.date(2026, 4, 9)
 

@@ -40,7 +40,7 @@ def stack(tmp_path_factory):
     """AIRFLOW_HOME with a migrated SQLite metadata DB, the Spark connection from the
     environment, a storage root with generated events, and the env for every command."""
     _require_airflow()
-    from piarec.synthetic import generate_events
+    from piarec.data.synthetic import generate_events
 
     base = tmp_path_factory.mktemp("airflow")
     root = base / "work"
@@ -163,7 +163,7 @@ def test_spark_environment_has_no_pyspark_client():
 # --------------------------------------------------------------------------- real runs
 def test_weekly_training_then_daily_scoring_end_to_end(stack):
     env, root = stack
-    from piarec.storage import is_published
+    from piarec.data.storage import is_published
 
     out = dags_test(env, "piarec_weekly_training", WEEK)
     snap = root / "snapshots" / f"window_end={WEEK}"

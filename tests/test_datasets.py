@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from piarec.datasets import build_snapshot, detect_format, load_dataset, read_interactions
+from piarec.research.datasets import build_snapshot, detect_format, load_dataset, read_interactions
 from piarec.errors import InputDataError
 
 # Six users x ratings: u1..u5 have >= 5 ratings >= 4; u6 has only 3 positives.
@@ -89,7 +89,7 @@ def _big_ratings(n_users=60, seed=0):
         for i in rng.choice(40, size=rng.integers(3, 20), replace=False):
             rows.append((str(u), str(i), float(rng.integers(1, 6))))
     u, i, r = map(np.array, zip(*rows))
-    from piarec.datasets import Interactions
+    from piarec.research.datasets import Interactions
     return Interactions(u.astype(object), i.astype(object), r, None, "csv")
 
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from piarec.config import DiagnosticsConfig, ModelConfig
-from piarec.diagnostics import (
+from piarec.evaluate.diagnostics import (
     active_units, collapse_metrics, decoder_ima_contrast, ima_contrast, kl_per_dim, kl_per_dimension,
     map_ima_contrast, mask_stability, mutual_information, posterior_gaussians, self_consistency,
 )
-from piarec.model import MultiVAE, SparseBatch, build_model, gaussian_kl
-from piarec.sparse import CSR
+from piarec.models.multivae import MultiVAE, SparseBatch, build_model, gaussian_kl
+from piarec.data.csr import CSR
 
 N_ITEMS = 40
 SMALL = ModelConfig(hidden_dim=16, latent_dim=6)

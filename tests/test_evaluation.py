@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from piarec.evaluation import per_user_evaluation, scores_topk
-from piarec.metrics import PAPER_GROUPS, interaction_groups, per_user_metrics, summarize_groups
-from piarec.snapshot import Split
-from piarec.sparse import CSR
+from piarec.evaluate.protocol import per_user_evaluation, scores_topk
+from piarec.evaluate.metrics import PAPER_GROUPS, interaction_groups, per_user_metrics, summarize_groups
+from piarec.data.snapshot import Split
+from piarec.data.csr import CSR
 
 
 def test_paper_groups_when_every_group_is_populated():

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from piarec import storage
-from piarec.synthetic import generate_events
+from piarec.data import storage
+from piarec.data.synthetic import generate_events
 
 pytestmark = pytest.mark.slow
 DAY = dt.date(2026, 1, 20)

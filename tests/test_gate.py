@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from piarec import registry
-from piarec.bundle import save_bundle
+from piarec.registry import client as registry
+from piarec.models.bundle import save_bundle
 from piarec.config import load_config
-from piarec.gate import CHALLENGER, CHAMPION, promote
-from piarec.snapshot import SCHEMA_VERSION, Snapshot
-from piarec.train_job import _log_pyfunc, run_training
+from piarec.registry.gate import CHALLENGER, CHAMPION, promote
+from piarec.data.snapshot import SCHEMA_VERSION, Snapshot
+from piarec.train.job import _log_pyfunc, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -71,7 +71,7 @@ def planted(n_train: int = 800) -> Snapshot:
     """The planted checkerboard of tests/conftest.py as a Snapshot (users of 8 blocks)."""
     from conftest import planted_split
 
-    from piarec.snapshot import Split
+    from piarec.data.snapshot import Split
 
     train, _, _ = planted_split(n_train, seed=0)
     _, vf, vh = planted_split(64, seed=1)

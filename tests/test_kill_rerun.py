@@ -16,10 +16,10 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from piarec.bundle import save_bundle
+from piarec.models.bundle import save_bundle
 from piarec.config import ModelConfig
-from piarec.model import MultiVAE
-from piarec.synthetic import generate_events
+from piarec.models.multivae import MultiVAE
+from piarec.data.synthetic import generate_events
 
 pytestmark = pytest.mark.slow
 DAY = dt.date(2026, 2, 9)

@@ -2,8 +2,8 @@ import math
 
 import numpy as np
 
-from piarec.metrics import ndcg_at_k, recall_at_k
-from piarec.sparse import CSR
+from piarec.evaluate.metrics import ndcg_at_k, recall_at_k
+from piarec.data.csr import CSR
 
 
 def test_recall_uses_min_of_k_and_heldout_count():

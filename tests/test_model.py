@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from piarec.config import ModelConfig
-from piarec.model import MultiVAE, SparseBatch, alignment_closed_form, multinomial_nll
-from piarec.sparse import CSR
+from piarec.models.multivae import MultiVAE, SparseBatch, alignment_closed_form, multinomial_nll
+from piarec.data.csr import CSR
 
 ROWS = [[0, 3, 5], [1], [2, 4, 6, 7]]
 
@@ -78,10 +78,10 @@ def test_loss_without_pia_has_zero_alignment_and_decoder_variants_shape():
 
 
 # -- IAF encoder ------------------------------------------------------------------------
-from piarec.bundle import load_bundle, save_bundle  # noqa: E402
-from piarec.flows import IAF, log_normal  # noqa: E402
-from piarec.model import Phase, build_model  # noqa: E402
-from piarec.recvae import RecVAE  # noqa: E402
+from piarec.models.bundle import load_bundle, save_bundle  # noqa: E402
+from piarec.models.flows import IAF, log_normal  # noqa: E402
+from piarec.models.multivae import Phase, build_model  # noqa: E402
+from piarec.models.recvae import RecVAE  # noqa: E402
 
 
 def _scramble(module: torch.nn.Module, scale: float = 0.5) -> None:

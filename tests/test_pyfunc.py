@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from piarec import registry
-from piarec.scorer import TopKScorer
-from piarec.score_io import map_histories
+from piarec.registry import client as registry
+from piarec.scoring.scorer import TopKScorer
+from piarec.scoring.arrow import map_histories
 from test_gate import train_planted
 
 pytestmark = pytest.mark.filterwarnings("ignore")

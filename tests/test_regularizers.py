@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from piarec.config import ModelConfig, RegularizerConfig
-from piarec.model import (
+from piarec.models.multivae import (
     MultiVAE, SparseBatch, alignment_closed_form, build_model, gaussian_kl, gaussian_kl_wide, multinomial_nll,
     sample_from_decoder, swap_items, warmup_weight,
 )
-from piarec.sparse import CSR
+from piarec.data.csr import CSR
 
 N_ITEMS = 30
 ROWS = [[0, 3, 5, 9], [1, 2], [2, 4, 6, 7, 20], [11, 12, 13]]

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from piarec import registry
+from piarec.registry import client as registry
 from piarec.cli import main
-from piarec.report import REPORT_ARTIFACT_DIR, activity_cohorts, cohort_silhouette, report_run
-from piarec.train_job import run_training
-from piarec.snapshot import Split
-from piarec.sparse import CSR
+from piarec.evaluate.report import REPORT_ARTIFACT_DIR, activity_cohorts, cohort_silhouette, report_run
+from piarec.train.job import run_training
+from piarec.data.snapshot import Split
+from piarec.data.csr import CSR
 from test_gate import planted, small_cfg, write_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore")

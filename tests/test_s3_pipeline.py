@@ -16,9 +16,9 @@ import pyarrow.fs as pafs
 import pytest
 from s3server import BUCKET, moto_s3
 
-from piarec import storage
+from piarec.data import storage
 from piarec.config import load_config
-from piarec.synthetic import generate_events
+from piarec.data.synthetic import generate_events
 
 pytestmark = pytest.mark.slow
 START, DAYS = dt.date(2026, 1, 1), 40
@@ -61,7 +61,7 @@ def test_generator_writes_events_to_s3(s3, local_snapshot):
 
 
 def test_snapshot_reads_the_same_from_s3(s3, local_snapshot):
-    from piarec.snapshot import load_snapshot
+    from piarec.data.snapshot import load_snapshot
 
     _, local_uri = local_snapshot
     remote_uri = f"s3://{BUCKET}/root/snapshots/{local_uri.rsplit('/', 1)[1]}"
@@ -77,8 +77,8 @@ def test_snapshot_reads_the_same_from_s3(s3, local_snapshot):
 def test_training_logs_model_artifacts_to_s3_and_resolves_them(s3, local_snapshot, tmp_path):
     import boto3
 
-    from piarec.registry import load_model
-    from piarec.train_job import run_training
+    from piarec.registry.client import load_model
+    from piarec.train.job import run_training
 
     _, snap_uri = local_snapshot
     cfg = load_config(environ={}, overrides={
@@ -103,7 +103,7 @@ def test_training_logs_model_artifacts_to_s3_and_resolves_them(s3, local_snapsho
 def test_training_resumes_from_a_checkpoint_on_s3(s3, planted_snapshot):
     import torch
 
-    from piarec.trainer import train
+    from piarec.train.trainer import train
 
     cfg = lambda epochs: load_config(environ={}, overrides={  # noqa: E731
         "model": {"hidden_dim": 32, "latent_dim": 8},
@@ -120,7 +120,8 @@ def test_training_resumes_from_a_checkpoint_on_s3(s3, planted_snapshot):
 def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
     """Histories read from S3, recommendations published to S3: the same rows, manifest
     and markers as the same run on local folders."""
-    from piarec import score_local, score_run
+    from piarec.daily import local_engine as score_local
+    from piarec.daily import run as score_run
     from test_score_local import DAY, make_histories, read_arm, save_model, write_histories
 
     data = make_histories(60, seed=3)
@@ -155,7 +156,9 @@ def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
 
     from pyspark.sql import SparkSession
 
-    from piarec import score_local, score_run
+    from piarec.daily import local_engine as score_local
+
+    from piarec.daily import run as score_run
     from pipelines import score_users
     from pipelines.spark import get_spark
     from test_score_local import DAY, make_histories, read_arm, save_model, write_histories

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from piarec.score_io import in_share, user_hash
+from piarec.scoring.arrow import in_share, user_hash
 
 MASK = (1 << 64) - 1
 

@@ -18,12 +18,13 @@ import pytest
 import torch
 import yaml
 
-from piarec.bundle import load_bundle, save_bundle
+from piarec.models.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
-from piarec.model import MultiVAE
-from piarec import score_local, score_run
-from piarec.scorer import TopKScorer
-from piarec.score_io import HISTORY_SCHEMA, OUTPUT_SCHEMA, in_share, map_histories
+from piarec.models.multivae import MultiVAE
+from piarec.daily import local_engine as score_local
+from piarec.daily import run as score_run
+from piarec.scoring.scorer import TopKScorer
+from piarec.scoring.arrow import HISTORY_SCHEMA, OUTPUT_SCHEMA, in_share, map_histories
 from pipelines import score_users
 from test_score_local import assert_output_files
 

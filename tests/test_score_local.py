@@ -18,12 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from piarec import score_local, score_run
-from piarec.bundle import load_bundle, save_bundle
+from piarec.daily import local_engine as score_local
+
+from piarec.daily import run as score_run
+from piarec.models.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.errors import InputDataError
-from piarec.model import MultiVAE
-from piarec.score_io import OUTPUT_SCHEMA, in_share, map_histories
+from piarec.models.multivae import MultiVAE
+from piarec.scoring.arrow import OUTPUT_SCHEMA, in_share, map_histories
 from test_scorer import reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +227,8 @@ KILL_SCRIPT = """
 import sys, time
 from datetime import date
 from pathlib import Path
-from piarec import score_local, score_run
+from piarec.daily import local_engine as score_local
+from piarec.daily import run as score_run
 from piarec.config import load_config
 root = Path(sys.argv[1])
 cfg = load_config(environ={}, overrides={"storage": {"root": str(root)}, "scoring": {"k": 3, "batch_size": 4}})

@@ -7,12 +7,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from piarec.bundle import ModelBundle
+from piarec.models.bundle import ModelBundle
 from piarec.config import ModelConfig
-from piarec.model import MultiVAE, SparseBatch
-from piarec.scorer import MIN_ROWS, TopKScorer, top_k_rows, top_k_torch
-from piarec.score_io import OUTPUT_SCHEMA, WRITE_SCHEMA, map_arrow_lists, map_histories, to_record_batch
-from piarec.sparse import CSR
+from piarec.models.multivae import MultiVAE, SparseBatch
+from piarec.scoring.scorer import MIN_ROWS, TopKScorer, top_k_rows, top_k_torch
+from piarec.scoring.arrow import OUTPUT_SCHEMA, WRITE_SCHEMA, map_arrow_lists, map_histories, to_record_batch
+from piarec.data.csr import CSR
 
 N_USERS, N_ITEMS = 40, 60
 

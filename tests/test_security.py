@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from piarec.bundle import WEIGHTS_FILE, load_bundle, save_bundle
+from piarec.models.bundle import WEIGHTS_FILE, load_bundle, save_bundle
 from piarec.config import ModelConfig
 from piarec.errors import PathEscapeError
-from piarec.model import MultiVAE
-from piarec.storage import child_uri
+from piarec.models.multivae import MultiVAE
+from piarec.data.storage import child_uri
 
 
 class _Exploit:
@@ -72,8 +72,8 @@ def test_arm_names_from_configuration_cannot_escape(monkeypatch):
 def test_output_paths_are_built_from_checked_segments(tmp_path):
     import datetime as dt
 
-    from piarec.score_run import output_uri, staging_uri
-    from piarec.snapshot import histories_uri, snapshot_uri
+    from piarec.daily.run import output_uri, staging_uri
+    from piarec.data.snapshot import histories_uri, snapshot_uri
 
     day = dt.date(2026, 4, 30)
     root = str(tmp_path / "recs")

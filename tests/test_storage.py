@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from s3server import BUCKET, moto_s3
 
-from piarec import storage
+from piarec.data import storage
 
 
 @pytest.fixture(scope="module")

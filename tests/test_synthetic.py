@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from piarec.synthetic import EVENT_TYPES, generate_events
+from piarec.data.synthetic import EVENT_TYPES, generate_events
 
 USERS, ITEMS, DAYS = 2_000, 400, 30
 START = datetime.date(2026, 3, 1)

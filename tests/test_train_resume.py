@@ -20,11 +20,11 @@ import pytest
 import torch
 import yaml
 
-from piarec import registry
+from piarec.registry import client as registry
 from piarec.config import load_config
 from piarec.errors import TrainingError
-from piarec.model import MultiVAE
-from piarec.train_job import checkpoint_dir, run_training
+from piarec.models.multivae import MultiVAE
+from piarec.train.job import checkpoint_dir, run_training
 from test_gate import planted, write_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -4,9 +4,9 @@ import torch
 
 from piarec.config import load_config
 from piarec.errors import TrainingError
-from piarec.evaluation import evaluate_model, evaluate_popularity, train_popularity
-from piarec.model import MultiVAE, SparseBatch
-from piarec.trainer import LambdaSchedule, beta_at, train, train_step
+from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, train_popularity
+from piarec.models.multivae import MultiVAE, SparseBatch
+from piarec.train.trainer import LambdaSchedule, beta_at, train, train_step
 
 
 def _cfg(model=None, **training):
@@ -92,8 +92,8 @@ def test_resume_is_bit_exact_for_recvae_alternating_updates(planted_snapshot, tm
 
 
 def test_recvae_encoder_phase_leaves_the_decoder_alone(planted_snapshot):
-    from piarec.model import build_model
-    from piarec.trainer import _only_trainable
+    from piarec.models.multivae import build_model
+    from piarec.train.trainer import _only_trainable
 
     cfg = _cfg({"backbone": "recvae"})
     model = build_model(planted_snapshot.train.n_cols, cfg.model)

@@ -28,9 +28,9 @@ import pyarrow.dataset as ds
 
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import PiarecError
-from piarec.score_io import OUTPUT_SCHEMA
-from piarec.snapshot import snapshot_uri
-from piarec.storage import SUCCESS, child_uri, exists, is_published, read_json, resolve, write_bytes, write_json
+from piarec.scoring.arrow import OUTPUT_SCHEMA
+from piarec.data.snapshot import snapshot_uri
+from piarec.data.storage import SUCCESS, child_uri, exists, is_published, read_json, resolve, write_bytes, write_json
 
 NOT_READY = 1  # events-ready: a sensor pokes again
 MANIFEST = "_manifest.json"  # the recommendations partition's manifest (pipelines/score_users.py)

@@ -1,4 +1,4 @@
-"""Adapters from public interaction files to an in-memory :class:`~piarec.snapshot.Snapshot`.
+"""Adapters from public interaction files to an in-memory :class:`~piarec.data.snapshot.Snapshot`.
 
 Formats (``fmt``; ``"auto"`` detects from the file name, then from its content):
 
@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from piarec.errors import InputDataError
-from piarec.snapshot import Snapshot, Split
-from piarec.sparse import CSR
+from piarec.data.snapshot import Snapshot, Split
+from piarec.data.csr import CSR
 
 FORMATS = ("ml-100k", "ml-1m", "ml-csv", "lastfm", "sequence", "citeulike", "csv", "parquet")
 IMPLICIT = {"lastfm", "sequence", "citeulike"}

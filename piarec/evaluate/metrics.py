@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from piarec.sparse import CSR
+from piarec.data.csr import CSR
 
 
 def _hits(topk: np.ndarray, held_out: CSR, k: int) -> np.ndarray:

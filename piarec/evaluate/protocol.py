@@ -11,10 +11,10 @@ import torch
 
 from typing import Callable
 
-from piarec.metrics import per_user_metrics, summarize
-from piarec.model import SparseBatch
-from piarec.snapshot import Split
-from piarec.sparse import CSR
+from piarec.evaluate.metrics import per_user_metrics, summarize
+from piarec.models.multivae import SparseBatch
+from piarec.data.snapshot import Split
+from piarec.data.csr import CSR
 
 
 def _mask_known(scores: torch.Tensor, known: CSR) -> None:

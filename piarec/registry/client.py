@@ -10,11 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from piarec.bundle import CONFIG_FILE, ModelBundle, load_bundle
+from piarec.models.bundle import CONFIG_FILE, ModelBundle, load_bundle
 from piarec.config import PipelineConfig
 from piarec.errors import ModelNotFoundError
 
-BUNDLE_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle (piarec/pyfunc_model.py)
+BUNDLE_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle (piarec/registry/pyfunc.py)
 
 
 @dataclass(frozen=True)

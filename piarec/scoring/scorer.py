@@ -2,7 +2,7 @@
 
 Both engines of the daily job call this on every batch: the Spark job
 (``pipelines/score_users.py``, in each Python worker) and the single-node engine
-(:mod:`piarec.score_local`); the pyfunc model and the tests call it directly.
+(:mod:`piarec.daily.local_engine`); the pyfunc model and the tests call it directly.
 
 The ranking contract is strict because A/B analysis compares runs item by item: for every
 user the returned items equal a full stable sort of the fp32 scores, descending, ties
@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from piarec.bundle import ModelBundle
-from piarec.model import SparseBatch
-from piarec.score_io import MODEL, POPULARITY
-from piarec.sparse import CSR
+from piarec.models.bundle import ModelBundle
+from piarec.models.multivae import SparseBatch
+from piarec.scoring.arrow import MODEL, POPULARITY
+from piarec.data.csr import CSR
 
 MIN_ROWS = 32  # fewest rows per matrix product (see the module docstring)
 _CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # logits per block (a CPU reuses it: no page faults)

@@ -23,7 +23,7 @@ import torch
 
 from piarec.config import ModelConfig
 from piarec.errors import ModelNotFoundError
-from piarec.model import build_model
+from piarec.models.multivae import build_model
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE = "config.json", "weights.pt", "items.parquet"

@@ -10,7 +10,7 @@ each take whole batches from the reader and run them end to end (vocabulary mapp
 encoder, decoder, exact top-K, Arrow, Parquet) with one torch thread and their own output
 files: every stage runs in parallel, with no hand-off between threads. The device comes
 from :func:`piarec.device.pick_device`. Arms, staging and publication are the Spark job's
-(:mod:`piarec.score_run`), so both engines write the same output.
+(:mod:`piarec.daily.run`), so both engines write the same output.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from piarec.config import PipelineConfig
 from piarec.errors import ConfigError
-from piarec.score_io import MODEL, POPULARITY
-from piarec.score_run import (
+from piarec.scoring.arrow import MODEL, POPULARITY
+from piarec.daily.run import (
     ArmCounts,
     ArmPlan,
     PartWriter,
@@ -38,7 +38,7 @@ from piarec.score_run import (
     staged,
     window,
 )
-from piarec.storage import Location, resolve
+from piarec.data.storage import Location, resolve
 
 
 def run_local(
@@ -59,8 +59,8 @@ def run_local(
     import torch
 
     from piarec.device import pick_device
-    from piarec.scorer import TopKScorer
-    from piarec.score_io import map_arrow_lists, to_record_batch
+    from piarec.scoring.scorer import TopKScorer
+    from piarec.scoring.arrow import map_arrow_lists, to_record_batch
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from piarec.config import ModelConfig, RegularizerConfig
-from piarec.flows import IAF, log_normal
-from piarec.sparse import CSR
+from piarec.models.flows import IAF, log_normal
+from piarec.data.csr import CSR
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def build_model(n_items: int, cfg: ModelConfig) -> nn.Module:
     if n_items < 1:
         raise ValueError(f"a model needs at least one item, got n_items={n_items}")
     if cfg.backbone == "recvae":  # (ModelConfig refuses regularizers for RecVAE)
-        from piarec.recvae import RecVAE  # noqa: PLC0415 - recvae imports this module
+        from piarec.models.recvae import RecVAE  # noqa: PLC0415 - recvae imports this module
 
         return RecVAE(n_items, cfg)
     return MultiVAE(n_items, cfg)

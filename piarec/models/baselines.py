@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from piarec.evaluation import scores_topk
-from piarec.metrics import summarize
-from piarec.snapshot import Split
-from piarec.sparse import CSR
+from piarec.evaluate.protocol import scores_topk
+from piarec.evaluate.metrics import summarize
+from piarec.data.snapshot import Split
+from piarec.data.csr import CSR
 
 DEFAULT_EASE_LAMBDAS = (25.0, 100.0, 300.0, 1000.0, 3000.0)
 

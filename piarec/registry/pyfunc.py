@@ -13,8 +13,8 @@ Input: a DataFrame with ``history`` (a list of item ids per row: the user's posi
 optionally ``seen`` (more item ids never to recommend; history items are never
 recommended either) and ``user_id``. Output: one row per input row with ``user_id``,
 ``item_ids`` (rank order), ``scores`` and ``source`` (``model``, or ``popularity`` for a
-history with no title the model knows). Scoring is :class:`piarec.scorer.TopKScorer` on
-the bundle loaded by :func:`piarec.bundle.load_bundle`, exactly as the daily job scores.
+history with no title the model knows). Scoring is :class:`piarec.scoring.scorer.TopKScorer` on
+the bundle loaded by :func:`piarec.models.bundle.load_bundle`, exactly as the daily job scores.
 
 Needs the ``piarec`` distribution (with torch) installed where the model is loaded.
 """
@@ -45,7 +45,7 @@ class PiarecRecommender(PythonModel):
     """Top-K recommendations for user histories; see the module docstring."""
 
     def load_context(self, context) -> None:
-        from piarec.bundle import load_bundle
+        from piarec.models.bundle import load_bundle
 
         self.bundle = load_bundle(context.artifacts[BUNDLE_ARTIFACT])
         self.index = self.bundle.item_index()
@@ -56,8 +56,8 @@ class PiarecRecommender(PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from piarec.scorer import TopKScorer
-        from piarec.score_io import map_histories, to_record_batch
+        from piarec.scoring.scorer import TopKScorer
+        from piarec.scoring.arrow import map_histories, to_record_batch
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)

@@ -6,7 +6,7 @@ How one epoch updates the model is the model's business (:meth:`phases`): Multi-
 one phase (a joint Adam step per batch); RecVAE alternates encoder and decoder phases,
 each with its own optimizer. The loop below only walks the phases.
 
-MLflow and storage wiring live in :mod:`piarec.train_job`; this module only needs a
+MLflow and storage wiring live in :mod:`piarec.train.job`; this module only needs a
 snapshot and a config, and reports each epoch through a callback.
 """
 
@@ -24,13 +24,13 @@ import torch
 
 from piarec.config import PipelineConfig
 from piarec.device import pick_device
-from piarec.diagnostics import collapse_metrics, diagnosable
+from piarec.evaluate.diagnostics import collapse_metrics, diagnosable
 from piarec.errors import TrainingError
-from piarec.evaluation import evaluate_model
-from piarec.model import Phase, SparseBatch, build_model
-from piarec.snapshot import Snapshot
-from piarec.sparse import CSR
-from piarec.storage import exists, read_bytes, replace_bytes, resolve
+from piarec.evaluate.protocol import evaluate_model
+from piarec.models.multivae import Phase, SparseBatch, build_model
+from piarec.data.snapshot import Snapshot
+from piarec.data.csr import CSR
+from piarec.data.storage import exists, read_bytes, replace_bytes, resolve
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The pieces of a daily scoring run that both engines share, so both write the same thing.
 
 Used by the Spark job (``pipelines/score_users.py``) and the single-node engine
-(:mod:`piarec.score_local`):
+(:mod:`piarec.daily.local_engine`):
 
 - the arms (:func:`plan_arms`): the control model and an optional challenger, users split
   by a salted hash of user_id; each arm's model travels as the bytes of its bundle files;
@@ -14,7 +14,7 @@ Output, either engine: ``<out>/dt=D/arm=<arm>/part-*.parquet`` (zstd) with
 ``_manifest.json`` and ``_SUCCESS``. Everything is written under
 ``<out>/_staging/<D>-<random>/`` first (a ``_`` folder without ``=``, so Spark and pyarrow
 readers of ``<out>`` skip it) and each arm is published with
-:func:`piarec.storage.publish_dir` only when every arm is complete. A failed or killed run
+:func:`piarec.data.storage.publish_dir` only when every arm is complete. A failed or killed run
 publishes nothing; the previous output of the day stays as it was.
 """
 
@@ -35,12 +35,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from piarec.bundle import CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE, ModelBundle, load_bundle
+from piarec.models.bundle import CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE, ModelBundle, load_bundle
 from piarec.config import PipelineConfig
 from piarec.errors import ConfigError, InputDataError
-from piarec.registry import ModelRef, load_model
-from piarec.score_io import HISTORY_SCHEMA, MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
-from piarec.storage import SUCCESS, Location, child_uri, exists, publish_dir, read_json, remove, resolve
+from piarec.registry.client import ModelRef, load_model
+from piarec.scoring.arrow import HISTORY_SCHEMA, MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.data.storage import SUCCESS, Location, child_uri, exists, publish_dir, read_json, remove, resolve
 
 MANIFEST = "_manifest.json"  # "_": Parquet readers of the partition skip it
 VALIDATION = "_validation.json"  # written by the DAG's validation of a day (dags/tools)
@@ -103,7 +103,7 @@ def bundle_files(ref: ModelRef) -> tuple[dict[str, bytes], str]:
 
 
 def bundle_from_files(files: dict[str, bytes], info: dict[str, Any] | None = None) -> ModelBundle:
-    """Load a bundle from its files' bytes through :func:`piarec.bundle.load_bundle` (the one
+    """Load a bundle from its files' bytes through :func:`piarec.models.bundle.load_bundle` (the one
     loader: validation and a weights-only load), via a private temporary folder."""
     with tempfile.TemporaryDirectory(prefix="piarec-bundle-") as tmp:
         for name in BUNDLE_FILES:
@@ -325,7 +325,7 @@ class PartWriter:
     """Parquet files ``<arm dir>/part-<tag>-<n>.zstd.parquet`` of one writer (a thread of
     this engine, a task attempt of the Spark job) and arm, rolled over every
     ``rows_per_file`` rows. Item ids arrive dictionary-encoded against the model's
-    vocabulary (:data:`~piarec.score_io.WRITE_SCHEMA`), so the writer stores that dictionary
+    vocabulary (:data:`~piarec.scoring.arrow.WRITE_SCHEMA`), so the writer stores that dictionary
     instead of hashing strings; min/max statistics are kept only where a reader can use them."""
 
     def __init__(self, loc: Location, tag: str, rows_per_file: int):

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from piarec import storage
+from piarec.data import storage
 
 EVENT_TYPES = ("impression", "click", "play", "complete")
 IMPRESSION, CLICK, PLAY, COMPLETE = range(4)
@@ -118,7 +118,7 @@ def generate_events(
 ) -> dict:
     """Write ``days`` daily partitions of synthetic events under ``out``; return a summary.
 
-    ``out`` is a local path or URI (resolved with :func:`piarec.storage.resolve`); an
+    ``out`` is a local path or URI (resolved with :func:`piarec.data.storage.resolve`); an
     existing dataset there is deleted first. Users need at least one per day
     (``users >= days``) so every partition has events. The summary holds ``events``
     (rows), ``users``/``items`` (distinct ids with any event), ``days``, ``start`` and

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from piarec.config import ModelConfig
-from piarec.flows import log_normal
-from piarec.model import (
+from piarec.models.flows import log_normal
+from piarec.models.multivae import (
     LossParts, Phase, SparseBatch, alignment_closed_form, dense_first_layer, multinomial_nll, sparse_first_layer,
 )
 

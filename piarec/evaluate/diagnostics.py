@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from piarec.config import DiagnosticsConfig
-from piarec.model import SparseBatch
-from piarec.sparse import CSR
+from piarec.models.multivae import SparseBatch
+from piarec.data.csr import CSR
 
 ACTIVE_VARIANCE = 0.01  # a unit is active when Var over users of its posterior mean > this
 
@@ -51,7 +51,7 @@ def _gaussian(model: torch.nn.Module, batch: SparseBatch, keep_prob: float) -> t
 def posterior_means(model: torch.nn.Module, rows: CSR, batch_size: int = 2000) -> np.ndarray:
     """float32 [U, d]: ``mu`` of ``model.encode(rows, keep_prob=1.0)`` for every row.
 
-    ``model`` is any model of the contract in :mod:`piarec.model` (``encode`` returns
+    ``model`` is any model of the contract in :mod:`piarec.models.multivae` (``encode`` returns
     ``(mu, logvar)``); ``rows`` is a CSR [U, I] in the model's item space.
     """
     mu, _ = _encode_rows(model, rows, batch_size, base=False)

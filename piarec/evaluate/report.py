@@ -3,10 +3,10 @@
 For an MLflow run of `piarec train` it loads the run's model and the snapshot it was
 trained on, and writes to an output folder (and logs under ``report/`` of the run):
 
-- ``collapse.json``: :func:`piarec.diagnostics.collapse_metrics` on the validation users,
+- ``collapse.json``: :func:`piarec.evaluate.diagnostics.collapse_metrics` on the validation users,
   and the KL of every latent dimension;
 - the per-activity-group metrics of the test users (the PIA paper's Table 3 groups, or
-  quantile groups when the data lacks them; :func:`piarec.metrics.interaction_groups`);
+  quantile groups when the data lacks them; :func:`piarec.evaluate.metrics.interaction_groups`);
 - ``tsne.png``: t-SNE of the validation + test users' posterior means coloured by activity
   cohort (the paper's Figure 2), with the cohorts' silhouette score in the 2-D embedding;
 - ``report.json`` (everything) and ``report.md`` (the same as a readable page).
@@ -26,7 +26,7 @@ import numpy as np
 
 from piarec.config import PipelineConfig
 from piarec.errors import InputDataError, ModelNotFoundError
-from piarec.sparse import CSR
+from piarec.data.csr import CSR
 
 log = logging.getLogger(__name__)
 REPORT_ARTIFACT_DIR = "report"
@@ -36,9 +36,9 @@ SNAPSHOT_TAGS = ("snapshot_uri", "snapshot")  # run tags naming the training sna
 # --------------------------------------------------------------------------- geometry
 def activity_cohorts(counts: np.ndarray, min_users: int = 10) -> tuple[np.ndarray, list[str]]:
     """Cohort of each user by interaction count: int64 [U] labels (-1 for none) and the
-    cohort names, from :func:`piarec.metrics.interaction_groups` (the paper's Table 3
+    cohort names, from :func:`piarec.evaluate.metrics.interaction_groups` (the paper's Table 3
     groups when each holds ``min_users`` users, else quartiles)."""
-    from piarec.metrics import interaction_groups
+    from piarec.evaluate.metrics import interaction_groups
 
     groups = interaction_groups(np.asarray(counts), min_users=min_users)
     labels = np.full(len(counts), -1, dtype=np.int64)
@@ -108,7 +108,7 @@ def latent_geometry(model, fold_in: CSR, counts: np.ndarray, *, seed: int = 0) -
     user (the cohort key). Returns ``embedding`` [U, 2], ``labels``, ``cohorts`` (names) and
     ``silhouette``.
     """
-    from piarec.diagnostics import posterior_means
+    from piarec.evaluate.diagnostics import posterior_means
 
     mu = posterior_means(model, fold_in)
     labels, names = activity_cohorts(counts)
@@ -119,8 +119,8 @@ def latent_geometry(model, fold_in: CSR, counts: np.ndarray, *, seed: int = 0) -
 def group_table(topk: np.ndarray, split) -> list[dict[str, Any]]:
     """Per-activity-group means of Recall@20/50 and NDCG@100 of a ranking of ``split``'s
     users (snapshot item space), with each group's user count."""
-    from piarec.evaluation import per_user_evaluation
-    from piarec.metrics import interaction_groups, summarize_groups
+    from piarec.evaluate.protocol import per_user_evaluation
+    from piarec.evaluate.metrics import interaction_groups, summarize_groups
 
     per_user = per_user_evaluation(topk, split)
     groups = interaction_groups(per_user.pop("n_interactions"))
@@ -133,9 +133,9 @@ def build_report(bundle, snap, cfg: PipelineConfig, out_dir: str | Path, *, titl
 
     Returns the JSON-ready dict that ``report.json`` holds. Needs validation users.
     """
-    from piarec.diagnostics import collapse_metrics, kl_per_dimension
-    from piarec.gate import bundle_rows, bundle_topk
-    from piarec.metrics import summarize
+    from piarec.evaluate.diagnostics import collapse_metrics, kl_per_dimension
+    from piarec.registry.gate import bundle_rows, bundle_topk
+    from piarec.evaluate.metrics import summarize
 
     if snap.val.n_users < 2:
         raise InputDataError(f"snapshot {snap.uri!r} has fewer than two validation users; no report")
@@ -221,7 +221,7 @@ def _run_sources(cfg: PipelineConfig, run_id: str) -> tuple[str, str]:
     one, else ``runs:/<id>/model``; the snapshot from the run's tags, else the version's."""
     from mlflow.exceptions import MlflowException
 
-    from piarec import registry
+    from piarec.registry import client as registry
 
     c = registry.client(cfg)
     try:
@@ -245,8 +245,8 @@ def report_run(cfg: PipelineConfig, run_id: str, out_dir: str | Path | None = No
     """Regenerate the report of MLflow run ``run_id`` into ``out_dir`` (default
     ``./report-<run_id>``) and log the folder's files under ``report/`` of that run.
     Returns the report dict plus ``out_dir``."""
-    from piarec import registry
-    from piarec.snapshot import load_snapshot
+    from piarec.registry import client as registry
+    from piarec.data.snapshot import load_snapshot
 
     model_uri, snapshot = _run_sources(cfg, run_id)
     bundle, _ = registry.load_model(cfg, model_uri)

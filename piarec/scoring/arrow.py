@@ -2,7 +2,7 @@
 histories and output schemas, histories mapped onto a model's vocabulary, the A/B arm
 assignment, and scored rows as Arrow record batches.
 
-The scoring itself (exact top-K) is :mod:`piarec.scorer`; this module only converts.
+The scoring itself (exact top-K) is :mod:`piarec.scoring.scorer`; this module only converts.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from piarec.sparse import CSR
+from piarec.data.csr import CSR
 
 if TYPE_CHECKING:
-    from piarec.scorer import Scored
+    from piarec.scoring.scorer import Scored
 
 MODEL, POPULARITY = "model", "popularity"
 

@@ -1,9 +1,9 @@
 """`piarec train`: snapshot -> trained model -> MLflow run -> registered version @challenger.
 
-The training loop itself (:mod:`piarec.trainer`) knows nothing of MLflow; this module
+The training loop itself (:mod:`piarec.train.trainer`) knows nothing of MLflow; this module
 does the wiring: parameters, per-epoch metrics, the evaluation report and a validation
 curve (PNG), the bundle logged as a pyfunc model defined from code
-(:mod:`piarec.pyfunc_model`, with a signature), registration with a description and
+(:mod:`piarec.registry.pyfunc`, with a signature), registration with a description and
 tags (data window, snapshot manifest digest, metrics) and the ``challenger`` alias.
 """
 
@@ -16,15 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from piarec import registry
-from piarec.bundle import save_bundle
-from piarec.registry import BUNDLE_ARTIFACT
+from piarec.registry import client as registry
+from piarec.models.bundle import save_bundle
+from piarec.registry.client import BUNDLE_ARTIFACT
 from piarec.config import PipelineConfig
-from piarec.evaluation import evaluate_model, evaluate_popularity, train_popularity
+from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, train_popularity
 from piarec.errors import TrainingError
-from piarec.snapshot import load_snapshot
-from piarec.storage import child_uri, exists, read_json, remove, resolve, write_json
-from piarec.trainer import train
+from piarec.data.snapshot import load_snapshot
+from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json
+from piarec.train.trainer import train
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -106,7 +106,7 @@ def _signature(k: int):
 
 
 def _log_pyfunc(cfg: PipelineConfig, bundle_dir: Path):
-    """Log the bundle as an MLflow pyfunc model defined from code (piarec/pyfunc_model.py)."""
+    """Log the bundle as an MLflow pyfunc model defined from code (piarec/registry/pyfunc.py)."""
     import mlflow
     import torch
 
@@ -120,7 +120,7 @@ def _log_pyfunc(cfg: PipelineConfig, bundle_dir: Path):
     ]
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        python_model=str(Path(__file__).parents[1] / "registry" / "pyfunc.py"),
         artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
         signature=_signature(cfg.scoring.k),
         pip_requirements=requirements,  # explicit: no inference (slow, needs the network)

@@ -10,7 +10,7 @@ every check passes:
 2. **no regression** (when a champion exists): NDCG@100 and Recall@20 at least
    ``(1 - gate.tolerance)`` times the champion's;
 3. **no posterior collapse**: at least ``gate.min_active_units`` active latent units
-   (:func:`piarec.diagnostics.active_units` on the validation users); the other collapse
+   (:func:`piarec.evaluate.diagnostics.active_units` on the validation users); the other collapse
    diagnostics of that module (KL, mutual information, self-consistency, IMA contrast,
    mask stability) are recorded beside it as ``challenger_collapse_*`` metrics when
    ``diagnostics.enabled``, for the record only;
@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from piarec import registry
-from piarec.bundle import ModelBundle
+from piarec.registry import client as registry
+from piarec.models.bundle import ModelBundle
 from piarec.config import PipelineConfig
-from piarec.diagnostics import active_units, collapse_metrics, diagnosable, posterior_means
+from piarec.evaluate.diagnostics import active_units, collapse_metrics, diagnosable, posterior_means
 from piarec.errors import InputDataError, ModelNotFoundError
-from piarec.evaluation import evaluate_popularity, model_topk, train_popularity
-from piarec.metrics import summarize
-from piarec.scorer import TopKScorer
-from piarec.snapshot import Snapshot, Split, load_snapshot
-from piarec.sparse import CSR
+from piarec.evaluate.protocol import evaluate_popularity, model_topk, train_popularity
+from piarec.evaluate.metrics import summarize
+from piarec.scoring.scorer import TopKScorer
+from piarec.data.snapshot import Snapshot, Split, load_snapshot
+from piarec.data.csr import CSR
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"

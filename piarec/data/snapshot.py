@@ -22,7 +22,7 @@ Daily histories for scoring, ``<root>/dt=YYYY-MM-DD/`` (:func:`histories_uri`)::
                       readers skip it)
     _SUCCESS
 
-Plain pyarrow + numpy (no Spark), through :mod:`piarec.storage`, so local folders and
+Plain pyarrow + numpy (no Spark), through :mod:`piarec.data.storage`, so local folders and
 ``s3://`` read the same way. The files are checked against the manifest's counts, so a
 damaged or hand-edited snapshot fails here rather than as a silently worse model.
 """
@@ -42,8 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from piarec.errors import InputDataError
-from piarec.sparse import CSR
-from piarec.storage import Location, child_uri, exists, is_published, read_json, resolve
+from piarec.data.csr import CSR
+from piarec.data.storage import Location, child_uri, exists, is_published, read_json, resolve
 
 __all__ = [
     "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot", "snapshot_uri",
