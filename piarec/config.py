@@ -36,29 +36,6 @@ class StorageConfig(_Section):
     # Where raw events live; defaults to <root>/events.
     events: str | None = None
 
-    @property
-    def events_uri(self) -> str:
-        return self.events or join_uri(self.root, "events")
-
-    @property
-    def snapshots_uri(self) -> str:
-        return join_uri(self.root, "snapshots")
-
-    @property
-    def histories_uri(self) -> str:
-        """Daily user histories (user_id, history, seen) at <root>/histories/dt=YYYY-MM-DD/."""
-        return join_uri(self.root, "histories")
-
-    @property
-    def recommendations_uri(self) -> str:
-        return join_uri(self.root, "recommendations")
-
-    @property
-    def checkpoints_uri(self) -> str:
-        """Training checkpoints, one folder per (snapshot, training config): a killed
-        ``piarec train`` resumes from here; removed once the model is registered."""
-        return join_uri(self.root, "checkpoints")
-
 
 class EventsSchema(_Section):
     # Column names in the events dataset (mapping for sources that name them differently).
@@ -287,38 +264,6 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
-
-    def tracking_uri(self) -> str:
-        if self.mlflow.tracking_uri:
-            return self.mlflow.tracking_uri
-        return f"sqlite:///{_local_abspath(self.storage.root)}/mlflow.db"
-
-    def artifact_location(self) -> str | None:
-        if self.mlflow.artifact_location:
-            return self.mlflow.artifact_location
-        if is_s3(self.storage.root):
-            return join_uri(self.storage.root, "mlartifacts")
-        return Path(_local_abspath(self.storage.root), "mlartifacts").as_uri()
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith(("s3://", "s3a://"))
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join path segments onto a local path or an ``s3://`` URI."""
-    out = base.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
-
-
-def _local_abspath(path: str) -> str:
-    if is_s3(path):
-        raise ConfigError(
-            f"mlflow.tracking_uri must be set when storage.root is on S3 ({path!r})"
-        )
-    return os.path.abspath(path)
 
 
 def _default_yaml() -> dict[str, Any]:

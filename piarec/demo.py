@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from piarec.config import load_config
+from piarec.data import layout
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def run_demo(
     from pipelines import build_matrix, score_users
     from pipelines.spark import get_spark
     from piarec.registry.gate import promote
-    from piarec.daily.run import output_uri
-    from piarec.data.snapshot import snapshot_uri
     from piarec.data.synthetic import generate_events
     from piarec.train.job import run_training
 
@@ -58,16 +57,16 @@ def run_demo(
         timings[name] = round(time.perf_counter() - timings[name], 1)
 
     stage("generate-events")
-    events = generate_events(cfg.storage.events_uri, users=users, items=items, days=days,
+    events = generate_events(layout.events_root(cfg.storage), users=users, items=items, days=days,
                              seed=seed, start=START, progress=log.info)
     done("generate-events")
 
     spark = get_spark(cfg.spark)
     try:
         stage("build-matrix")
-        manifest = build_matrix.run(spark, cfg, cfg.storage.events_uri, window_end, cfg.storage.snapshots_uri)
+        manifest = build_matrix.run(spark, cfg, layout.events_root(cfg.storage), window_end, layout.snapshots_root(cfg.storage))
         done("build-matrix")
-        snap_uri = snapshot_uri(cfg.storage.snapshots_uri, window_end)
+        snap_uri = layout.snapshot_uri(layout.snapshots_root(cfg.storage), window_end)
 
         stage("train")
         trained = run_training(cfg, snap_uri)
@@ -79,14 +78,14 @@ def run_demo(
         done("promote")
 
         stage("score")
-        scored = score_users.run(spark, cfg, cfg.storage.events_uri, score_date,
-                                 cfg.storage.recommendations_uri, cfg.scoring.model_uri,
+        scored = score_users.run(spark, cfg, layout.events_root(cfg.storage), score_date,
+                                 layout.recommendations_root(cfg.storage), cfg.scoring.model_uri,
                                  cfg.scoring.k, cfg.scoring.arm) if decision.promoted else None
         done("score")
     finally:
         spark.stop()
 
-    recs_uri = output_uri(cfg.storage.recommendations_uri, score_date, cfg.scoring.arm)
+    recs_uri = layout.arm_uri(layout.recommendations_root(cfg.storage), score_date, cfg.scoring.arm)
     summary = {
         "workdir": root,
         "events": events,
@@ -96,7 +95,7 @@ def run_demo(
         "gate": decision.summary(),
         "recommendations": {"uri": recs_uri, "manifest": scored},
         "seconds": timings,
-        "mlflow_ui": f"mlflow ui --backend-store-uri {cfg.tracking_uri()} --port 5000",
+        "mlflow_ui": f"mlflow ui --backend-store-uri {layout.tracking_uri(cfg.mlflow, cfg.storage)} --port 5000",
     }
     Path(root, "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(render(summary))

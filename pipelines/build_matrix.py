@@ -42,14 +42,12 @@ from pyspark.sql import functions as F  # noqa: E402
 from piarec.config import PipelineConfig, load_config  # noqa: E402
 from piarec.errors import InputDataError, PiarecError  # noqa: E402
 from piarec.data.snapshot import (  # noqa: E402
-    HISTORIES_MANIFEST,
     HISTORIES_SCHEMA_VERSION,
     SCHEMA_VERSION,
     code_version,
-    histories_uri,
-    snapshot_uri,
 )
 from piarec.data.storage import publish_dir, remove, resolve, temp_sibling  # noqa: E402
+from piarec.data import layout
 from pipelines.events import (  # noqa: E402
     DROP_REASONS,
     EventsInput,
@@ -266,7 +264,7 @@ def run(
         )
 
         # 6. Load: everything under a temporary sibling, then publish (manifest, _SUCCESS).
-        final_uri = snapshot_uri(out_root, window_end)
+        final_uri = layout.snapshot_uri(out_root, window_end)
         tmp = temp_sibling(final_uri)
         users_seen = Observation()
         users_out = final.select("user_idx", "user_id", "split").observe(
@@ -378,7 +376,7 @@ def run_daily(
                  F.sum(F.size("seen")).alias("seen_items"))
         .sortWithinPartitions("user_id")
     )
-    final_uri = histories_uri(out_root, day)
+    final_uri = layout.histories_uri(out_root, day)
     tmp = temp_sibling(final_uri)
     try:
         with input_errors(events_uri):
@@ -419,7 +417,7 @@ def run_daily(
             "code_version": code_version(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        publish_dir(tmp, final_uri, manifest, manifest_name=HISTORIES_MANIFEST)
+        publish_dir(tmp, final_uri, manifest, manifest_name=layout.MANIFEST)
     except BaseException:
         remove(resolve(tmp))
         raise
@@ -463,11 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         spark = get_spark(cfg.spark)
-        events = args.events or cfg.storage.events_uri
+        events = args.events or layout.events_root(cfg.storage)
         if args.daily:
-            m = run_daily(spark, cfg, events, args.date, args.out or cfg.storage.histories_uri)
+            m = run_daily(spark, cfg, events, args.date, args.out or layout.histories_root(cfg.storage))
         else:
-            m = run(spark, cfg, events, args.window_end, args.out or cfg.storage.snapshots_uri)
+            m = run(spark, cfg, events, args.window_end, args.out or layout.snapshots_root(cfg.storage))
     except PiarecError as exc:
         if args.debug:
             raise

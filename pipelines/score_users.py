@@ -49,7 +49,6 @@ import pyarrow as pa
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError, PiarecError
 from piarec.daily.run import (
-    MANIFEST,
     ArmCounts,
     ArmPlan,
     PartWriter,
@@ -57,7 +56,6 @@ from piarec.daily.run import (
     check_history_columns,
     histories_partition,
     keep_committed_parts,
-    output_uri,
     plan_arms,
     publish_run,
     staged,
@@ -65,8 +63,9 @@ from piarec.daily.run import (
 )
 from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
 from piarec.data.storage import resolve
+from piarec.data import layout
 
-__all__ = ["MANIFEST", "main", "output_uri", "run", "score_partition", "score_to_staging", "write_partition"]
+__all__ = ["main", "run", "score_partition", "score_to_staging", "write_partition"]
 
 ARM_COL = "arm"
 UNKNOWN_COL = "unknown_titles"  # per-user count of history + seen entries outside the vocabulary
@@ -277,19 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
-        out = args.out or cfg.storage.recommendations_uri
+        out = args.out or layout.recommendations_root(cfg.storage)
         k = cfg.scoring.k if args.k is None else args.k
         arm = args.arm or cfg.scoring.arm
         model = args.model or cfg.scoring.model_uri
         challenger = args.challenger or cfg.scoring.challenger_uri
-        histories = cfg.storage.histories_uri if args.histories == _DEFAULT_ROOT else args.histories
+        histories = layout.histories_root(cfg.storage) if args.histories == _DEFAULT_ROOT else args.histories
         if (args.engine or cfg.scoring.engine) == "local":
             from piarec.daily.local_engine import run_local
 
             if args.events:
                 raise ConfigError("the local engine reads the published histories (--histories), not events")
             plan = plan_arms(cfg, model, arm, challenger, args.challenger_share)
-            manifests = run_local(cfg, args.date, histories or cfg.storage.histories_uri, out, plan, k,
+            manifests = run_local(cfg, args.date, histories or layout.histories_root(cfg.storage), out, plan, k,
                                   device=args.device, precision=args.precision, threads=args.threads)
         else:
             if args.device or args.precision or args.threads:
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             f"score_users {m['date']} arm={name}: {counts['users']} users "
             f"({counts['by_source'][MODEL]} model, {counts['by_source'][POPULARITY]} popularity), "
             f"k={m['k']}, {m['unknown_titles']} unknown titles, model {m['model']['version']} -> "
-            f"{output_uri(out, args.date, name)}"
+            f"{layout.arm_uri(out, args.date, name)}"
         )
     return 0
 
@@ -319,7 +318,7 @@ def _run_spark(cfg, args, out, k, arm, model, challenger, histories) -> dict[str
     owns_session = SparkSession.getActiveSession() is None
     spark = get_spark(cfg.spark)
     try:
-        control = run(spark, cfg, args.events or cfg.storage.events_uri, args.date, out, model, k, arm,
+        control = run(spark, cfg, args.events or layout.events_root(cfg.storage), args.date, out, model, k, arm,
                       histories_uri=histories, challenger_uri=challenger, challenger_share=args.challenger_share)
     finally:
         if owns_session:

@@ -13,7 +13,8 @@ import sys
 
 from pyspark.sql import SparkSession
 
-from piarec.config import SparkConfig, is_s3
+from piarec.config import SparkConfig
+from piarec.data.storage import is_s3
 
 __all__ = ["get_spark", "spark_path"]
 

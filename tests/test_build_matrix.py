@@ -37,7 +37,8 @@ from piarec.config import (
     SplitConfig,
 )
 from piarec.errors import ConfigError, InputDataError
-from piarec.data.snapshot import HISTORIES_MANIFEST, histories_uri, load_snapshot, snapshot_uri
+from piarec.data.layout import MANIFEST as HISTORIES_MANIFEST, histories_uri, snapshot_uri
+from piarec.data.snapshot import load_snapshot
 
 pyspark = pytest.importorskip("pyspark")
 from pyspark.sql import Observation  # noqa: E402

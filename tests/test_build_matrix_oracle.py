@@ -34,7 +34,7 @@ from piarec.config import (
     SparkConfig,
     SplitConfig,
 )
-from piarec.data.snapshot import HISTORIES_MANIFEST, histories_uri, snapshot_uri
+from piarec.data.layout import MANIFEST as HISTORIES_MANIFEST, histories_uri, snapshot_uri
 
 pytest.importorskip("pyspark")
 from pipelines import build_matrix as bm  # noqa: E402

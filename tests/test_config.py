@@ -2,6 +2,7 @@ import pytest
 
 from piarec.config import load_config
 from piarec.errors import ConfigError
+from piarec.data import layout
 
 
 def test_packaged_default_is_the_local_embedded_setup():
@@ -9,8 +10,8 @@ def test_packaged_default_is_the_local_embedded_setup():
     assert cfg.spark.master == "local[*]"
     assert cfg.window_days == 90
     assert cfg.positive.event_types == ["play", "complete"]
-    assert cfg.tracking_uri().startswith("sqlite:///") and cfg.tracking_uri().endswith("piarec-work/mlflow.db")
-    assert cfg.artifact_location().startswith("file://")
+    assert layout.tracking_uri(cfg.mlflow, cfg.storage).startswith("sqlite:///") and layout.tracking_uri(cfg.mlflow, cfg.storage).endswith("piarec-work/mlflow.db")
+    assert layout.artifact_location(cfg.mlflow, cfg.storage).startswith("file://")
 
 
 def test_environment_overrides_are_typed_and_nested():
@@ -18,8 +19,8 @@ def test_environment_overrides_are_typed_and_nested():
                                "PIAREC__STORAGE__ROOT": "s3://bucket/pre", "PIAREC__MLFLOW__TRACKING_URI": "http://127.0.0.1:5000"})
     assert cfg.training.epochs == 7
     assert cfg.pia.enabled is False
-    assert cfg.storage.snapshots_uri == "s3://bucket/pre/snapshots"
-    assert cfg.artifact_location() == "s3://bucket/pre/mlartifacts"
+    assert layout.snapshots_root(cfg.storage) == "s3://bucket/pre/snapshots"
+    assert layout.artifact_location(cfg.mlflow, cfg.storage) == "s3://bucket/pre/mlartifacts"
 
 
 def test_yaml_file_then_env_then_explicit_overrides(tmp_path):
@@ -53,4 +54,4 @@ def test_missing_config_file_is_reported(tmp_path):
 def test_s3_root_needs_an_explicit_tracking_uri():
     cfg = load_config(environ={"PIAREC__STORAGE__ROOT": "s3://b/p"})
     with pytest.raises(ConfigError, match="tracking_uri"):
-        cfg.tracking_uri()
+        layout.tracking_uri(cfg.mlflow, cfg.storage)

@@ -26,6 +26,7 @@ from piarec.config import load_config
 from piarec.registry.gate import CHALLENGER, CHAMPION, promote
 from piarec.data.snapshot import SCHEMA_VERSION, Snapshot
 from piarec.train.job import _log_pyfunc, run_training
+from piarec.data import layout
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -148,7 +149,7 @@ def test_first_model_is_promoted_when_it_beats_popularity(trained):
     assert gate_run.data.tags["decision"] == "promoted"
     assert gate_run.data.metrics["challenger_ndcg_at_100"] == pytest.approx(decision.metrics["challenger_ndcg_at_100"])
     report = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=gate_run.info.run_id, artifact_path="gate_decision.json", tracking_uri=cfg.tracking_uri())).read_text())
+        run_id=gate_run.info.run_id, artifact_path="gate_decision.json", tracking_uri=layout.tracking_uri(cfg.mlflow, cfg.storage))).read_text())
     assert report["promoted"] is True
 
 

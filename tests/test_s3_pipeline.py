@@ -19,6 +19,7 @@ from s3server import BUCKET, moto_s3
 from piarec.data import storage
 from piarec.config import load_config
 from piarec.data.synthetic import generate_events
+from piarec.data import layout
 
 pytestmark = pytest.mark.slow
 START, DAYS = dt.date(2026, 1, 1), 40
@@ -39,10 +40,10 @@ def local_snapshot(tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
     cfg = load_config(environ={}, overrides={"storage": {"root": str(root)},
                                              "spark": {"master": "local[2]", "shuffle_partitions": 2}})
-    generate_events(cfg.storage.events_uri, users=1500, items=120, days=DAYS, seed=5, start=START)
+    generate_events(layout.events_root(cfg.storage), users=1500, items=120, days=DAYS, seed=5, start=START)
     spark = get_spark(cfg.spark)
     try:
-        manifest = build_matrix.run(spark, cfg, cfg.storage.events_uri, WINDOW_END, cfg.storage.snapshots_uri)
+        manifest = build_matrix.run(spark, cfg, layout.events_root(cfg.storage), WINDOW_END, layout.snapshots_root(cfg.storage))
     finally:
         spark.stop()
     return cfg, manifest["uri"]
@@ -54,7 +55,7 @@ def test_generator_writes_events_to_s3(s3, local_snapshot):
     summary = generate_events(uri, users=1500, items=120, days=DAYS, seed=5, start=START)
     loc = storage.resolve(uri)
     remote = ds.dataset(loc.path, filesystem=loc.fs, format="parquet", partitioning="hive").to_table()
-    local = ds.dataset(cfg.storage.events_uri, format="parquet", partitioning="hive").to_table()
+    local = ds.dataset(layout.events_root(cfg.storage), format="parquet", partitioning="hive").to_table()
     assert remote.num_rows == summary["events"] == local.num_rows
     assert remote.sort_by([("user_id", "ascending"), ("ts", "ascending")]).equals(
         local.sort_by([("user_id", "ascending"), ("ts", "ascending")]))
@@ -87,7 +88,7 @@ def test_training_logs_model_artifacts_to_s3_and_resolves_them(s3, local_snapsho
         "model": {"hidden_dim": 32, "latent_dim": 8},
         "training": {"epochs": 2, "batch_size": 200},
     })
-    assert cfg.artifact_location() == f"s3://{BUCKET}/root/mlartifacts"
+    assert layout.artifact_location(cfg.mlflow, cfg.storage) == f"s3://{BUCKET}/root/mlartifacts"
     out = run_training(cfg, snap_uri)
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
         Bucket=BUCKET, Prefix="root/mlartifacts/")["Contents"]]

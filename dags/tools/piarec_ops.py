@@ -29,12 +29,11 @@ import pyarrow.dataset as ds
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import PiarecError
 from piarec.scoring.arrow import OUTPUT_SCHEMA
-from piarec.data.snapshot import snapshot_uri
-from piarec.data.storage import SUCCESS, child_uri, exists, is_published, read_json, resolve, write_bytes, write_json
+from piarec.data.storage import SUCCESS, exists, is_published, read_json, resolve, write_bytes, write_json
+from piarec.data import layout
+from piarec.data.layout import MANIFEST, VALIDATION
 
 NOT_READY = 1  # events-ready: a sensor pokes again
-MANIFEST = "_manifest.json"  # the recommendations partition's manifest (pipelines/score_users.py)
-VALIDATION = "_validation.json"
 
 
 class ValidationFailed(PiarecError):
@@ -52,13 +51,13 @@ def days(start: dt.date, end: dt.date) -> list[dt.date]:
 
 def missing_partitions(cfg: PipelineConfig, start: dt.date, end: dt.date) -> list[str]:
     """The ``dt=YYYY-MM-DD`` event partitions of ``[start, end)`` that do not exist yet."""
-    root = resolve(cfg.storage.events_uri)
+    root = resolve(layout.events_root(cfg.storage))
     return [f"dt={d}" for d in days(start, end) if not exists(root.child(f"dt={d}"))]
 
 
 def recs_uri(cfg: PipelineConfig, day: dt.date, arm: str | None = None) -> str:
-    parts = [f"dt={day.isoformat()}"] + ([f"arm={arm}"] if arm else [])
-    return child_uri(cfg.storage.recommendations_uri, *parts)
+    root = layout.recommendations_root(cfg.storage)
+    return layout.arm_uri(root, day, arm) if arm else layout.day_uri(root, day)
 
 
 # --------------------------------------------------------------------------- validation
@@ -67,7 +66,7 @@ def _seen_on_sample(cfg: PipelineConfig, day: dt.date, users: list[str]) -> dict
     ``[day - history_days, day + 1)`` (the scoring window), read from the event partitions."""
     start, end = day - dt.timedelta(days=cfg.scoring.history_days), day + dt.timedelta(days=1)
     ec = cfg.events
-    loc = resolve(cfg.storage.events_uri)
+    loc = resolve(layout.events_root(cfg.storage))
     paths = [loc.child(f"dt={d}").path for d in days(start, end) if exists(loc.child(f"dt={d}"))]
     if not paths or not users:
         return {}
@@ -165,14 +164,14 @@ def cmd_events_ready(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     missing = missing_partitions(cfg, args.start, args.end)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        print(f"waiting for {len(missing)} event partition(s) under {cfg.storage.events_uri}: {shown}")
+        print(f"waiting for {len(missing)} event partition(s) under {layout.events_root(cfg.storage)}: {shown}")
         return NOT_READY
     print(f"all {len(days(args.start, args.end))} event partitions of [{args.start}, {args.end}) are present")
     return 0
 
 
 def cmd_snapshot_uri(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    uri = snapshot_uri(cfg.storage.snapshots_uri, args.window_end)
+    uri = layout.snapshot_uri(layout.snapshots_root(cfg.storage), args.window_end)
     if args.require_published and not is_published(uri):
         raise PiarecError(f"snapshot {uri} is not published")
     print(uri)  # the last line of output: Airflow pushes it to XCom

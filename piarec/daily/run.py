@@ -40,11 +40,10 @@ from piarec.config import PipelineConfig
 from piarec.errors import ConfigError, InputDataError
 from piarec.registry.client import ModelRef, load_model
 from piarec.scoring.arrow import HISTORY_SCHEMA, MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.data import layout
+from piarec.data.layout import MANIFEST, VALIDATION
 from piarec.data.storage import SUCCESS, Location, child_uri, exists, publish_dir, read_json, remove, resolve
 
-MANIFEST = "_manifest.json"  # "_": Parquet readers of the partition skip it
-VALIDATION = "_validation.json"  # written by the DAG's validation of a day (dags/tools)
-STAGING = "_staging"
 ASSIGNMENT = 'arm = challenger when fmix64(fnv1a64(salt + "\\0" + user_id)) < share * 2^64'
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE)
@@ -139,7 +138,7 @@ def plan_arms(
 # -- input ------------------------------------------------------------------------------------
 def histories_partition(root: str, day: date) -> tuple[str, dict[str, Any] | None]:
     """``<root>/dt=D`` and its manifest; the partition must be published (``_SUCCESS``)."""
-    uri = child_uri(root, f"dt={day.isoformat()}")
+    uri = layout.histories_uri(root, day)
     loc = resolve(uri)
     if not exists(loc.child(SUCCESS)):
         raise InputDataError(
@@ -198,16 +197,6 @@ def window(cfg: PipelineConfig, day: date) -> dict[str, str]:
 
 
 # -- staging and publishing ---------------------------------------------------------------------
-def output_uri(out_root: str, day: date, arm: str) -> str:
-    """``<out_root>/dt=D/arm=<arm>``; an arm name that is not a safe path segment is refused."""
-    return child_uri(out_root, f"dt={day.isoformat()}", f"arm={arm}")
-
-
-def staging_uri(out_root: str, day: date) -> str:
-    """A fresh private folder for one run; arms go to ``<staging>/arm=<name>/``."""
-    return child_uri(out_root, STAGING, f"{day.isoformat()}-{uuid.uuid4().hex[:12]}")
-
-
 def write_empty_part(loc: Location) -> None:
     """A zero-row Parquet file with the output schema, so an arm nobody fell into still
     reads as a (typed, empty) table."""
@@ -270,11 +259,11 @@ def publish_run(
         part = root.child(f"arm={a.name}")
         if not any(i.base_name.endswith(".parquet") for i in _listing(part)):
             write_empty_part(part)
-    day_loc = resolve(child_uri(out_root, f"dt={day.isoformat()}"))
+    day_loc = resolve(layout.day_uri(out_root, day))
     for marker in (SUCCESS, VALIDATION):
         remove(day_loc.child(marker))
     for a in plan.arms:
-        publish_dir(root.child(f"arm={a.name}").uri, output_uri(out_root, day, a.name), manifests[a.name],
+        publish_dir(root.child(f"arm={a.name}").uri, layout.arm_uri(out_root, day, a.name), manifests[a.name],
                     manifest_name=MANIFEST)
     remove(root)
     return manifests
@@ -289,7 +278,7 @@ def _listing(loc: Location) -> list:
 @contextlib.contextmanager
 def staged(out_root: str, day: date):
     """Yield a fresh staging URI; remove it if the body fails (the old output stays)."""
-    uri = staging_uri(out_root, day)
+    uri = layout.staging_uri(out_root, day, uuid.uuid4().hex[:12])
     try:
         yield uri
     except BaseException:

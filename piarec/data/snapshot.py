@@ -14,7 +14,7 @@ Snapshot, ``<root>/window_end=YYYY-MM-DD/``::
 ``item_idx`` ranks titles by users (descending) then item_id; ``user_idx`` ranks users by
 ``(zlib.crc32(user_id.encode()), user_id)``. Both are dense from 0.
 
-Daily histories for scoring, ``<root>/dt=YYYY-MM-DD/`` (:func:`histories_uri`)::
+Daily histories for scoring, ``<root>/dt=YYYY-MM-DD/`` (:func:`piarec.data.layout.histories_uri`)::
 
     *.parquet         user_id string, history list<string>, seen list<string>; one row per
                       user active in [D - scoring.history_days, D + 1); lists sorted, distinct
@@ -43,17 +43,17 @@ import pyarrow.dataset as ds
 
 from piarec.errors import InputDataError
 from piarec.data.csr import CSR
-from piarec.data.storage import Location, child_uri, exists, is_published, read_json, resolve
+from piarec.data.layout import SNAPSHOT_MANIFEST
+from piarec.data.storage import Location, exists, is_published, read_json, resolve
 
 __all__ = [
-    "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot", "snapshot_uri",
-    "HISTORIES_SCHEMA", "HISTORIES_MANIFEST", "HISTORIES_SCHEMA_VERSION", "histories_uri",
+    "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot",
+    "HISTORIES_SCHEMA", "HISTORIES_SCHEMA_VERSION",
     "code_version",
 ]
 
 SCHEMA_VERSION = 1
 HISTORIES_SCHEMA_VERSION = 1
-HISTORIES_MANIFEST = "_manifest.json"
 HISTORIES_SCHEMA = pa.schema([
     ("user_id", pa.string()),
     ("history", pa.list_(pa.string())),
@@ -92,16 +92,6 @@ class Snapshot:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
-
-
-def snapshot_uri(root: str, window_end: date) -> str:
-    """``<root>/window_end=YYYY-MM-DD``: where the snapshot of a window lives."""
-    return child_uri(root, f"window_end={window_end.isoformat()}")
-
-
-def histories_uri(root: str, day: date) -> str:
-    """``<root>/dt=YYYY-MM-DD``: where the daily histories of scoring day ``day`` live."""
-    return child_uri(root, f"dt={day.isoformat()}")
 
 
 def code_version() -> dict[str, str | None]:
@@ -157,7 +147,7 @@ def load_snapshot(uri: str) -> Snapshot:
             "build it with pipelines/build_matrix.py or pick a published window"
         )
     loc = resolve(uri)
-    manifest = read_json(loc.child("manifest.json"))
+    manifest = read_json(loc.child(SNAPSHOT_MANIFEST))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise InputDataError(
             f"snapshot {uri!r} has schema_version {manifest.get('schema_version')!r}; "

@@ -21,8 +21,17 @@ from piarec.errors import PathEscapeError
 SUCCESS = "_SUCCESS"
 
 
-def _is_s3(uri: str) -> bool:
+def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or an ``s3://`` URI (segments from code, not
+    from users: those go through :func:`child_uri`)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ def resolve(uri: str) -> Location:
     S3 endpoint, region and credentials come from the standard AWS configuration chain
     (environment, profiles, instance roles), never from code or pipeline config.
     """
-    if _is_s3(uri):
+    if is_s3(uri):
         norm = "s3://" + uri.split("://", 1)[1].rstrip("/")
         # The AWS SDK reads region and credentials itself; the endpoint variables of the
         # AWS configuration (used for S3-compatible stores) are passed on explicitly.
@@ -105,7 +114,7 @@ def replace_bytes(loc: Location, data: bytes) -> None:
     """Write ``data`` at ``loc`` so that a reader sees the old object or the new one, never
     a torn write: a local file is written beside it and renamed over it; an S3 PUT is
     already all-or-nothing."""
-    if _is_s3(loc.uri):
+    if is_s3(loc.uri):
         write_bytes(loc, data)
         return
     suffix = f".tmp-{uuid.uuid4().hex[:8]}"

@@ -13,6 +13,7 @@ from typing import Any
 from piarec.models.bundle import CONFIG_FILE, ModelBundle, load_bundle
 from piarec.config import PipelineConfig
 from piarec.errors import ModelNotFoundError
+from piarec.data import layout
 
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle (piarec/registry/pyfunc.py)
 
@@ -36,7 +37,7 @@ def client(cfg: PipelineConfig):
     import mlflow
     from mlflow import MlflowClient
 
-    uri = cfg.tracking_uri()
+    uri = layout.tracking_uri(cfg.mlflow, cfg.storage)
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -50,7 +51,7 @@ def ensure_experiment(cfg: PipelineConfig) -> str:
     exp = c.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.artifact_location())
+    return c.create_experiment(cfg.mlflow.experiment, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage))
 
 
 def register_version(

@@ -25,6 +25,7 @@ from piarec.errors import TrainingError
 from piarec.data.snapshot import load_snapshot
 from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json
 from piarec.train.trainer import train
+from piarec.data import layout
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -50,7 +51,7 @@ def checkpoint_dir(cfg: PipelineConfig, manifest_digest: str) -> str:
     """``<storage.checkpoints_uri>/<key>``: one folder per (snapshot, model/PIA/training
     config), so a rerun of the same training resumes and a different one starts afresh."""
     identity = json.dumps({"snapshot": manifest_digest, **_params(cfg)}, sort_keys=True, default=str)
-    return child_uri(cfg.storage.checkpoints_uri, hashlib.sha256(identity.encode()).hexdigest()[:16])
+    return layout.checkpoint_uri(cfg.storage, hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
 def _close_interrupted_run(client, attempt_loc) -> str | None:

@@ -1,0 +1,120 @@
+"""Where every dataset lives: the one place a storage location is spelled out.
+
+Everything the pipeline writes sits under ``storage.root`` (a local folder or
+``s3://bucket/prefix``)::
+
+    <root>/events/dt=YYYY-MM-DD/                     raw events (default; storage.events)
+    <root>/snapshots/window_end=YYYY-MM-DD/          weekly snapshot   manifest.json, _SUCCESS
+    <root>/histories/dt=YYYY-MM-DD/                  daily histories   _manifest.json, _SUCCESS
+    <root>/recommendations/dt=YYYY-MM-DD/arm=<arm>/  daily top-K       _manifest.json, _SUCCESS
+    <root>/recommendations/_staging/<D>-<random>/    a scoring run's private staging
+    <root>/checkpoints/<key>/                        training checkpoints (resume after a kill)
+    <root>/mlflow.db, <root>/mlartifacts/            the embedded MLflow store (local root)
+
+Segments built from values (dates, arms, keys) go through
+:func:`piarec.data.storage.child_uri`, so they cannot leave the root. Files and folders
+whose names start with ``_`` are skipped by Parquet readers (Spark, pyarrow).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import os
+from pathlib import Path
+
+from piarec.config import MlflowConfig, StorageConfig
+from piarec.data.storage import SUCCESS, child_uri, is_s3, join_uri
+from piarec.errors import ConfigError
+
+__all__ = [
+    "SUCCESS", "MANIFEST", "SNAPSHOT_MANIFEST", "VALIDATION", "STAGING",
+    "events_root", "snapshots_root", "histories_root", "recommendations_root", "checkpoints_root",
+    "snapshot_uri", "histories_uri", "day_uri", "arm_uri", "staging_uri", "checkpoint_uri",
+    "tracking_uri", "artifact_location",
+]
+
+MANIFEST = "_manifest.json"  # histories and recommendations partitions ("_": readers skip it)
+SNAPSHOT_MANIFEST = "manifest.json"  # a snapshot's manifest
+VALIDATION = "_validation.json"  # the DAG's validation report of a recommendations day
+STAGING = "_staging"  # a scoring run's private folder under the recommendations root
+
+
+# -- roots -------------------------------------------------------------------------------------
+def events_root(storage: StorageConfig) -> str:
+    """The raw events dataset: ``storage.events``, else ``<root>/events``."""
+    return storage.events or join_uri(storage.root, "events")
+
+
+def snapshots_root(storage: StorageConfig) -> str:
+    return join_uri(storage.root, "snapshots")
+
+
+def histories_root(storage: StorageConfig) -> str:
+    """Daily user histories (``user_id, history, seen``), one ``dt=`` partition a day."""
+    return join_uri(storage.root, "histories")
+
+
+def recommendations_root(storage: StorageConfig) -> str:
+    return join_uri(storage.root, "recommendations")
+
+
+def checkpoints_root(storage: StorageConfig) -> str:
+    """Training checkpoints, one folder per (snapshot, training config): a killed
+    ``piarec train`` resumes from here; removed once the model is registered."""
+    return join_uri(storage.root, "checkpoints")
+
+
+# -- partitions ----------------------------------------------------------------------------------
+def snapshot_uri(snapshots: str, window_end: date) -> str:
+    """``<snapshots>/window_end=YYYY-MM-DD``: the snapshot of the window ending there."""
+    return child_uri(snapshots, f"window_end={window_end.isoformat()}")
+
+
+def histories_uri(histories: str, day: date) -> str:
+    """``<histories>/dt=YYYY-MM-DD``: the histories of scoring day ``day``."""
+    return child_uri(histories, f"dt={day.isoformat()}")
+
+
+def day_uri(recommendations: str, day: date) -> str:
+    """``<recommendations>/dt=YYYY-MM-DD``: one scoring day, every arm."""
+    return child_uri(recommendations, f"dt={day.isoformat()}")
+
+
+def arm_uri(recommendations: str, day: date, arm: str) -> str:
+    """``<recommendations>/dt=D/arm=<arm>``; an arm name that is not a safe segment is refused."""
+    return child_uri(recommendations, f"dt={day.isoformat()}", f"arm={arm}")
+
+
+def staging_uri(recommendations: str, day: date, token: str) -> str:
+    """``<recommendations>/_staging/<D>-<token>``: one run's private folder (no ``=`` in
+    its name, so partition discovery never mistakes it for data)."""
+    return child_uri(recommendations, STAGING, f"{day.isoformat()}-{token}")
+
+
+def checkpoint_uri(storage: StorageConfig, key: str) -> str:
+    """``<root>/checkpoints/<key>``: the checkpoint folder of one training identity."""
+    return child_uri(checkpoints_root(storage), key)
+
+
+# -- the embedded MLflow store ----------------------------------------------------------------------
+def tracking_uri(mlflow: MlflowConfig, storage: StorageConfig) -> str:
+    """``mlflow.tracking_uri``, else a SQLite store at ``<root>/mlflow.db`` (local root only)."""
+    if mlflow.tracking_uri:
+        return mlflow.tracking_uri
+    return f"sqlite:///{_local_root(storage)}/mlflow.db"
+
+
+def artifact_location(mlflow: MlflowConfig, storage: StorageConfig) -> str:
+    """``mlflow.artifact_location``, else ``<root>/mlartifacts`` (a ``file://`` URI locally)."""
+    if mlflow.artifact_location:
+        return mlflow.artifact_location
+    if is_s3(storage.root):
+        return join_uri(storage.root, "mlartifacts")
+    return Path(_local_root(storage), "mlartifacts").as_uri()
+
+
+def _local_root(storage: StorageConfig) -> str:
+    if is_s3(storage.root):
+        raise ConfigError(f"mlflow.tracking_uri must be set when storage.root is on S3 ({storage.root!r})")
+    return os.path.abspath(storage.root)
