@@ -127,7 +127,7 @@ def arm_plain(args: argparse.Namespace) -> dict:
     import torch
 
     from piarec.models.bundle import load_bundle
-    from piarec.models.multivae import SparseBatch
+    from piarec.models.contract import SparseBatch
     from piarec.scoring.arrow import OUTPUT_SCHEMA, map_arrow_lists
 
     bundle = load_bundle(args.model)

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from piarec.config import ModelConfig
-from piarec.models.multivae import MultiVAE, SparseBatch, alignment_closed_form, gaussian_kl
+from piarec.models.contract import SparseBatch
+from piarec.models.multivae import MultiVAE
+from piarec.models.ops import alignment_closed_form, gaussian_kl
 from piarec.data.csr import CSR
 
 
@@ -47,7 +49,7 @@ def synthetic_ml20m(n_users: int, n_items: int, n_pos: int, seed: int = 0) -> CS
 
 def dense_loss(model: MultiVAE, x: torch.Tensor, batch: SparseBatch, beta: float, lam: float) -> torch.Tensor:
     """MultiVAE.loss with the first layer as a dense matmul over the [B, I] input."""
-    keep = model.cfg.keep_prob
+    keep = model.config.keep_prob
     h = torch.tanh(F.dropout(F.normalize(x), 1 - keep, training=True) @ model.item_in + model.bias_in)
     mu, logvar = model.to_stats(h).chunk(2, dim=1)
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)

@@ -14,7 +14,10 @@ from piarec.evaluate.diagnostics import (
     active_units, collapse_metrics, decoder_ima_contrast, ima_contrast, kl_per_dim, kl_per_dimension,
     map_ima_contrast, mask_stability, mutual_information, posterior_gaussians, self_consistency,
 )
-from piarec.models.multivae import MultiVAE, SparseBatch, build_model, gaussian_kl
+from piarec.models.contract import SparseBatch
+from piarec.models.factory import build_model
+from piarec.models.multivae import MultiVAE
+from piarec.models.ops import gaussian_kl
 from piarec.data.csr import CSR
 
 N_ITEMS = 40

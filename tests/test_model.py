@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from piarec.config import ModelConfig
-from piarec.models.multivae import MultiVAE, SparseBatch, alignment_closed_form, multinomial_nll
+from piarec.models.contract import SparseBatch
+from piarec.models.multivae import MultiVAE
+from piarec.models.ops import alignment_closed_form, multinomial_nll
 from piarec.data.csr import CSR
 
 ROWS = [[0, 3, 5], [1], [2, 4, 6, 7]]
@@ -80,7 +82,8 @@ def test_loss_without_pia_has_zero_alignment_and_decoder_variants_shape():
 # -- IAF encoder ------------------------------------------------------------------------
 from piarec.models.bundle import load_bundle, save_bundle  # noqa: E402
 from piarec.models.flows import IAF, log_normal  # noqa: E402
-from piarec.models.multivae import Phase, build_model  # noqa: E402
+from piarec.models.contract import Phase  # noqa: E402
+from piarec.models.factory import build_model
 from piarec.models.recvae import RecVAE  # noqa: E402
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from piarec.config import ModelConfig, RegularizerConfig
-from piarec.models.multivae import (
-    MultiVAE, SparseBatch, alignment_closed_form, build_model, gaussian_kl, gaussian_kl_wide, multinomial_nll,
-    sample_from_decoder, swap_items, warmup_weight,
-)
+from piarec.models.contract import SparseBatch
+from piarec.models.factory import build_model
+from piarec.models.multivae import MultiVAE
+from piarec.models.ops import alignment_closed_form, gaussian_kl, gaussian_kl_wide, multinomial_nll, sample_from_decoder, swap_items, warmup_weight
 from piarec.data.csr import CSR
 
 N_ITEMS = 30
@@ -60,7 +60,7 @@ def test_switched_off_loss_is_the_eq8_loss_bit_for_bit():
     torch.manual_seed(9)
     parts = m.loss(_batch(), 0.3, 0.2, step=7)
     torch.manual_seed(9)
-    mu, logvar, _ = m.encode_base(_batch(), m.cfg.keep_prob)
+    mu, logvar, _ = m.encode_base(_batch(), m.config.keep_prob)
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     nll = multinomial_nll(m.logits(z), _batch())
     kl = gaussian_kl(mu, logvar).mean()

@@ -5,7 +5,8 @@ import torch
 from piarec.config import load_config
 from piarec.errors import TrainingError
 from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, train_popularity
-from piarec.models.multivae import MultiVAE, SparseBatch
+from piarec.models.contract import SparseBatch
+from piarec.models.multivae import MultiVAE
 from piarec.train.trainer import LambdaSchedule, beta_at, train, train_step
 
 
@@ -92,7 +93,7 @@ def test_resume_is_bit_exact_for_recvae_alternating_updates(planted_snapshot, tm
 
 
 def test_recvae_encoder_phase_leaves_the_decoder_alone(planted_snapshot):
-    from piarec.models.multivae import build_model
+    from piarec.models.factory import build_model
     from piarec.train.trainer import _only_trainable
 
     cfg = _cfg({"backbone": "recvae"})

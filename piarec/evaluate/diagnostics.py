@@ -18,7 +18,7 @@ the promotion gate and the reports.
   centroid; PIA should shrink both.
 
 Closed forms use the Gaussian part of the posterior: with the IAF encoder that is the base
-q(z0 | x) (``encode_base``), where PIA's alignment also acts. :func:`collapse_metrics` is
+q(z0 | x) (``gaussian_posterior``), where PIA's alignment also acts. :func:`collapse_metrics` is
 the entry point; it is deterministic for a seed and leaves the model's mode and the global
 RNG state as it found them.
 """
@@ -32,26 +32,18 @@ import numpy as np
 import torch
 
 from piarec.config import DiagnosticsConfig
-from piarec.models.multivae import SparseBatch
+from piarec.models.contract import SparseBatch
 from piarec.data.csr import CSR
 
 ACTIVE_VARIANCE = 0.01  # a unit is active when Var over users of its posterior mean > this
 
 
 # --------------------------------------------------------------------------- encoding
-def _gaussian(model: torch.nn.Module, batch: SparseBatch, keep_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mu, logvar`` of the Gaussian part of q(z | x): the base of a flow encoder."""
-    if hasattr(model, "encode_base"):
-        mu, logvar, *_ = model.encode_base(batch, keep_prob)
-        return mu, logvar
-    return model.encode(batch, keep_prob)
-
-
 @torch.inference_mode()
 def posterior_means(model: torch.nn.Module, rows: CSR, batch_size: int = 2000) -> np.ndarray:
     """float32 [U, d]: ``mu`` of ``model.encode(rows, keep_prob=1.0)`` for every row.
 
-    ``model`` is any model of the contract in :mod:`piarec.models.multivae` (``encode`` returns
+    ``model`` is any model of the contract in :mod:`piarec.models.contract` (``encode`` returns
     ``(mu, logvar)``); ``rows`` is a CSR [U, I] in the model's item space.
     """
     mu, _ = _encode_rows(model, rows, batch_size, base=False)
@@ -74,7 +66,7 @@ def _encode_rows(model: torch.nn.Module, rows: CSR, batch_size: int, base: bool)
         for start in range(0, rows.n_rows, batch_size):
             part = rows.take_rows(np.arange(start, min(start + batch_size, rows.n_rows)))
             batch = SparseBatch.from_csr(part, device)
-            mu, logvar = _gaussian(model, batch, 1.0) if base else model.encode(batch, keep_prob=1.0)
+            mu, logvar = model.gaussian_posterior(batch, 1.0) if base else model.encode(batch, keep_prob=1.0)
             mus.append(mu.float().cpu().numpy())
             logvars.append(logvar.float().cpu().numpy())
     finally:
@@ -214,10 +206,10 @@ def mask_stability(
     u = rows.n_rows
     rep = rows.take_rows(np.repeat(np.arange(u), repeats))
     with torch.no_grad():
-        mu, _ = _gaussian(model, SparseBatch.from_csr(rep, device), keep_prob)
+        mu, _ = model.gaussian_posterior(SparseBatch.from_csr(rep, device), keep_prob)
         mu = mu.double().reshape(u, repeats, -1)
         var = mu.var(dim=1, unbiased=True).sum(dim=1).cpu().numpy()
-        anchors = getattr(model, "anchors", None)
+        anchors = model.item_anchors()
         if anchors is None:
             return var, None
         batch = SparseBatch.from_csr(rows, device)
@@ -275,8 +267,7 @@ def collapse_metrics(model: torch.nn.Module, rows: CSR, cfg: DiagnosticsConfig, 
 
             pick = _sample(len(mu), cfg.self_consistency_users, rng)
             z = torch.from_numpy(posterior_means(model, users.take_rows(pick))).to(device)
-            if hasattr(model, "encode_dense"):
-                out["self_consistency"] = float(self_consistency(model, z).mean())
+            out["self_consistency"] = float(self_consistency(model, z).mean())
             if cfg.jacobian_users > 0:
                 ima = decoder_ima_contrast(model, z[: cfg.jacobian_users])
                 finite = ima[np.isfinite(ima)]
@@ -297,5 +288,4 @@ def collapse_metrics(model: torch.nn.Module, rows: CSR, cfg: DiagnosticsConfig, 
 
 def _train_keep_prob(model: torch.nn.Module) -> float:
     """The input keep probability the model trains its encoder with."""
-    phases = model.phases() if hasattr(model, "phases") else []
-    return float(phases[0].keep_prob) if phases else float(model.cfg.keep_prob)
+    return float(model.phases()[0].keep_prob)

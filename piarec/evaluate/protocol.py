@@ -12,7 +12,7 @@ import torch
 from typing import Callable
 
 from piarec.evaluate.metrics import per_user_metrics, summarize
-from piarec.models.multivae import SparseBatch
+from piarec.models.contract import SparseBatch
 from piarec.data.snapshot import Split
 from piarec.data.csr import CSR
 

@@ -23,7 +23,7 @@ import torch
 
 from piarec.config import ModelConfig
 from piarec.errors import ModelNotFoundError
-from piarec.models.multivae import build_model
+from piarec.models.factory import build_model
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE = "config.json", "weights.pt", "items.parquet"
@@ -59,7 +59,7 @@ def save_bundle(
             f"bundle needs {model.n_items} item ids and popularity values, "
             f"got {len(item_ids)} and {len(popularity)}"
         )
-    config = {"format_version": FORMAT_VERSION, "n_items": model.n_items, "model": model.cfg.model_dump()}
+    config = {"format_version": FORMAT_VERSION, "n_items": model.n_items, "model": model.config.model_dump()}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / WEIGHTS_FILE)

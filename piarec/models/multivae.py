@@ -1,160 +1,24 @@
 """Multi-VAE (Liang et al. 2018) with the Personalized Item Alignment regularizer.
 
-The trainer and the scorer talk to a model through a few methods:
-
-- ``encode(batch, keep_prob)`` -> ``(mu, logvar)``, each float32 [B, d]; with
-  ``keep_prob=1.0`` ``logits(mu)`` is the deterministic score used for ranking
-- ``logits(z)`` -> float32 [B, I]
-- ``loss(batch, beta, lambda_a, phase, step=0)`` -> :class:`LossParts` (training only;
-  ``step`` counts the updates made so far, for warmed-up loss weights)
-- ``param_groups()`` / ``phases()`` / ``end_phase(phase)``: how one epoch updates which
-  parameters (one joint Adam step here; RecVAE alternates encoder and decoder)
-- optionally ``encode_dense(x)`` -> ``(mu, logvar)`` for non-negative dense rows x [B, I]
-  (a decoder's softmax, say), unmasked: the collapse diagnostics and the latent
-  reconstruction term feed the decoder's output back through the encoder with it
-
-:func:`build_model` makes the model a :class:`~piarec.config.ModelConfig` describes.
-Input batches are sparse (:class:`SparseBatch`, cut from CSR rows): the first encoder
-layer is an ``embedding_bag`` over the user's items, so a [B, I] input is never built.
+It implements the model contract of :mod:`piarec.models.contract`;
+:func:`piarec.models.factory.build_model` makes the model a
+:class:`~piarec.config.ModelConfig` describes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from piarec.config import ModelConfig, RegularizerConfig
+from piarec.models.contract import LossParts, Phase, SparseBatch
 from piarec.models.flows import IAF, log_normal
-from piarec.data.csr import CSR
-
-
-@dataclass(frozen=True)
-class SparseBatch:
-    """Rows of a binary matrix on a device: ``indices`` int64 [nnz], ``offsets`` int64 [B]."""
-
-    indices: torch.Tensor
-    offsets: torch.Tensor
-    lengths: torch.Tensor  # int64 [B]: items per row
-
-    @property
-    def size(self) -> int:
-        return int(self.offsets.shape[0])
-
-    @classmethod
-    def from_csr(cls, csr: CSR, device: torch.device | str = "cpu") -> "SparseBatch":
-        return cls(
-            torch.from_numpy(csr.indices.astype(np.int64)).to(device),
-            torch.from_numpy(csr.indptr[:-1].astype(np.int64)).to(device),
-            torch.from_numpy(csr.row_lengths().astype(np.int64)).to(device),
-        )
-
-    def row_ids(self) -> torch.Tensor:
-        """int64 [nnz]: the row of each entry."""
-        return torch.repeat_interleave(torch.arange(self.size, device=self.indices.device), self.lengths)
-
-
-def _zero() -> torch.Tensor:
-    return torch.zeros(())
-
-
-@dataclass
-class LossParts:
-    """The loss and its terms (scalars). ``total`` is what is minimised; the optional
-    regularizers' unweighted values are zero when they are switched off."""
-
-    total: torch.Tensor
-    nll: torch.Tensor
-    kl: torch.Tensor
-    align: torch.Tensor
-    latent_recon: torch.Tensor = field(default_factory=_zero)
-    noise_contrastive: torch.Tensor = field(default_factory=_zero)
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One kind of pass over the training users within an epoch.
-
-    ``group`` names the parameter group whose optimizer steps (the others are frozen),
-    ``passes`` how many times the data is traversed, ``keep_prob`` the input masking and
-    ``terms`` which loss terms matter ("all", or "nll" when only the decoder learns).
-    """
-
-    group: str
-    passes: int
-    keep_prob: float
-    terms: str = "all"
-
-
-def sparse_first_layer(
-    batch: SparseBatch, weight: torch.Tensor, bias: torch.Tensor, keep_prob: float
-) -> torch.Tensor:
-    """``dropout(normalize(x)) @ weight + bias`` for binary rows x, without building x.
-
-    L2-normalise each row (1/sqrt(|x_u|) per item), drop items with probability
-    1 - keep_prob and scale survivors by 1/keep_prob (``nn.Dropout`` after
-    ``F.normalize``, as in Liang et al.). ``weight``: float32 [I, H]. Returns [B, H].
-    """
-    lengths = batch.lengths.clamp(min=1).to(weight.dtype)
-    weights = torch.repeat_interleave(lengths.rsqrt(), batch.lengths)
-    if keep_prob < 1.0:
-        keep = torch.rand(weights.shape, device=weights.device) < keep_prob
-        weights = weights * keep / keep_prob
-    h = F.embedding_bag(batch.indices, weight, batch.offsets, mode="sum", per_sample_weights=weights)
-    return h + bias
-
-
-def dense_first_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``normalize(x) @ weight + bias`` for dense non-negative rows x, float [B, I] -> [B, H].
-
-    The same L2 normalisation the sparse path applies to binary rows, so a binary x gives
-    exactly :func:`sparse_first_layer` with ``keep_prob=1``. The encoder is therefore
-    invariant to the scale of x: a softmax p and the expected counts |x_u| * p encode alike.
-    """
-    return F.normalize(x, dim=1) @ weight + bias
-
-
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag exp(logvar)) || N(0, I)) per row, float32 [B]."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
-
-
-def gaussian_kl_wide(mu: torch.Tensor, logvar: torch.Tensor, scale: float) -> torch.Tensor:
-    """KL(N(mu, diag exp(logvar)) || N(0, scale^2 I)) per row, float32 [B]."""
-    log_s2 = 2.0 * math.log(scale)
-    return 0.5 * ((logvar.exp() + mu.pow(2)) / scale**2 - 1.0 - logvar + log_s2).sum(dim=1)
-
-
-def warmup_weight(step: int, final: float, warmup_steps: int) -> float:
-    """``final * min(1, step / warmup_steps)``: linear from 0 at step 0 to ``final``
-    (``final`` from the start when ``warmup_steps`` is 0)."""
-    if warmup_steps <= 0:
-        return float(final)
-    return float(final) * min(1.0, step / warmup_steps)
-
-
-def swap_items(batch: SparseBatch, n_items: int, fraction: float) -> SparseBatch:
-    """A copy of ``batch`` with each entry replaced, with probability ``fraction``, by an
-    item drawn uniformly from all ``n_items`` (row lengths unchanged; a drawn item may
-    repeat one the row holds, a negligible count bump when rows are short next to I)."""
-    swap = torch.rand(batch.indices.shape, device=batch.indices.device) < fraction
-    drawn = torch.randint(n_items, batch.indices.shape, device=batch.indices.device)
-    return SparseBatch(torch.where(swap, drawn, batch.indices), batch.offsets, batch.lengths)
-
-
-def sample_from_decoder(logits: torch.Tensor, lengths: torch.Tensor) -> SparseBatch:
-    """Histories drawn from the decoder: row u holds ``lengths[u]`` distinct items sampled
-    without replacement from softmax(logits_u). ``logits`` [B, I] (not differentiated)."""
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    n = int(lengths.max().clamp(min=1))
-    draws = torch.multinomial(probs, n, replacement=False)  # [B, n]
-    keep = torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
-    offsets = torch.cumsum(lengths, 0) - lengths
-    return SparseBatch(draws[keep], offsets, lengths.clone())
+from piarec.models.ops import (
+    alignment_closed_form, dense_first_layer, gaussian_kl, gaussian_kl_wide, multinomial_nll, sample_from_decoder,
+    sparse_first_layer, swap_items, warmup_weight,
+)
 
 
 class MultiVAE(nn.Module):
@@ -168,7 +32,7 @@ class MultiVAE(nn.Module):
     def __init__(self, n_items: int, cfg: ModelConfig):
         super().__init__()
         self.n_items = n_items
-        self.cfg = cfg
+        self.config = cfg
         d, h = cfg.latent_dim, cfg.hidden_dim
         # First layer as an item-embedding table so sparse input is consumed directly.
         self.item_in = nn.Parameter(torch.empty(n_items, h))
@@ -219,6 +83,12 @@ class MultiVAE(nn.Module):
             mu, _ = self.flow(mu, h)
         return mu, logvar
 
+    def gaussian_posterior(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mu, logvar`` of the Gaussian q(z0 | x), before the flows (the posterior itself
+        for the shallow and deeper encoders)."""
+        mu, logvar, _ = self.encode_base(batch, keep_prob)
+        return mu, logvar
+
     def encode_dense_base(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """:meth:`encode_base` of dense non-negative rows ``x`` float [B, I] (unmasked)."""
         return self._stats(dense_first_layer(x, self.item_in, self.bias_in))
@@ -247,7 +117,7 @@ class MultiVAE(nn.Module):
         the sample: log q(z_T|x) - log p(z_T), log q(z_T|x) = log q(z0|x) - sum log|det|.
         The alignment is applied to the Gaussian z0, where Proposition 3.1 holds.
         """
-        keep_prob = self.cfg.keep_prob if phase is None else phase.keep_prob
+        keep_prob = self.config.keep_prob if phase is None else phase.keep_prob
         mu, logvar, h = self.encode_base(batch, keep_prob)
         std = torch.exp(0.5 * logvar)
         z0 = mu + std * torch.randn_like(std)
@@ -265,7 +135,7 @@ class MultiVAE(nn.Module):
         else:
             align = torch.zeros((), device=mu.device)
         total = nll + beta * kl + lambda_a * align
-        reg = self.cfg.regularizers
+        reg = self.config.regularizers
         if not (reg.latent_recon or reg.noise_contrastive):
             # Switched off: not a single extra operation or random draw, so training is
             # bit-identical to a model without the regularizers.
@@ -292,12 +162,18 @@ class MultiVAE(nn.Module):
         mu, logvar, _ = self.encode_base(noisy, 1.0)
         return gaussian_kl_wide(mu, logvar, reg.nc_prior_scale).mean()
 
+    def item_anchors(self) -> torch.Tensor:
+        return self.anchors
+
+    def affine_decoder(self) -> nn.Linear | None:
+        return self.decoder[0] if len(self.decoder) == 1 else None
+
     # -- how an epoch trains it ---------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"all": list(self.parameters())}
 
     def phases(self) -> list[Phase]:
-        return [Phase("all", 1, self.cfg.keep_prob)]
+        return [Phase("all", 1, self.config.keep_prob)]
 
     def end_phase(self, phase: Phase) -> None:
         """Hook after a phase's passes (RecVAE refreshes its prior here)."""
@@ -313,64 +189,3 @@ def latent_reconstruction(model: nn.Module, z: torch.Tensor, logits: torch.Tenso
     """
     mu_back, _ = model.encode_dense(torch.softmax(logits, dim=1))
     return (mu_back - z.detach()).pow(2).sum(dim=1).mean()
-
-
-def build_model(n_items: int, cfg: ModelConfig) -> nn.Module:
-    """The model ``cfg`` describes, freshly initialised, on CPU."""
-    if n_items < 1:
-        raise ValueError(f"a model needs at least one item, got n_items={n_items}")
-    if cfg.backbone == "recvae":  # (ModelConfig refuses regularizers for RecVAE)
-        from piarec.models.recvae import RecVAE  # noqa: PLC0415 - recvae imports this module
-
-        return RecVAE(n_items, cfg)
-    return MultiVAE(n_items, cfg)
-
-
-class _MultinomialNLL(torch.autograd.Function):
-    """-mean_u sum_{i in S_u} log softmax(logits_u)_i with a hand-written backward,
-    ``mean_u(|S_u| softmax_u - x_u) / B``: one [B, I] buffer instead of autograd's three
-    (logsumexp's gradient, a zero-filled gather gradient, and their sum)."""
-
-    @staticmethod
-    def forward(ctx, logits, rows, cols, lengths):
-        lse = torch.logsumexp(logits, dim=1)  # [B]
-        picked = logits[rows, cols]  # [nnz]
-        per_user = torch.zeros_like(lse).index_add_(0, rows, picked) - lengths * lse
-        ctx.save_for_backward(logits, lse, rows, cols, lengths)
-        return -per_user.mean()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, lse, rows, cols, lengths = ctx.saved_tensors
-        scale = grad_out / logits.shape[0]
-        grad = torch.sub(logits, lse[:, None]).exp_().mul_((lengths * scale)[:, None])
-        grad.index_put_((rows, cols), (-scale).expand(rows.shape[0]), accumulate=True)
-        return grad, None, None, None
-
-
-def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
-    """-mean_u sum_{i in S_u} log softmax(logits_u)_i, gathering only at the positives.
-    ``logits``: float [B, I]; returns a scalar."""
-    return _MultinomialNLL.apply(logits, batch.row_ids(), batch.indices, batch.lengths.to(logits.dtype))
-
-
-def alignment_closed_form(
-    mu: torch.Tensor, logvar: torch.Tensor, anchors: torch.Tensor, batch: SparseBatch
-) -> torch.Tensor:
-    """Eq. 9 in the closed form of Proposition 3.1, per user, float32 [B]:
-
-        (1/|S|) sum_{i in S} E_q ||z - e_i||^2
-          = ||mu - e_bar||^2 + tr Sigma + (1/|S|) sum_i ||e_i||^2 - ||e_bar||^2
-
-    The last two terms are constant in the encoder but not in E, so they are kept:
-    gradients reach mu, sigma and the anchors exactly as for Eq. 9.
-    """
-    centroid = F.embedding_bag(batch.indices, anchors, batch.offsets, mode="mean")  # [B, d]
-    sq_norms = anchors.pow(2).sum(dim=1, keepdim=True)  # [I, 1]
-    mean_sq = F.embedding_bag(batch.indices, sq_norms, batch.offsets, mode="mean").squeeze(1)
-    return (
-        (mu - centroid).pow(2).sum(dim=1)
-        + logvar.exp().sum(dim=1)
-        + mean_sq
-        - centroid.pow(2).sum(dim=1)
-    )

@@ -26,9 +26,8 @@ from torch import nn
 
 from piarec.config import ModelConfig
 from piarec.models.flows import log_normal
-from piarec.models.multivae import (
-    LossParts, Phase, SparseBatch, alignment_closed_form, dense_first_layer, multinomial_nll, sparse_first_layer,
-)
+from piarec.models.contract import LossParts, Phase, SparseBatch
+from piarec.models.ops import alignment_closed_form, dense_first_layer, multinomial_nll, sparse_first_layer
 
 N_DENSE_LAYERS = 5
 WIDE_PRIOR_LOGVAR = 10.0
@@ -66,7 +65,7 @@ class RecVAE(nn.Module):
     def __init__(self, n_items: int, cfg: ModelConfig):
         super().__init__()
         self.n_items = n_items
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = RecVAEEncoder(n_items, cfg.hidden_dim, cfg.latent_dim)
         self.encoder_old = RecVAEEncoder(n_items, cfg.hidden_dim, cfg.latent_dim)
         self.encoder_old.requires_grad_(False)
@@ -77,6 +76,16 @@ class RecVAE(nn.Module):
     def encode(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu, logvar`` of q(z | x): float32 [B, d]."""
         return self.encoder(batch, keep_prob)
+
+    def gaussian_posterior(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior is Gaussian: :meth:`encode`."""
+        return self.encoder(batch, keep_prob)
+
+    def item_anchors(self) -> torch.Tensor:
+        return self.anchors
+
+    def affine_decoder(self) -> nn.Linear:
+        return self.decoder
 
     def encode_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu, logvar`` of dense non-negative rows ``x`` float [B, I] (L2-normalised like
@@ -114,7 +123,7 @@ class RecVAE(nn.Module):
         if phase.terms == "nll":
             return LossParts(nll, nll, zero, zero)
         kl_u = log_normal(z, mu, logvar).sum(dim=1) - self.log_prior(batch, z)
-        kl = (self.cfg.recvae_gamma * batch.lengths.to(kl_u.dtype) * kl_u).mean()
+        kl = (self.config.recvae_gamma * batch.lengths.to(kl_u.dtype) * kl_u).mean()
         align = alignment_closed_form(mu, logvar, self.anchors, batch).mean() if lambda_a > 0 else zero
         return LossParts(nll + kl + lambda_a * align, nll, kl, align)
 
@@ -124,8 +133,8 @@ class RecVAE(nn.Module):
 
     def phases(self) -> list[Phase]:
         return [
-            Phase("encoder", self.cfg.recvae_encoder_passes, self.cfg.keep_prob),
-            Phase("decoder", self.cfg.recvae_decoder_passes, 1.0, terms="nll"),
+            Phase("encoder", self.config.recvae_encoder_passes, self.config.keep_prob),
+            Phase("decoder", self.config.recvae_decoder_passes, 1.0, terms="nll"),
         ]
 
     def end_phase(self, phase: Phase) -> None:

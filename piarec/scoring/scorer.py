@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from piarec.models.bundle import ModelBundle
-from piarec.models.multivae import SparseBatch
+from piarec.models.contract import SparseBatch
 from piarec.scoring.arrow import MODEL, POPULARITY
 from piarec.data.csr import CSR
 
@@ -132,16 +132,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def affine_head(model: nn.Module) -> nn.Linear | None:
-    """The model's decoder when ``logits(z)`` is one affine layer of ``z`` (Multi-VAE
-    without decoder hidden layers, RecVAE), else None. The bf16 pass needs its weights to
-    bound its error; other decoders are scored in fp32."""
-    decoder = getattr(model, "decoder", None)
-    if isinstance(decoder, nn.ModuleList) and len(decoder) == 1:
-        decoder = decoder[0]
-    return decoder if isinstance(decoder, nn.Linear) else None
-
-
 class TopKScorer:
     """Scores CSR rows with a bundle's model; see the module docstring for the contract.
 
@@ -172,7 +162,8 @@ class TopKScorer:
         self.batch_size = batch_size
         self.popularity = popularity
         self.precision = resolve_precision(precision, self.device)
-        head = affine_head(self.model) if self.precision == "bf16" else None
+        # The bf16 pass needs an affine decoder's weights to bound its error; others run in fp32.
+        head = self.model.affine_decoder() if self.precision == "bf16" else None
         if self.precision == "bf16" and head is None:
             if precision == "bf16":
                 raise ValueError(

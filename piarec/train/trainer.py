@@ -13,11 +13,10 @@ snapshot and a config, and reports each epoch through a callback.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,10 +26,11 @@ from piarec.device import pick_device
 from piarec.evaluate.diagnostics import collapse_metrics, diagnosable
 from piarec.errors import TrainingError
 from piarec.evaluate.protocol import evaluate_model
-from piarec.models.multivae import Phase, SparseBatch, build_model
+from piarec.models.contract import Phase, SparseBatch
+from piarec.models.factory import build_model
 from piarec.data.snapshot import Snapshot
 from piarec.data.csr import CSR
-from piarec.data.storage import exists, read_bytes, replace_bytes, resolve
+from piarec.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -105,29 +105,74 @@ def _batches(train: CSR, order: np.ndarray, batch_size: int, device: torch.devic
         yield SparseBatch.from_csr(train.take_rows(order[start : start + batch_size]), device)
 
 
-def save_checkpoint(uri: str, state: dict[str, Any]) -> None:
-    """Write ``state`` at ``uri`` (a local path or ``s3://``); a crash mid-write leaves the
-    previous checkpoint in place, never a truncated one."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    replace_bytes(resolve(uri), buf.getvalue())
-
-
-def load_checkpoint(uri: str, device: torch.device) -> dict[str, Any] | None:
-    """The checkpoint at ``uri``, or None when there is none. Loaded weights-only: a
-    checkpoint holds tensors and plain values, never code."""
-    loc = resolve(uri)
-    if not exists(loc):
-        return None
-    return torch.load(io.BytesIO(read_bytes(loc)), map_location=device, weights_only=True)
-
-
 def _check_finite(model: torch.nn.Module, epoch: int) -> None:
     """Refuse to checkpoint non-finite weights: the last good checkpoint must survive."""
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise TrainingError(f"weights became non-finite in epoch {epoch} ({', '.join(bad[:3])}); "
                             "lower training.lr or pia.lambda_a")
+
+
+@dataclass
+class _Loop:
+    """What the loop carries from epoch to epoch besides the model and optimizers."""
+
+    rng: np.random.Generator
+    lam: LambdaSchedule
+    step: int = 0
+    epoch: int = 0  # the last completed epoch
+    best_ndcg: float = -math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _snapshot_state(model, opts, loop: _Loop, device: torch.device) -> TrainState:
+    return TrainState(
+        model=model.state_dict(), optimizers={n: o.state_dict() for n, o in opts.items()},
+        step=loop.step, epoch=loop.epoch, best_ndcg=loop.best_ndcg, best_epoch=loop.best_epoch,
+        since_best=loop.since_best, best_state=loop.best_state, best_metrics=loop.best_metrics,
+        history=loop.history, lambda_a=loop.lam.value, lambda_stall=loop.lam.stall,
+        torch_rng=torch.get_rng_state(), numpy_rng=loop.rng.bit_generator.state,
+        cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+    )
+
+
+def _restore(ck: TrainState, model, opts, loop: _Loop, device: torch.device) -> None:
+    model.load_state_dict(ck.model)
+    for name, opt in opts.items():
+        opt.load_state_dict(ck.optimizers[name])
+    loop.step, loop.epoch = int(ck.step), int(ck.epoch)
+    loop.best_ndcg, loop.best_epoch, loop.since_best = float(ck.best_ndcg), int(ck.best_epoch), int(ck.since_best)
+    loop.best_state, loop.best_metrics, loop.history = ck.best_state, ck.best_metrics, ck.history
+    loop.lam.value, loop.lam.stall = float(ck.lambda_a), int(ck.lambda_stall)
+    torch.set_rng_state(ck.torch_rng)
+    if device.type == "cuda" and ck.cuda_rng is not None:
+        torch.cuda.set_rng_state(ck.cuda_rng.cpu())
+    loop.rng.bit_generator.state = ck.numpy_rng
+
+
+def _train_epoch(model, groups, opts, train_rows: CSR, loop: _Loop, tc, device: torch.device) -> dict[str, float]:
+    """One epoch: each phase steps its optimizer for its number of passes (one phase for
+    Multi-VAE). Returns the mean loss parts per batch."""
+    model.train()
+    sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "align": 0.0}
+    n_batches = 0
+    for phase in model.phases():
+        _only_trainable(groups, phase.group)
+        for _ in range(phase.passes):
+            order = loop.rng.permutation(train_rows.n_rows)
+            for batch in _batches(train_rows, order, tc.batch_size, device):
+                beta = beta_at(loop.step, tc.beta_cap, tc.anneal_steps)
+                parts = train_step(model, opts[phase.group], batch, beta, loop.lam.value, phase, step=loop.step)
+                for key, v in parts.items():
+                    sums[key] += v
+                loop.step += 1
+                n_batches += 1
+        model.end_phase(phase)
+    return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
 
 def train(
@@ -154,99 +199,60 @@ def train(
 
     # -- setup: seeds, device, model, optimizers (one per parameter group), schedules ----
     torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
     device = pick_device(tc.device)
     model = build_model(snap.train.n_cols, cfg.model).to(device)
     groups = model.param_groups()
     # Fused Adam: one kernel over all tensors (~15 % faster per step on CPU), same update rule.
     opts = {name: torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
             for name, params in groups.items()}
-    lam = LambdaSchedule(cfg.pia.lambda_a if cfg.pia.enabled else 0.0, cfg.pia.lambda_scale, cfg.pia.patience, cfg.pia.lambda_max)
-    step, first_epoch, best_ndcg, best_epoch, since_best = 0, 1, -math.inf, 0, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    best_metrics: dict[str, float] = {}
-    history: list[dict[str, float]] = []
-    dc = cfg.diagnostics
-    diagnose = dc.enabled and diagnosable(snap.val.fold_in)
+    pia = cfg.pia
+    loop = _Loop(np.random.default_rng(tc.seed),
+                 LambdaSchedule(pia.lambda_a if pia.enabled else 0.0, pia.lambda_scale, pia.patience, pia.lambda_max))
+    diagnose = cfg.diagnostics.enabled and diagnosable(snap.val.fold_in)
 
+    # -- resume: a checkpoint of the same run continues it exactly -------------------------
     ck = load_checkpoint(checkpoint_path, device) if checkpoint_path else None
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        for name, opt in opts.items():
-            opt.load_state_dict(ck["optimizers"][name])
-        step, first_epoch = int(ck["step"]), int(ck["epoch"]) + 1
-        best_ndcg, best_epoch, since_best = float(ck["best_ndcg"]), int(ck["best_epoch"]), int(ck["since_best"])
-        best_state, best_metrics, history = ck["best_state"], ck["best_metrics"], ck["history"]
-        lam.value, lam.stall = float(ck["lambda_a"]), int(ck["lambda_stall"])
-        torch.set_rng_state(ck["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in ck:
-            torch.cuda.set_rng_state(ck["cuda_rng"].cpu())
-        rng.bit_generator.state = ck["numpy_rng"]
-        if first_epoch > tc.epochs or (tc.early_stop_patience and since_best >= tc.early_stop_patience):
-            first_epoch = tc.epochs + 1  # the checkpointed run had already finished
-        for row in history if on_epoch else ():
+        _restore(ck, model, opts, loop, device)
+        for row in loop.history if on_epoch else ():
             on_epoch(row)
 
     # -- the loop ---------------------------------------------------------------------
-    for epoch in range(first_epoch, tc.epochs + 1):
+    while loop.epoch < tc.epochs and not (tc.early_stop_patience and loop.since_best >= tc.early_stop_patience):
+        epoch = loop.epoch + 1
         t0 = time.perf_counter()
-        model.train()
-        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "align": 0.0}
-        n_batches = 0
-        # Each phase steps one optimizer for its number of passes (one phase for Multi-VAE).
-        for phase in model.phases():
-            _only_trainable(groups, phase.group)
-            for _ in range(phase.passes):
-                order = rng.permutation(snap.train.n_rows)
-                for batch in _batches(snap.train, order, tc.batch_size, device):
-                    beta = beta_at(step, tc.beta_cap, tc.anneal_steps)
-                    parts = train_step(model, opts[phase.group], batch, beta, lam.value, phase, step=step)
-                    for key, v in parts.items():
-                        sums[key] += v
-                    step += 1
-                    n_batches += 1
-            model.end_phase(phase)
+        losses = _train_epoch(model, groups, opts, snap.train, loop, tc, device)
         train_s = time.perf_counter() - t0
 
         # Validation on held-out users picks the model and drives lambda_A.
         metrics = evaluate_model(model, snap.val, tc.eval_batch_size)
-        improved = metrics["ndcg_at_100"] > best_ndcg
+        improved = metrics["ndcg_at_100"] > loop.best_ndcg
         if improved:
-            best_ndcg, best_epoch, best_metrics, since_best = metrics["ndcg_at_100"], epoch, metrics, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            loop.best_ndcg, loop.best_epoch, loop.best_metrics, loop.since_best = metrics["ndcg_at_100"], epoch, metrics, 0
+            loop.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
-            since_best += 1
-        lambda_used = lam.value
-        raised = lam.update(improved)
+            loop.since_best += 1
+        lambda_used = loop.lam.value
+        raised = loop.lam.update(improved)
         # Collapse diagnostics on the same validation users (logged beside the metrics;
         # they do not pick the model). Their own seed: the training RNG streams stay untouched.
-        diag = (collapse_metrics(model, snap.val.fold_in, dc, seed=tc.seed)
-                if diagnose and epoch % dc.every == 0 else {})
+        diag = (collapse_metrics(model, snap.val.fold_in, cfg.diagnostics, seed=tc.seed)
+                if diagnose and epoch % cfg.diagnostics.every == 0 else {})
 
-        row = {"epoch": epoch, "step": step, "beta": beta_at(step, tc.beta_cap, tc.anneal_steps),
-               "lambda_a": lambda_used, "lambda_raised": float(raised), "train_seconds": train_s,
-               **{k: v / max(n_batches, 1) for k, v in sums.items()},
+        row = {"epoch": epoch, "step": loop.step, "beta": beta_at(loop.step, tc.beta_cap, tc.anneal_steps),
+               "lambda_a": lambda_used, "lambda_raised": float(raised), "train_seconds": train_s, **losses,
                **{f"val_{k}": v for k, v in metrics.items()},
                **{f"diag_{k}": v for k, v in diag.items()}}
-        history.append(row)
+        loop.history.append(row)
+        loop.epoch = epoch
         if on_epoch:
             on_epoch(row)
 
         _check_finite(model, epoch)
         if checkpoint_path:
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizers": {n: o.state_dict() for n, o in opts.items()},
-                "step": step, "epoch": epoch,
-                "best_ndcg": best_ndcg, "best_epoch": best_epoch, "since_best": since_best,
-                "best_state": best_state, "best_metrics": best_metrics, "history": history,
-                "lambda_a": lam.value, "lambda_stall": lam.stall,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state,
-                **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
-            })
-        if tc.early_stop_patience and since_best >= tc.early_stop_patience:
-            break
+            save_checkpoint(checkpoint_path, _snapshot_state(model, opts, loop, device))
 
     best = build_model(snap.train.n_cols, cfg.model)
-    best.load_state_dict(best_state if best_state is not None else copy.deepcopy(model.state_dict()))
+    best.load_state_dict(loop.best_state if loop.best_state is not None else copy.deepcopy(model.state_dict()))
     best.eval()
-    return TrainResult(best, best_epoch, best_metrics, history, lam.value)
+    return TrainResult(best, loop.best_epoch, loop.best_metrics, loop.history, loop.lam.value)
