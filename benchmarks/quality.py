@@ -33,12 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from piarec.models.baselines import DEFAULT_EASE_LAMBDAS, fit_ease_on_validation
+from piarec.models.baselines import DEFAULT_EASE_LAMBDAS, train_popularity
 from piarec.evaluate.compare import paired_bootstrap
 from piarec.config import DiagnosticsConfig, load_config
 from piarec.research.datasets import load_dataset
 from piarec.evaluate.diagnostics import collapse_metrics
-from piarec.evaluate.protocol import model_topk, per_user_evaluation, popularity_topk, train_popularity
+from piarec.evaluate.protocol import fit_ease_on_validation, model_topk, per_user_evaluation, popularity_topk
+from piarec.evaluate.metrics import EVAL_K
+from piarec.scoring.topk import masked_top_k
 from piarec.evaluate.metrics import interaction_groups, summarize, summarize_groups
 from piarec.train.trainer import train
 
@@ -148,7 +150,7 @@ def run_model(snap, args, name: str, cache: Path | None) -> dict[str, Any]:
     if name == "ease":
         t0 = time.perf_counter()
         ease = fit_ease_on_validation(snap.train, snap.val, args.ease_grid)
-        per_user = per_user_evaluation(ease.topk(snap.test.fold_in), snap.test)
+        per_user = per_user_evaluation(masked_top_k(ease.scores, snap.test.fold_in, EVAL_K), snap.test)
         log(f"  ease: validation ndcg by lambda {ease.val_ndcg} -> {ease.lam:g} ({time.perf_counter() - t0:.0f}s)")
         return {"model": name, "settings": f"lambda={ease.lam:g}", "val_grid": ease.val_ndcg,
                 "runs": [{"seed": 0, "val": {"ndcg_at_100": ease.val_ndcg[ease.lam]}, "per_user": per_user}]}

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from piarec.evaluate.protocol import per_user_evaluation, scores_topk
+from piarec.evaluate.protocol import per_user_evaluation
+from piarec.scoring.topk import masked_top_k as scores_topk
 from piarec.evaluate.metrics import PAPER_GROUPS, interaction_groups, per_user_metrics, summarize_groups
 from piarec.data.snapshot import Split
 from piarec.data.csr import CSR
@@ -45,3 +46,33 @@ def test_scores_topk_masks_fold_in_and_counts_interactions():
     out = per_user_evaluation(top, Split(np.array(["u", "v"], dtype=object), fold, held))
     assert out["n_interactions"].tolist() == [2.0, 3.0]
     assert out["recall_at_20"].tolist() == [0.0, 1.0]
+
+
+def test_evaluation_breaks_ties_like_the_scorer():
+    """Ties go to the lower item index in evaluation, exactly as in the daily scorer: the
+    ranking of a model (and of popularity) is the same wherever it is computed."""
+    import torch
+
+    from piarec.evaluate.protocol import model_topk, popularity_topk
+    from piarec.models.bundle import ModelBundle
+    from piarec.models.factory import build_model
+    from piarec.config import ModelConfig
+    from piarec.scoring.scorer import TopKScorer
+
+    fold = CSR.from_lists([[5], [], [0, 9]], n_cols=12)
+    tied = lambda part: torch.zeros(part.n_rows, 12)  # noqa: E731 - every item ties
+    assert scores_topk(tied, fold, k=4).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3, 4]]
+    pop = np.array([3, 5, 5, 1, 5, 5, 0, 0, 0, 0, 0, 2], np.float32)
+    assert popularity_topk(pop, fold, k=5).tolist() == [[1, 2, 4, 0, 11], [1, 2, 4, 5, 0], [1, 2, 4, 5, 11]]
+
+    torch.manual_seed(0)
+    model = build_model(12, ModelConfig(hidden_dim=8, latent_dim=3)).eval()
+    with torch.no_grad():
+        model.decoder[0].weight[6:].zero_()  # items 6..11 tie at the bias ...
+        model.decoder[0].bias[6:] = 10.0  # ... and outrank the rest
+    history = CSR.from_lists([[5], [3], [0, 9]], n_cols=12)  # every row has a history: no fallback
+    ranked = model_topk(model, history, k=6)
+    scored = TopKScorer(ModelBundle(model, np.array([f"t{i}" for i in range(12)], dtype=object), pop), 6).score(history, history)
+    np.testing.assert_array_equal(ranked, scored.item_idx)
+    assert ranked[0].tolist() == [6, 7, 8, 9, 10, 11]  # the tied block, by ascending index
+    assert ranked[2][:5].tolist() == [6, 7, 8, 10, 11]  # 9 is known

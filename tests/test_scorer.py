@@ -11,7 +11,8 @@ from piarec.models.bundle import ModelBundle
 from piarec.config import ModelConfig
 from piarec.models.contract import SparseBatch
 from piarec.models.multivae import MultiVAE
-from piarec.scoring.scorer import MIN_ROWS, TopKScorer, top_k_rows, top_k_torch
+from piarec.scoring.scorer import MIN_ROWS, TopKScorer
+from piarec.scoring.topk import top_k_rows, top_k_torch
 from piarec.scoring.arrow import OUTPUT_SCHEMA, WRITE_SCHEMA, map_arrow_lists, map_histories, to_record_batch
 from piarec.data.csr import CSR
 

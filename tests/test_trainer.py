@@ -4,7 +4,8 @@ import torch
 
 from piarec.config import load_config
 from piarec.errors import TrainingError
-from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, train_popularity
+from piarec.evaluate.protocol import evaluate_model, evaluate_popularity
+from piarec.models.baselines import train_popularity
 from piarec.models.contract import SparseBatch
 from piarec.models.multivae import MultiVAE
 from piarec.train.trainer import LambdaSchedule, beta_at, train, train_step

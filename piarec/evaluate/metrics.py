@@ -40,13 +40,19 @@ def ndcg_at_k(topk: np.ndarray, held_out: CSR, k: int) -> np.ndarray:
     return np.where(n > 0, dcg / idcg, np.nan)
 
 
+# The ranking evaluation reads: its longest cut-off. Apart from the serving top-K
+# (scoring.k): evaluation ranks EVAL_K items whatever the daily job serves.
+EVAL_K = 100
+SELECTION_METRIC = "ndcg_at_100"  # picks the best epoch and the best EASE lambda
+
+
 def summarize(topk: np.ndarray, held_out: CSR) -> dict[str, float]:
     """The protocol's headline numbers: Recall@20, Recall@50, NDCG@100 (means over users
     with at least one held-out item)."""
     return {
         "recall_at_20": float(np.nanmean(recall_at_k(topk, held_out, 20))),
         "recall_at_50": float(np.nanmean(recall_at_k(topk, held_out, 50))),
-        "ndcg_at_100": float(np.nanmean(ndcg_at_k(topk, held_out, 100))),
+        "ndcg_at_100": float(np.nanmean(ndcg_at_k(topk, held_out, EVAL_K))),
     }
 
 
@@ -59,7 +65,7 @@ def per_user_metrics(topk: np.ndarray, held_out: CSR) -> dict[str, np.ndarray]:
     return {
         "recall_at_20": recall_at_k(topk, held_out, 20),
         "recall_at_50": recall_at_k(topk, held_out, 50),
-        "ndcg_at_100": ndcg_at_k(topk, held_out, 100),
+        "ndcg_at_100": ndcg_at_k(topk, held_out, EVAL_K),
     }
 
 

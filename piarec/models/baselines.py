@@ -7,22 +7,19 @@ EASE learns an item-item matrix B [I, I] with a zero diagonal in closed form:
 and scores a user as ``x_u B``. X is the training users' binary matrix; X^T X is built
 from sparse rows (never a dense [U, I] matrix) and inverted with a Cholesky factorisation
 in torch, in float32 (lambda >= 1 keeps G + lambda I well conditioned; float64 is 2x
-slower and, on MovieLens-100K, gives the same top-100 lists). lambda is picked on the validation users (:func:`fit_ease_on_validation`).
+slower and, on MovieLens-100K, gives the same top-100 lists). lambda is picked on the validation users
+(:func:`piarec.evaluate.protocol.fit_ease_on_validation`).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from piarec.evaluate.protocol import scores_topk
-from piarec.evaluate.metrics import summarize
-from piarec.data.snapshot import Split
 from piarec.data.csr import CSR
 
 DEFAULT_EASE_LAMBDAS = (25.0, 100.0, 300.0, 1000.0, 3000.0)
@@ -60,7 +57,7 @@ class EASE:
 
     weights: torch.Tensor
     lam: float
-    val_ndcg: dict[float, float] = field(default_factory=dict)  # lambda -> validation NDCG@100
+    val_ndcg: dict[float, float] = field(default_factory=dict)  # lambda -> validation NDCG@100 (when fitted on it)
 
     def scores(self, part: CSR) -> torch.Tensor:
         """x_u B for CSR rows: float32 [b, I] (rows of B summed with an embedding bag)."""
@@ -68,24 +65,11 @@ class EASE:
         offsets = torch.from_numpy(part.indptr[:-1].astype(np.int64))
         return F.embedding_bag(idx, self.weights, offsets, mode="sum")
 
-    def topk(self, fold_in: CSR, k: int = 100) -> np.ndarray:
-        return scores_topk(self.scores, fold_in, k)
-
 
 def fit_ease(train: CSR, lam: float) -> EASE:
     return EASE(ease_weights(gram(train).float(), lam), lam)
 
 
-def fit_ease_on_validation(train: CSR, val: Split, lambdas: Sequence[float] = DEFAULT_EASE_LAMBDAS) -> EASE:
-    """Fit EASE for each lambda and keep the one with the best validation NDCG@100."""
-    g = gram(train).float()
-    best: EASE | None = None
-    scores: dict[float, float] = {}
-    for lam in lambdas:
-        model = EASE(ease_weights(g, lam), float(lam))
-        scores[float(lam)] = summarize(model.topk(val.fold_in), val.held_out)["ndcg_at_100"]
-        if best is None or scores[float(lam)] > scores[best.lam]:
-            best = model
-    assert best is not None, "lambdas must not be empty"
-    best.val_ndcg = scores
-    return best
+def train_popularity(train: CSR) -> np.ndarray:
+    """float32 [I]: number of training users per item — the popularity baseline and fallback."""
+    return np.bincount(train.indices, minlength=train.n_cols).astype(np.float32)

@@ -42,7 +42,9 @@ from piarec.models.bundle import ModelBundle
 from piarec.config import PipelineConfig
 from piarec.evaluate.diagnostics import active_units, collapse_metrics, diagnosable, posterior_means
 from piarec.errors import InputDataError, ModelNotFoundError
-from piarec.evaluate.protocol import evaluate_popularity, model_topk, train_popularity
+from piarec.evaluate.metrics import EVAL_K
+from piarec.evaluate.protocol import evaluate_popularity, model_topk
+from piarec.models.baselines import train_popularity
 from piarec.evaluate.metrics import summarize
 from piarec.scoring.scorer import TopKScorer
 from piarec.data.snapshot import Snapshot, Split, load_snapshot
@@ -115,7 +117,7 @@ def bundle_rows(bundle: ModelBundle, item_ids: np.ndarray, rows: CSR) -> CSR:
 
 
 def bundle_topk(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: int = 2000) -> np.ndarray:
-    """int64 [U, 100]: the bundle's top-100 for ``split``'s users, in the snapshot's item
+    """int64 [U, EVAL_K]: the bundle's top-EVAL_K for ``split``'s users, in the snapshot's item
     space (-1 for titles the snapshot does not hold).
 
     A bundle trained on another snapshot has its own vocabulary: fold-in items it does
@@ -123,7 +125,7 @@ def bundle_topk(bundle: ModelBundle, snap: Snapshot, split: Split, batch_size: i
     snapshot does not hold count as misses. So models of different weeks are compared on
     exactly the same users and held-out items.
     """
-    topk = model_topk(bundle.model, bundle_rows(bundle, snap.item_ids, split.fold_in), 100, batch_size)
+    topk = model_topk(bundle.model, bundle_rows(bundle, snap.item_ids, split.fold_in), EVAL_K, batch_size)
     to_snap = item_mapping(bundle.item_ids, snap.item_ids)
     return np.where(topk >= 0, to_snap[np.clip(topk, 0, None)], -1)
 

@@ -20,7 +20,8 @@ from piarec.registry import client as registry
 from piarec.models.bundle import save_bundle
 from piarec.registry.client import BUNDLE_ARTIFACT
 from piarec.config import PipelineConfig
-from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, train_popularity
+from piarec.evaluate.protocol import evaluate_model, evaluate_popularity
+from piarec.models.baselines import train_popularity
 from piarec.errors import TrainingError
 from piarec.data.snapshot import load_snapshot
 from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json

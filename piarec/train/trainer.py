@@ -25,6 +25,7 @@ from piarec.config import PipelineConfig
 from piarec.device import pick_device
 from piarec.evaluate.diagnostics import collapse_metrics, diagnosable
 from piarec.errors import TrainingError
+from piarec.evaluate.metrics import SELECTION_METRIC
 from piarec.evaluate.protocol import evaluate_model
 from piarec.models.contract import Phase, SparseBatch
 from piarec.models.factory import build_model
@@ -226,9 +227,9 @@ def train(
 
         # Validation on held-out users picks the model and drives lambda_A.
         metrics = evaluate_model(model, snap.val, tc.eval_batch_size)
-        improved = metrics["ndcg_at_100"] > loop.best_ndcg
+        improved = metrics[SELECTION_METRIC] > loop.best_ndcg
         if improved:
-            loop.best_ndcg, loop.best_epoch, loop.best_metrics, loop.since_best = metrics["ndcg_at_100"], epoch, metrics, 0
+            loop.best_ndcg, loop.best_epoch, loop.best_metrics, loop.since_best = metrics[SELECTION_METRIC], epoch, metrics, 0
             loop.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             loop.since_best += 1
