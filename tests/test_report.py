@@ -11,7 +11,8 @@ import pytest
 
 from piarec.registry import client as registry
 from piarec.cli import main
-from piarec.evaluate.report import REPORT_ARTIFACT_DIR, activity_cohorts, cohort_silhouette, report_run
+from piarec.evaluate.report import activity_cohorts, cohort_silhouette
+from piarec.registry.runs import REPORT_ARTIFACT_DIR, report_run
 from piarec.train.job import run_training
 from piarec.data.snapshot import Split
 from piarec.data.csr import CSR

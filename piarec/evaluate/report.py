@@ -1,7 +1,8 @@
 """`piarec report`: the latent-geometry and collapse report of one training run.
 
-For an MLflow run of `piarec train` it loads the run's model and the snapshot it was
-trained on, and writes to an output folder (and logs under ``report/`` of the run):
+:func:`build_report` computes it for a bundle and a snapshot and writes to an output
+folder (:func:`piarec.registry.runs.report_run` finds both for an MLflow run of
+`piarec train` and logs the folder under ``report/`` of the run):
 
 - ``collapse.json``: :func:`piarec.evaluate.diagnostics.collapse_metrics` on the validation users,
   and the KL of every latent dimension;
@@ -25,12 +26,10 @@ from typing import Any
 import numpy as np
 
 from piarec.config import PipelineConfig
-from piarec.errors import InputDataError, ModelNotFoundError
+from piarec.errors import InputDataError
 from piarec.data.csr import CSR
 
 log = logging.getLogger(__name__)
-REPORT_ARTIFACT_DIR = "report"
-SNAPSHOT_TAGS = ("snapshot_uri", "snapshot")  # run tags naming the training snapshot, in order of preference
 
 
 # --------------------------------------------------------------------------- geometry
@@ -134,7 +133,7 @@ def build_report(bundle, snap, cfg: PipelineConfig, out_dir: str | Path, *, titl
     Returns the JSON-ready dict that ``report.json`` holds. Needs validation users.
     """
     from piarec.evaluate.diagnostics import collapse_metrics, kl_per_dimension
-    from piarec.registry.gate import bundle_rows, bundle_topk
+    from piarec.evaluate.bundle import bundle_rows, bundle_topk
     from piarec.evaluate.metrics import summarize
 
     if snap.val.n_users < 2:
@@ -213,47 +212,3 @@ def markdown(report: dict[str, Any]) -> str:
               f"({', '.join(f'{n}: {s}' for n, s in zip(t['cohorts'], t['cohort_sizes']))}); "
               f"silhouette of the cohorts in 2-D: {t['silhouette']:.3f}.", "", "![t-SNE](tsne.png)", ""]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- one run
-def _run_sources(cfg: PipelineConfig, run_id: str) -> tuple[str, str]:
-    """(model URI, snapshot URI) of a training run: its registered version when there is
-    one, else ``runs:/<id>/model``; the snapshot from the run's tags, else the version's."""
-    from mlflow.exceptions import MlflowException
-
-    from piarec.registry import client as registry
-
-    c = registry.client(cfg)
-    try:
-        run = c.get_run(run_id)
-    except MlflowException as exc:
-        raise ModelNotFoundError(f"MLflow run {run_id!r} cannot be read: {exc.message}") from None
-    versions = c.search_model_versions(f"run_id='{run_id}'")
-    versions = sorted(versions, key=lambda v: int(v.version))
-    model_uri = f"models:/{versions[-1].name}/{versions[-1].version}" if versions else f"runs:/{run_id}/model"
-    snapshot = next((run.data.tags[t] for t in SNAPSHOT_TAGS if run.data.tags.get(t)), None)
-    if snapshot is None and versions:
-        snapshot = versions[-1].tags.get("snapshot_uri")
-    if not snapshot:
-        raise ModelNotFoundError(f"run {run_id} names no training snapshot (tags {', '.join(SNAPSHOT_TAGS)}); "
-                                 "was it made by `piarec train`?")
-    return model_uri, snapshot
-
-
-def report_run(cfg: PipelineConfig, run_id: str, out_dir: str | Path | None = None, *, seed: int = 0,
-               log_artifacts: bool = True) -> dict[str, Any]:
-    """Regenerate the report of MLflow run ``run_id`` into ``out_dir`` (default
-    ``./report-<run_id>``) and log the folder's files under ``report/`` of that run.
-    Returns the report dict plus ``out_dir``."""
-    from piarec.registry import client as registry
-    from piarec.data.snapshot import load_snapshot
-
-    model_uri, snapshot = _run_sources(cfg, run_id)
-    bundle, _ = registry.load_model(cfg, model_uri)
-    snap = load_snapshot(snapshot)
-    out = Path(out_dir or f"report-{run_id}")
-    report = build_report(bundle, snap, cfg, out, title=f"run {run_id[:8]} ({model_uri})", seed=seed)
-    if log_artifacts:
-        registry.client(cfg).log_artifacts(run_id, str(out), REPORT_ARTIFACT_DIR)
-    log.info("report of run %s written to %s", run_id, out)
-    return {**report, "out_dir": str(out)}

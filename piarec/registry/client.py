@@ -16,6 +16,7 @@ from piarec.errors import ModelNotFoundError
 from piarec.data import layout
 
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle (piarec/registry/pyfunc.py)
+CHALLENGER, CHAMPION = "challenger", "champion"  # the aliases: set by training / by the gate or a person
 
 
 @dataclass(frozen=True)

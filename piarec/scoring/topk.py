@@ -83,12 +83,16 @@ def masked_top_k(score: Callable[[CSR], torch.Tensor], known: CSR, k: int, batch
     ``score``, never one of the row's known items, by the kernel's tie rule.
 
     ``score`` maps a CSR batch [b, I] to scores [b, I] (any device, any float dtype); it is
-    called on batches of ``batch_size`` rows of ``known``.
+    called on batches of ``batch_size`` rows of ``known``. A NaN score ranks last: this
+    ranks for evaluation, where a broken model must get a (bad) metric rather than stop
+    the comparison; the gate refuses such a model by its health check, and the daily
+    scorer, which calls :func:`top_k_rows` directly, refuses NaN outright.
     """
     out = []
     for start in range(0, known.n_rows, batch_size):
         part = known.take_rows(np.arange(start, min(start + batch_size, known.n_rows)))
         values = score(part).float().cpu().numpy().copy()
+        values[np.isnan(values)] = -np.inf
         values[np.repeat(np.arange(part.n_rows), part.row_lengths()), part.indices] = -np.inf
         out.append(top_k_rows(values, k))
     return np.concatenate(out) if out else np.zeros((0, min(k, known.n_cols)), dtype=np.int64)
