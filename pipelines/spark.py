@@ -30,7 +30,9 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     Under ``spark-submit`` the launcher owns the JVM: ``--master``, ``--name`` and
     ``--driver-memory`` given there win, so ``cfg.master``, ``cfg.app_name`` and
     ``cfg.driver_memory`` are not set (a master set in code would silently override the
-    cluster's). ``cfg.conf`` is applied last so an operator can override any default.
+    cluster's). Outside spark-submit a ``cfg.master`` of None is not set either: the master
+    is the cluster's (whatever ``spark-defaults.conf`` sets). ``cfg.conf`` is applied last so
+    an operator can override any default.
     """
     builder = (
         SparkSession.builder.config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
@@ -39,12 +41,10 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
     )
     if not _under_spark_submit():
-        builder = (
-            builder.master(cfg.master)
-            .appName(cfg.app_name)
-            .config("spark.driver.memory", cfg.driver_memory)
-        )
-        if cfg.master.startswith("local"):
+        builder = builder.appName(cfg.app_name).config("spark.driver.memory", cfg.driver_memory)
+        if cfg.master is not None:
+            builder = builder.master(cfg.master)
+        if cfg.master is not None and cfg.master.startswith("local"):
             # No web UI for local runs: it only costs a port and start-up time.
             builder = builder.config("spark.ui.enabled", "false")
             # Python workers must run the driver's interpreter (the project's virtualenv),

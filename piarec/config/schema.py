@@ -1,29 +1,21 @@
-"""Typed configuration for the whole pipeline.
+"""The typed configuration model: every section, every key, every default.
 
-One :class:`PipelineConfig` describes every stage. It is loaded from a YAML file
-(the embedded local default ships inside the package as ``defaults/local.yaml``)
-and then overridden by environment variables of the form
-``PIAREC__SECTION__KEY=value`` (values are parsed as YAML scalars, so
-``PIAREC__TRAINING__EPOCHS=30`` is an int and ``PIAREC__PIA__ENABLED=false`` a bool).
-
-Unknown keys and wrong types fail with :class:`ConfigError`, naming the key.
-Nothing here touches the filesystem or global state at import time.
+This module is the only place a default is written, each with its comment. The packaged
+``piarec/defaults/local.yaml`` holds only what the embedded local stack sets differently
+(see :mod:`piarec.config.loader` for how files and the environment are layered on top).
+Closed vocabularies are ``Literal`` types, so a value outside them fails at load with the
+allowed values in the message.
 """
 
 from __future__ import annotations
 
-import os
-from importlib import resources
-from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from piarec.errors import ConfigError
-
-ENV_PREFIX = "PIAREC__"
-CONFIG_ENV = "PIAREC_CONFIG"
+# The validation metrics the promotion gate can compare: the names
+# piarec.evaluate.metrics.summarize returns (tests/test_config.py checks they agree).
+GateMetric = Literal["ndcg_at_100", "recall_at_20", "recall_at_50"]
 
 
 class _Section(BaseModel):
@@ -157,7 +149,7 @@ class DiagnosticsConfig(_Section):
 
 class PIAConfig(_Section):
     # Personalized Item Alignment regularizer (Eq. 8-10 of the PIA paper).
-    enabled: bool = True
+    enabled: bool = True  # switch for the alignment term
     lambda_a: float = Field(0.1, ge=0.0)  # starting weight; tuned on validation
     lambda_scale: float = Field(2.0, ge=1.0)  # multiplier when validation stalls
     patience: int = Field(5, ge=1)  # rho: epochs without improvement before a raise
@@ -165,27 +157,28 @@ class PIAConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1)  # training users per update
     epochs: int = Field(200, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    beta_cap: float = Field(0.2, ge=0.0)
+    lr: float = Field(1e-3, gt=0.0)  # Adam learning rate
+    weight_decay: float = Field(0.0, ge=0.0)  # Adam weight decay
+    beta_cap: float = Field(0.2, ge=0.0)  # the annealed KL weight beta stops growing here
     anneal_steps: int = Field(200_000, ge=1)  # beta grows linearly to beta_cap over these steps
     # Stop after this many epochs without validation improvement (None = run all epochs).
     early_stop_patience: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, shuffling and masks
+    # "auto" = the first CUDA GPU when present, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_batch_size: int = Field(2000, ge=1)
+    eval_batch_size: int = Field(2000, ge=1)  # validation users per evaluation batch
 
 
 class ScoringConfig(_Section):
-    k: int = Field(100, ge=1)
+    k: int = Field(100, ge=1)  # recommendations per user
     # Days of history that define active users, histories and seen titles at date D.
     history_days: int = Field(90, ge=1)
     # Event types that make a title "seen" (never recommended), positive or not.
     seen_types: list[str] = Field(default_factory=lambda: ["play", "complete"])
-    batch_size: int = Field(4096, ge=1)
-    model_uri: str = "models:/piarec@champion"
+    batch_size: int = Field(4096, ge=1)  # users per scoring batch
+    model_uri: str = "models:/piarec@champion"  # the MLflow model that scores the arm below
     # Arm names name folders (arm=<name>): letters, digits, "_" and "-" only.
     arm: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
     # A/B in the same pass: when set, this model scores the users whose salted hash of
@@ -212,22 +205,25 @@ class ScoringConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    # None = a SQLite store under the storage root (local default).
+    # None = sqlite:///<storage.root>/mlflow.db (local roots only; an s3:// root needs a server).
     tracking_uri: str | None = None
     # None = <root>/mlartifacts for a local root.
     artifact_location: str | None = None
-    experiment: str = "piarec"
-    registered_model: str = "piarec"
+    experiment: str = "piarec"  # MLflow experiment of the training runs
+    registered_model: str = "piarec"  # registered model every trained version is registered under
     # Log a validation-curve PNG per training run (needs matplotlib; skipped without it).
     log_plots: bool = True
 
 
 class SparkConfig(_Section):
-    master: str = "local[*]"
+    # None = the cluster's: whatever spark-submit / spark-defaults.conf set (nothing is set
+    # here). The packaged local default sets local[*]. Under spark-submit the launcher's
+    # --master, --name and --driver-memory win and these three keys are not applied.
+    master: str | None = None
     app_name: str = "piarec"
-    shuffle_partitions: int = Field(8, ge=1)
-    driver_memory: str = "4g"
-    # Extra Spark properties passed verbatim.
+    shuffle_partitions: int = Field(8, ge=1)  # spark.sql.shuffle.partitions
+    driver_memory: str = "4g"  # spark.driver.memory (when this process starts the JVM)
+    # Extra Spark properties passed verbatim (keys keep their case, values are strings).
     conf: dict[str, str] = Field(default_factory=dict)
 
 
@@ -235,7 +231,7 @@ class GateConfig(_Section):
     # The promotion gate (piarec/registry/gate.py): challenger vs popularity and champion, evaluated
     # by the gate on the same validation users of the challenger's snapshot.
     # Every challenger must beat popularity on this validation metric by this relative uplift.
-    metric: str = "ndcg_at_100"
+    metric: GateMetric = "ndcg_at_100"
     min_uplift_over_popularity: float = 0.0
     # NDCG@100 and Recall@20 may be at most this much (relative) below the champion's.
     tolerance: float = Field(0.02, ge=0.0, lt=1.0)
@@ -264,87 +260,3 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
-
-
-def _default_yaml() -> dict[str, Any]:
-    text = resources.files("piarec").joinpath("defaults/local.yaml").read_text()
-    return yaml.safe_load(text) or {}
-
-
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for key in path[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"environment override {'.'.join(path)}: {key} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Collect ``PIAREC__A__B=v`` variables into a nested dict ``{"a": {"b": v}}``."""
-    tree: dict[str, Any] = {}
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        if not path:
-            continue
-        _set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
-    return tree
-
-
-def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r}")
-        else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(lines)
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> PipelineConfig:
-    """Load the pipeline configuration.
-
-    Precedence, lowest first: the packaged local default, the YAML file at ``path``
-    (or ``$PIAREC_CONFIG``), ``PIAREC__*`` environment variables, then ``overrides``
-    (a nested dict, used by the CLI for explicit options).
-    """
-    environ = os.environ if environ is None else environ
-    data = _default_yaml()
-    path = path or environ.get(CONFIG_ENV)
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-        data = deep_merge(data, loaded)
-    data = deep_merge(data, env_overrides(environ))
-    if overrides:
-        data = deep_merge(data, overrides)
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"invalid configuration: {_describe(err)}") from None
