@@ -36,13 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from piarec.config import PipelineConfig
-from piarec.data.snapshot import load_snapshot
+from piarec.config import GateConfig, PipelineConfig
+from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.errors import InputDataError, ModelNotFoundError
 from piarec.evaluate.bundle import bundle_rows, evaluate_bundle, health, item_mapping
 from piarec.evaluate.diagnostics import collapse_metrics, diagnosable
 from piarec.evaluate.protocol import evaluate_popularity
 from piarec.models.baselines import train_popularity
+from piarec.models.bundle import ModelBundle
 from piarec.registry import client as registry
 from piarec.registry.client import CHALLENGER, CHAMPION
 
@@ -111,7 +112,6 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     ``snapshot`` (a snapshot URI) defaults to the one the challenger was trained on.
     """
     name = cfg.mlflow.registered_model
-    g = cfg.gate
     challenger = registry.alias_version(cfg, CHALLENGER)
     if challenger is None:
         raise ModelNotFoundError(f"registered model {name!r} has no {CHALLENGER!r} alias; run `piarec train` first")
@@ -123,43 +123,69 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
 
     cand, _ = registry.load_model(cfg, f"models:/{name}/{challenger}")
     decision = GateDecision(promoted=False, challenger=challenger, champion_before=champion, snapshot=snap.uri)
-    checks, metrics = decision.checks, decision.metrics
-
-    # 5. (first: it explains every other figure) The challenger knows the snapshot's titles.
-    overlap = float(np.mean(item_mapping(snap.item_ids, cand.item_ids) >= 0)) if snap.n_items else 0.0
-    metrics["challenger_vocabulary_overlap"] = overlap
-    checks.append(Check("vocabulary", overlap >= g.min_vocabulary_overlap,
-                        f"{overlap:.1%} of the snapshot's {snap.n_items} titles are in the model's vocabulary "
-                        f"of {cand.n_items} (at least {g.min_vocabulary_overlap:.0%})"))
-
-    # 1. Against popularity, on the same validation users.
-    ours = evaluate_bundle(cand, snap, snap.val, cfg.training.eval_batch_size)
-    pop = evaluate_popularity(train_popularity(snap.train), snap.val)
-    metrics.update({f"challenger_{k}": v for k, v in ours.items()})
-    metrics.update({f"popularity_{k}": v for k, v in pop.items()})
-    m = g.metric
-    needed = pop[m] * (1.0 + g.min_uplift_over_popularity)
-    checks.append(Check(f"{m} vs popularity", ours[m] > needed,
-                        f"{ours[m]:.4f} {'>' if ours[m] > needed else '<='} {needed:.4f} "
-                        f"(popularity {pop[m]:.4f}, uplift {g.min_uplift_over_popularity:+.1%})"))
-
-    # 2. Against the champion, on the same validation users.
+    batch = cfg.training.eval_batch_size
+    _check_vocabulary(cfg.gate, decision, cand, snap)  # first: it explains every other figure
+    ours = _check_popularity(cfg.gate, decision, cand, snap, batch)
     if champion is not None and champion != challenger:
         champ, _ = registry.load_model(cfg, f"models:/{name}/{champion}")
-        theirs = evaluate_bundle(champ, snap, snap.val, cfg.training.eval_batch_size)
-        metrics.update({f"champion_{k}": v for k, v in theirs.items()})
-        for key in COMPARED:
-            floor = theirs[key] * (1.0 - g.tolerance)
-            ok = ours[key] >= floor
-            checks.append(Check(f"{key} vs champion v{champion}", ok,
-                                f"{ours[key]:.4f} {'>=' if ok else '<'} {floor:.4f} "
-                                f"(champion {theirs[key]:.4f}, tolerance {g.tolerance:.1%})"))
+        _check_champion(cfg.gate, decision, ours, evaluate_bundle(champ, snap, snap.val, batch), champion)
     elif champion == challenger:
         decision.reasons.append("the challenger is already champion; nothing to compare against")
     else:
         decision.reasons.append("no champion yet: a first model is promoted when it beats popularity")
+    _check_health(cfg, decision, cand, snap)
 
-    # 3. and 4. Collapse and score health of the challenger.
+    decision.promoted = all(c.passed for c in decision.checks)
+    decision.reasons[:0] = [c.line() for c in decision.checks]
+    _record(cfg, decision)
+    if decision.promoted and champion != challenger:
+        registry.set_alias(cfg, CHAMPION, challenger)
+    log.debug("%s", decision.summary())  # the CLI and the demo print it
+    return decision
+
+
+def _check_vocabulary(g: GateConfig, decision: GateDecision, cand: ModelBundle, snap: Snapshot) -> None:
+    """5. The challenger knows the snapshot's titles."""
+    overlap = float(np.mean(item_mapping(snap.item_ids, cand.item_ids) >= 0)) if snap.n_items else 0.0
+    decision.metrics["challenger_vocabulary_overlap"] = overlap
+    decision.checks.append(Check(
+        "vocabulary", overlap >= g.min_vocabulary_overlap,
+        f"{overlap:.1%} of the snapshot's {snap.n_items} titles are in the model's vocabulary "
+        f"of {cand.n_items} (at least {g.min_vocabulary_overlap:.0%})"))
+
+
+def _check_popularity(g: GateConfig, decision: GateDecision, cand: ModelBundle, snap: Snapshot,
+                      batch_size: int) -> dict[str, float]:
+    """1. Against popularity, on the same validation users. Returns the challenger's metrics."""
+    ours = evaluate_bundle(cand, snap, snap.val, batch_size)
+    pop = evaluate_popularity(train_popularity(snap.train), snap.val)
+    decision.metrics.update({f"challenger_{k}": v for k, v in ours.items()})
+    decision.metrics.update({f"popularity_{k}": v for k, v in pop.items()})
+    m = g.metric
+    needed = pop[m] * (1.0 + g.min_uplift_over_popularity)
+    decision.checks.append(Check(
+        f"{m} vs popularity", ours[m] > needed,
+        f"{ours[m]:.4f} {'>' if ours[m] > needed else '<='} {needed:.4f} "
+        f"(popularity {pop[m]:.4f}, uplift {g.min_uplift_over_popularity:+.1%})"))
+    return ours
+
+
+def _check_champion(g: GateConfig, decision: GateDecision, ours: dict[str, float], theirs: dict[str, float],
+                    champion: str) -> None:
+    """2. Against the champion, on the same validation users."""
+    decision.metrics.update({f"champion_{k}": v for k, v in theirs.items()})
+    for key in COMPARED:
+        floor = theirs[key] * (1.0 - g.tolerance)
+        ok = ours[key] >= floor
+        decision.checks.append(Check(
+            f"{key} vs champion v{champion}", ok,
+            f"{ours[key]:.4f} {'>=' if ok else '<'} {floor:.4f} (champion {theirs[key]:.4f}, tolerance {g.tolerance:.1%})"))
+
+
+def _check_health(cfg: PipelineConfig, decision: GateDecision, cand: ModelBundle, snap: Snapshot) -> None:
+    """3. and 4. Collapse and score health of the challenger (plus the collapse diagnostics,
+    for the record)."""
+    g, metrics = cfg.gate, decision.metrics
     fold_in = bundle_rows(cand, snap.item_ids, snap.val.fold_in)
     h = health(cand, fold_in, cfg.scoring.k, cfg.training.eval_batch_size)
     metrics.update({"challenger_active_units": h["active_units"], "challenger_popularity_share": h["popularity_share"],
@@ -167,24 +193,16 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     if cfg.diagnostics.enabled and h["finite"] and diagnosable(fold_in):
         collapse = collapse_metrics(cand.model, fold_in, cfg.diagnostics, seed=cfg.training.seed)
         metrics.update({f"challenger_collapse_{k}": v for k, v in collapse.items()})
-    checks.append(Check("active latent units", h["active_units"] >= g.min_active_units,
-                        f"{int(h['active_units'])} of {int(h['latent_dim'])} "
-                        f"(floor {g.min_active_units}; active = posterior-mean variance > 0.01)"))
-    checks.append(Check("scores finite", bool(h["finite"]),
-                        "every score of every validation user is finite" if h["finite"]
-                        else "non-finite posterior means or scores"))
+    decision.checks.append(Check("active latent units", h["active_units"] >= g.min_active_units,
+                                 f"{int(h['active_units'])} of {int(h['latent_dim'])} "
+                                 f"(floor {g.min_active_units}; active = posterior-mean variance > 0.01)"))
+    decision.checks.append(Check("scores finite", bool(h["finite"]),
+                                 "every score of every validation user is finite" if h["finite"]
+                                 else "non-finite posterior means or scores"))
     share_ok = bool(h["finite"]) and h["popularity_share"] <= g.max_popularity_share
-    checks.append(Check(f"top-{cfg.scoring.k} equal to popularity's", share_ok,
-                        f"{h['popularity_share']:.1%} of {snap.val.n_users} users "
-                        f"(at most {g.max_popularity_share:.0%})"))
-
-    decision.promoted = all(c.passed for c in checks)
-    decision.reasons[:0] = [c.line() for c in checks]
-    _record(cfg, decision)
-    if decision.promoted and champion != challenger:
-        registry.set_alias(cfg, CHAMPION, challenger)
-    log.debug("%s", decision.summary())  # the CLI and the demo print it
-    return decision
+    decision.checks.append(Check(f"top-{cfg.scoring.k} equal to popularity's", share_ok,
+                                 f"{h['popularity_share']:.1%} of {snap.val.n_users} users "
+                                 f"(at most {g.max_popularity_share:.0%})"))
 
 
 def _record(cfg: PipelineConfig, decision: GateDecision) -> None:

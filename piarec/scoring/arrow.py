@@ -7,18 +7,16 @@ The scoring itself (exact top-K) is :mod:`piarec.scoring.scorer`; this module on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from piarec.data.csr import CSR
+from piarec.scoring.scorer import MODEL, POPULARITY, Scored
 
-if TYPE_CHECKING:
-    from piarec.scoring.scorer import Scored
 
-MODEL, POPULARITY = "model", "popularity"
 
 OUTPUT_SCHEMA = pa.schema(
     [

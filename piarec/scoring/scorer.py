@@ -42,10 +42,10 @@ from torch import nn
 
 from piarec.models.bundle import ModelBundle
 from piarec.models.contract import SparseBatch
-from piarec.scoring.arrow import MODEL, POPULARITY
 from piarec.data.csr import CSR
 from piarec.scoring.topk import top_k_rows, top_k_torch
 
+MODEL, POPULARITY = "model", "popularity"  # the ``source`` of a user's list
 MIN_ROWS = 32  # fewest rows per matrix product (see the module docstring)
 _CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # logits per block (a CPU reuses it: no page faults)
 
