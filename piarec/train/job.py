@@ -23,9 +23,9 @@ from piarec.config import PipelineConfig
 from piarec.evaluate.protocol import evaluate_model, evaluate_popularity
 from piarec.models.baselines import train_popularity
 from piarec.errors import TrainingError
-from piarec.data.snapshot import load_snapshot
+from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json
-from piarec.train.trainer import train
+from piarec.train.trainer import TrainResult, train
 from piarec.data import layout
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,57 @@ def _log_pyfunc(cfg: PipelineConfig, bundle_dir: Path):
     )
 
 
+def _log_epoch(row: dict[str, float]) -> None:
+    import mlflow
+
+    log.info("epoch %d  loss %.2f  val ndcg@100 %.4f  recall@20 %.4f  lambda_a %.3g  (%.1fs)",
+             row["epoch"], row["loss"], row["val_ndcg_at_100"], row["val_recall_at_20"],
+             row["lambda_a"], row["train_seconds"])
+    mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def _evaluation(result: TrainResult, snap: Snapshot, popularity, snapshot_uri: str) -> dict[str, Any]:
+    """``evaluation.json``: the best epoch's model and popularity on validation and test users."""
+    def both(split):
+        return {"model": evaluate_model(result.model, split), "popularity": evaluate_popularity(popularity, split)}
+
+    return {
+        "best_epoch": result.best_epoch,
+        "lambda_a_final": result.lambda_a,
+        "val": both(snap.val),
+        "test": both(snap.test) if snap.test.fold_in.n_rows else {},
+        "snapshot": {"uri": snapshot_uri, "window": snap.manifest.get("window", {}),
+                     "counts": snap.manifest.get("counts", {})},
+    }
+
+
+def _version_tags(report: dict[str, Any], snapshot_uri: str, digest: str) -> dict[str, str]:
+    """The registered version's tags: its snapshot and its validation and test figures."""
+    window = report["snapshot"]["window"]
+    tags = {
+        "window_start": str(window.get("start", "")), "window_end": str(window.get("end", "")),
+        "snapshot_uri": snapshot_uri, "snapshot_manifest_sha256": digest,
+        "best_epoch": str(report["best_epoch"]),
+    }
+    for who, prefix in (("model", "val_"), ("popularity", "popularity_val_")):
+        tags.update({f"{prefix}{k}": f"{v:.6f}" for k, v in report["val"][who].items()})
+    for k, v in report["test"].get("model", {}).items():
+        tags[f"test_{k}"] = f"{v:.6f}"
+    return tags
+
+
+def _description(cfg: PipelineConfig, report: dict[str, Any], tags: dict[str, str], digest: str) -> str:
+    """The registered version's description, as a person reads it in the MLflow UI."""
+    val, pop = report["val"]["model"], report["val"]["popularity"]
+    return (
+        f"{_BACKBONES.get(cfg.model.backbone, 'Multi-VAE')}{' + PIA' if cfg.pia.enabled else ''} trained on window "
+        f"[{tags['window_start']}, {tags['window_end']}) (snapshot {tags['snapshot_uri']}, manifest sha256 "
+        f"{digest[:12]}); best epoch {report['best_epoch']}; validation NDCG@100 {val['ndcg_at_100']:.4f}, "
+        f"Recall@20 {val['recall_at_20']:.4f} (popularity {pop['ndcg_at_100']:.4f} / {pop['recall_at_20']:.4f}). "
+        f"Load with mlflow.pyfunc.load_model('models:/{cfg.mlflow.registered_model}/<version>')."
+    )
+
+
 def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
     """Train on the snapshot at ``snapshot_uri`` and register the result as challenger.
 
@@ -156,27 +207,13 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         mlflow.log_params(_params(cfg))
         mlflow.log_params({"n_items": snap.train.n_cols, "n_train_users": snap.train.n_rows,
                            "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz})
-
-        def on_epoch(row: dict[str, float]) -> None:
-            log.info("epoch %d  loss %.2f  val ndcg@100 %.4f  recall@20 %.4f  lambda_a %.3g  (%.1fs)",
-                     row["epoch"], row["loss"], row["val_ndcg_at_100"], row["val_recall_at_20"],
-                     row["lambda_a"], row["train_seconds"])
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
         try:
-            result = train(cfg, snap, on_epoch=on_epoch, checkpoint_path=ck_uri)
+            result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri)
         except TrainingError as exc:
             kept = f"the last good checkpoint is kept at {ck_uri}" if exists(resolve(ck_uri)) else "no epoch completed"
             raise TrainingError(f"{exc}; {kept}") from exc
 
-        report = {
-            "best_epoch": result.best_epoch,
-            "lambda_a_final": result.lambda_a,
-            "val": {"model": evaluate_model(result.model, snap.val), "popularity": evaluate_popularity(popularity, snap.val)},
-            "test": {"model": evaluate_model(result.model, snap.test), "popularity": evaluate_popularity(popularity, snap.test)}
-            if snap.test.fold_in.n_rows else {},
-            "snapshot": {"uri": snapshot_uri, "window": window, "counts": snap.manifest.get("counts", {})},
-        }
+        report = _evaluation(result, snap, popularity, snapshot_uri)
         for split in ("val", "test"):
             for who, metrics in report[split].items():
                 mlflow.log_metrics({f"final_{split}_{who}_{k}": v for k, v in metrics.items()})
@@ -186,15 +223,7 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         curve = _validation_curve(result.history) if cfg.mlflow.log_plots else None
         if curve is not None:
             mlflow.log_figure(curve, "plots/validation_curve.png")
-        tags = {
-            "window_start": str(window.get("start", "")), "window_end": str(window.get("end", "")),
-            "snapshot_uri": snapshot_uri, "snapshot_manifest_sha256": digest,
-            "best_epoch": str(result.best_epoch),
-        }
-        for who, prefix in (("model", "val_"), ("popularity", "popularity_val_")):
-            tags.update({f"{prefix}{k}": f"{v:.6f}" for k, v in report["val"][who].items()})
-        for k, v in report["test"].get("model", {}).items():
-            tags[f"test_{k}"] = f"{v:.6f}"
+        tags = _version_tags(report, snapshot_uri, digest)
         mlflow.set_tags({"snapshot_manifest_sha256": digest, "window_start": tags["window_start"]})
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -203,18 +232,8 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
             Path(bundle, "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
             info = _log_pyfunc(cfg, bundle)
 
-        val = report["val"]["model"]
-        description = (
-            f"{_BACKBONES.get(getattr(cfg.model, 'backbone', 'multivae'), 'Multi-VAE')}"
-            f"{' + PIA' if cfg.pia.enabled else ''} trained on window "
-            f"[{tags['window_start']}, {tags['window_end']}) (snapshot {snapshot_uri}, manifest sha256 "
-            f"{digest[:12]}); best epoch {result.best_epoch}; validation NDCG@100 {val['ndcg_at_100']:.4f}, "
-            f"Recall@20 {val['recall_at_20']:.4f} (popularity {report['val']['popularity']['ndcg_at_100']:.4f} / "
-            f"{report['val']['popularity']['recall_at_20']:.4f}). Load with "
-            f"mlflow.pyfunc.load_model('models:/{cfg.mlflow.registered_model}/<version>')."
-        )
         version = registry.register_version(cfg, run.info.run_id, model_id=info.model_id, tags=tags,
-                                            description=description)
+                                            description=_description(cfg, report, tags, digest))
         registry.set_alias(cfg, CHALLENGER, version)
         mlflow.set_tag("registered_version", version)
     remove(resolve(ck_dir))  # registered: a rerun trains afresh
