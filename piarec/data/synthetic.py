@@ -126,39 +126,66 @@ def generate_events(
     """
     if min(users, items, days, groups) < 1 or users < days:
         raise ValueError("need users >= days >= 1, items >= 1 and groups >= 1")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream, drawn in this order: the data depend on it
+    cat = _catalogue(rng, items, groups)
+    pop = _population(rng, users, days, groups, cat)
+    events = _events(rng, days, groups, cat, pop)
+    user, item, _, ts, _ = events
+    _write_days(out, events, users, items, days, start, progress)
+    return {
+        "events": int(len(ts)),
+        "users": int(np.count_nonzero(np.bincount(user, minlength=users))),
+        "items": int(np.count_nonzero(np.bincount(item, minlength=items))),
+        "days": days,
+        "start": start.isoformat(),
+        "end": (start + datetime.timedelta(days=days - 1)).isoformat(),
+        "files": days,
+    }
 
-    # --- catalogue: popularity over a random permutation, home group, full length ---
+
+def _catalogue(rng: np.random.Generator, items: int, groups: int) -> dict[str, np.ndarray]:
+    """Popularity over a random permutation, each title's home group and full length."""
     rank = np.empty(items, dtype=np.int64)
     rank[rng.permutation(items)] = np.arange(1, items + 1)
     popularity = rank ** -ZIPF_EXPONENT
     item_group = rng.integers(0, groups, items)
     length = rng.integers(1_200, 7_201, items)  # seconds; a complete watches all of it
+    return {"popularity": popularity, "item_group": item_group, "length": length}
 
-    # --- users: taste groups, heavy-tailed appetite, activity window ---
+
+def _population(rng: np.random.Generator, users: int, days: int, groups: int, cat: dict) -> dict[str, np.ndarray]:
+    """Users (taste groups, heavy-tailed appetite, activity window) and their sessions."""
     # Group sizes follow the titles' popularity (popular genres have more fans); were
     # they uniform, niche groups would get as many plays as popular ones and flatten
     # the popularity curve. A secondary equal to the primary means a single taste.
-    weight = popularity**POP_GAMMA
-    group_mass = np.bincount(item_group, weights=weight, minlength=groups)
+    weight = cat["popularity"] ** POP_GAMMA
+    group_mass = np.bincount(cat["item_group"], weights=weight, minlength=groups)
     primary, secondary = rng.choice(groups, (2, users), p=group_mass / group_mass.sum())
     n_titles = np.rint(rng.lognormal(np.log(TITLES_MEDIAN), TITLES_SIGMA, users))
-    n_titles = np.clip(n_titles, 1, max(1, items // 4)).astype(np.int64)
+    n_titles = np.clip(n_titles, 1, max(1, len(weight) // 4)).astype(np.int64)
     # Stratified arrivals: uniform over the period, yet every day gets an arrival
     # (whose first session is that day), so no partition is ever empty.
     arrival = (days * (rng.permutation(users) + rng.random(users)) / users).astype(np.int64)
     span = np.maximum(1, np.ceil(days * rng.beta(0.7, 2.0, users))).astype(np.int64)
     span = np.minimum(span, days - arrival)
 
-    # --- sessions: ceil(n / 4) days per user inside the window, the first on arrival ---
+    # Sessions: ceil(n / 4) days per user inside the window, the first on arrival.
     n_sess = -(-n_titles // TITLES_PER_SESSION)
     sess_user = np.repeat(np.arange(users), n_sess)
     first_sess = np.concatenate([[0], np.cumsum(n_sess)[:-1]])
     sess_day = arrival[sess_user] + (rng.random(len(sess_user)) * span[sess_user]).astype(np.int64)
     sess_day[first_sess] = arrival
+    return {"weight": weight, "primary": primary, "secondary": secondary, "n_titles": n_titles,
+            "n_sess": n_sess, "sess_user": sess_user, "first_sess": first_sess, "sess_day": sess_day}
 
-    # --- watched titles and their funnels ---
-    t_user, t_item = _pick_titles(rng, n_titles, primary, secondary, item_group, weight, groups)
+
+def _events(rng: np.random.Generator, days: int, groups: int, cat: dict, pop: dict) -> tuple[np.ndarray, ...]:
+    """``(user, item, event type, ts, watch_seconds)`` int arrays sorted by time, ts in
+    seconds since the start of day 0: every watched title's funnel, plus browsing."""
+    length, items = cat["length"], len(cat["length"])
+    n_sess, first_sess, sess_day, sess_user = pop["n_sess"], pop["first_sess"], pop["sess_day"], pop["sess_user"]
+    t_user, t_item = _pick_titles(rng, pop["n_titles"], pop["primary"], pop["secondary"], cat["item_group"],
+                                  pop["weight"], groups)
     n_t = len(t_user)
     sess = first_sess[t_user] + (rng.random(n_t) * n_sess[t_user]).astype(np.int64)
     t0 = sess_day[sess] * DAY + rng.integers(0, DAY - FUNNEL_ROOM, n_t)
@@ -184,7 +211,8 @@ def generate_events(
     rw, rw_day = rw[rw_day < days], rw_day[rw_day < days]
     rw_w, _ = watch(rw)
 
-    # --- browsing: popularity-drawn impressions per session, minus titles the user plays ---
+    # Browsing: popularity-drawn impressions per session, minus titles the user plays.
+    popularity = cat["popularity"]
     n_b = rng.integers(BROWSE_IMPRESSIONS[0], BROWSE_IMPRESSIONS[1] + 1, len(sess_user))
     b_sess = np.repeat(np.arange(len(sess_user)), n_b)
     b_user = sess_user[b_sess]
@@ -194,7 +222,6 @@ def generate_events(
     b_sess, b_user, b_item = b_sess[keep], b_user[keep], b_item[keep]
     b_ts = sess_day[b_sess] * DAY + rng.integers(0, DAY, len(b_sess))
 
-    # --- assemble: int arrays per event, ts in seconds since the start of day 0 ---
     parts = [  # (user, item, event type, ts, watch_seconds) per kind of event
         (t_user[imp], t_item[imp], IMPRESSION, imp_ts, 0),
         (t_user[clk], t_item[clk], CLICK, clk_ts, 0),
@@ -210,9 +237,13 @@ def generate_events(
     ts = np.concatenate([p[3] for p in parts]).astype(np.int64)
     wsec = np.concatenate([np.broadcast_to(np.int32(p[4]), len(p[0])) for p in parts])
     order = np.lexsort((user, ts))  # stable: by time, then user, then generation order
-    user, item, etype, ts, wsec = user[order], item[order], etype[order], ts[order], wsec[order]
+    return user[order], item[order], etype[order], ts[order], wsec[order]
 
-    # --- write one file per day ---
+
+def _write_days(out: str, events: tuple[np.ndarray, ...], users: int, items: int, days: int,
+                start: datetime.date, progress: Callable[[str], None] | None) -> None:
+    """One Parquet file per day under ``out`` (``dt=YYYY-MM-DD/part-00000.parquet``)."""
+    user, item, etype, ts, wsec = events
     loc = storage.resolve(out)
     if storage.exists(loc):
         storage.remove(loc)
@@ -240,13 +271,3 @@ def generate_events(
                        filesystem=loc.fs, compression="zstd")
         if progress is not None and ((d + 1) % 20 == 0 or d + 1 == days):
             progress(f"synthetic events: {d + 1}/{days} days written, {int(cuts[d + 1]):,} rows")
-
-    return {
-        "events": int(len(ts)),
-        "users": int(np.count_nonzero(np.bincount(user, minlength=users))),
-        "items": int(np.count_nonzero(np.bincount(item, minlength=items))),
-        "days": days,
-        "start": start.isoformat(),
-        "end": (start + datetime.timedelta(days=days - 1)).isoformat(),
-        "files": days,
-    }
