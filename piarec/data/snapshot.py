@@ -134,6 +134,27 @@ def _dense(values: np.ndarray, what: str, uri: str) -> None:
         raise InputDataError(f"snapshot {uri!r}: {what} is not a dense 0..{len(values) - 1} index")
 
 
+def _items(loc: Location) -> tuple[np.ndarray, np.ndarray]:
+    """items/: ids (object [I]) and training-user counts (int64 [I]) by dense item_idx."""
+    items = _read(loc, "items", ["item_idx", "item_id", "n_users"]).sort_by("item_idx")
+    _dense(items.column("item_idx").to_numpy(), "item_idx", loc.uri)
+    return items.column("item_id").to_numpy().astype(object), items.column("n_users").to_numpy().astype(np.int64)
+
+
+def _users(loc: Location) -> tuple[np.ndarray, np.ndarray]:
+    """users/: ids (object [U]) and split codes (int8 [U], the index in SPLITS) by user_idx."""
+    users = _read(loc, "users", ["user_idx", "user_id", "split"]).sort_by("user_idx")
+    _dense(users.column("user_idx").to_numpy(), "user_idx", loc.uri)
+    user_ids = users.column("user_id").to_numpy().astype(object)
+    split_col = users.column("split")
+    user_split = np.full(len(user_ids), -1, dtype=np.int8)
+    for code, name in enumerate(SPLITS):
+        user_split[_is(split_col, name)] = code
+    if (user_split < 0).any():
+        raise InputDataError(f"snapshot {loc.uri!r}: users/ holds a split outside {SPLITS}")
+    return user_ids, user_split
+
+
 def load_snapshot(uri: str) -> Snapshot:
     """Load the published snapshot at ``uri`` (local path or ``s3://``).
 
@@ -154,21 +175,9 @@ def load_snapshot(uri: str) -> Snapshot:
             f"this code reads version {SCHEMA_VERSION}"
         )
 
-    items = _read(loc, "items", ["item_idx", "item_id", "n_users"]).sort_by("item_idx")
-    _dense(items.column("item_idx").to_numpy(), "item_idx", uri)
-    item_ids = items.column("item_id").to_numpy().astype(object)
-    popularity = items.column("n_users").to_numpy().astype(np.int64)
+    item_ids, popularity = _items(loc)
     n_items = len(item_ids)
-
-    users = _read(loc, "users", ["user_idx", "user_id", "split"]).sort_by("user_idx")
-    _dense(users.column("user_idx").to_numpy(), "user_idx", uri)
-    user_ids = users.column("user_id").to_numpy().astype(object)
-    split_col = users.column("split")
-    user_split = np.full(len(user_ids), -1, dtype=np.int8)
-    for code, name in enumerate(SPLITS):
-        user_split[_is(split_col, name)] = code
-    if (user_split < 0).any():
-        raise InputDataError(f"snapshot {uri!r}: users/ holds a split outside {SPLITS}")
+    user_ids, user_split = _users(loc)
 
     inter = _read(loc, "interactions", ["user_idx", "item_idx", "part"])
     u = inter.column("user_idx").to_numpy().astype(np.int64)
