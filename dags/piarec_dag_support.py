@@ -5,8 +5,8 @@ project environment, located by these settings (environment variables of the Air
 scheduler and workers, read when a DAG file is parsed -- cheap, no I/O):
 
 =========================  ===============================================================
-PIAREC_HOME                the piarec checkout / install holding ``pipelines/`` and
-                           ``dags/tools/`` (default: the folder above this file)
+PIAREC_HOME                the piarec checkout / install holding ``pipelines/``
+                           (default: the folder above this file)
 PIAREC_VENV                the project virtualenv (default: ``$PIAREC_HOME/.venv``)
 PIAREC_SPARK_SUBMIT        spark-submit of the Spark environment (default: the project
                            venv's; the provider refuses a path in the connection's
@@ -46,10 +46,9 @@ SPARK_PYTHON = os.environ.get("PIAREC_SPARK_PYTHON") or PYTHON
 SPARK_CONN_ID = os.environ.get("PIAREC_SPARK_CONN_ID", "piarec_spark")
 REGISTERED_MODEL = os.environ.get("PIAREC_REGISTERED_MODEL", "piarec")
 TRAINER = os.environ.get("PIAREC_TRAINER", "local")
-OPS = os.path.join(PIAREC_HOME, "dags", "tools", "piarec_ops.py")
 PIPELINES = os.path.join(PIAREC_HOME, "pipelines")
 
-# Exit codes of the project commands (piarec/cli.py, dags/tools/piarec_ops.py).
+# Exit codes of the project commands (``piarec ...``, ``piarec ops ...``).
 NOT_READY = 1  # events-ready: poke again
 REFUSED = 1  # piarec promote --strict: the gate refused the challenger
 SKIP = 99  # BashOperator: leave the task skipped
@@ -64,12 +63,12 @@ DEFAULT_ARGS = {
 
 
 def ops(command: str) -> str:
-    """A bash command running ``dags/tools/piarec_ops.py <command>`` in the project venv."""
-    return f"{PYTHON} {OPS} {command}"
+    """A bash command running ``piarec ops <command>`` in the project venv."""
+    return f"{PIAREC} ops {command}"
 
 
 def events_sensor(ops_args: str, poke_every: timedelta) -> BashSensor:
-    """``wait_for_events``: pokes ``piarec_ops.py <ops_args>`` (exit 1 = not ready yet) in
+    """``wait_for_events``: pokes ``piarec ops <ops_args>`` (exit 1 = not ready yet) in
     reschedule mode, so a waiting DAG run holds no worker slot; gives up after 12 hours."""
     return BashSensor(
         task_id="wait_for_events",

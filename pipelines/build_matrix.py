@@ -11,7 +11,7 @@ publish ``<out>/window_end=YYYY-MM-DD/`` atomically (layout in :mod:`piarec.data
 
 Daily (``--daily``): the same reading and cleaning for ``[D - scoring.history_days, D + 1)``,
 one row per active user ``user_id, history, seen`` (no training filter), published as
-``<out>/dt=YYYY-MM-DD/`` (default ``storage.histories_uri``) with ``_manifest.json``.
+``<out>/dt=YYYY-MM-DD/`` (default ``<storage.root>/histories``) with ``_manifest.json``.
 
 How it stays fast: one scan of the events and one shuffle of their positive rows, into one
 row per user with the sorted array of their items (``user_id``, ``items``), partitioned by a
@@ -39,8 +39,10 @@ if __name__ == "__main__" and not __package__:
 from pyspark.sql import Column, DataFrame, Observation, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+from piarec.cli.errors import run_command  # noqa: E402
+from piarec.cli.options import parse_job_args  # noqa: E402
 from piarec.config import PipelineConfig, load_config  # noqa: E402
-from piarec.errors import InputDataError, PiarecError  # noqa: E402
+from piarec.errors import InputDataError  # noqa: E402
 from piarec.data.snapshot import (  # noqa: E402
     HISTORIES_SCHEMA_VERSION,
     SCHEMA_VERSION,
@@ -426,51 +428,23 @@ def run_daily(
 
 
 # --------------------------------------------------------------------------- CLI
-def _iso_date(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, load config, build the session, run; one summary or error line."""
-    parser = argparse.ArgumentParser(
-        prog="build_matrix",
-        description="Build the weekly user-item snapshot (or, with --daily, day D's histories).",
-    )
-    parser.add_argument("--events", help="events URI (default: config storage.events_uri)")
-    parser.add_argument(
-        "--window-end", type=_iso_date,
-        help="weekly: YYYY-MM-DD, exclusive; the window is [window_end - window_days, window_end)",
-    )
-    parser.add_argument("--daily", action="store_true",
-                        help="publish day --date's user histories for scoring instead")
-    parser.add_argument("--date", type=_iso_date,
-                        help="daily: YYYY-MM-DD; window [date - scoring.history_days, date + 1)")
-    parser.add_argument("--out", help="snapshots root (default: storage.snapshots_uri), or with "
-                                      "--daily the histories root (default: storage.histories_uri)")
-    parser.add_argument("--config", help="YAML config file (default: $PIAREC_CONFIG or built-in)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    if args.daily and (args.date is None or args.window_end is not None):
-        parser.error("--daily needs --date (and no --window-end)")
-    if not args.daily and (args.window_end is None or args.date is not None):
-        parser.error("give --window-end (weekly snapshot) or --daily --date")
+    """``spark-submit pipelines/build_matrix.py ...``: the options of ``piarec build-matrix``
+    (:mod:`piarec.cli.options`), then :func:`run_from_args`; one summary or error line."""
+    args = parse_job_args("build-matrix", argv, prog="build_matrix")
+    return run_command(lambda: run_from_args(args), args.debug, prog="build_matrix")
 
-    try:
-        cfg = load_config(args.config)
-        spark = get_spark(cfg.spark)
-        events = args.events or layout.events_root(cfg.storage)
-        if args.daily:
-            m = run_daily(spark, cfg, events, args.date, args.out or layout.histories_root(cfg.storage))
-        else:
-            m = run(spark, cfg, events, args.window_end, args.out or layout.snapshots_root(cfg.storage))
-    except PiarecError as exc:
-        if args.debug:
-            raise
-        print(f"build_matrix: error: {exc}", file=sys.stderr)
-        return 2
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Load config, build the session, run the weekly or daily build, print its summary
+    (also what ``piarec build-matrix`` runs)."""
+    cfg = load_config(args.config)
+    spark = get_spark(cfg.spark)
+    events = args.events or layout.events_root(cfg.storage)
+    if args.daily:
+        m = run_daily(spark, cfg, events, args.date, args.out or layout.histories_root(cfg.storage))
+    else:
+        m = run(spark, cfg, events, args.window_end, args.out or layout.snapshots_root(cfg.storage))
     c = m["counts"]
     if args.daily:
         print(

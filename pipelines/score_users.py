@@ -8,7 +8,7 @@ Extract: the histories of day D (``user_id, history, seen``, one row per user ac
 ``[D - scoring.history_days, D + 1)`` UTC): built here from the events with the shared
 daily transform :func:`pipelines.events.daily_histories`, or read from the published
 histories dataset ``<ROOT>/dt=D/`` (``--histories``; ROOT defaults to
-``storage.histories_uri``). Transform: ``mapInArrow`` with
+``<storage.root>/histories``). Transform: ``mapInArrow`` with
 :class:`piarec.scoring.scorer.TopKScorer` in every Python worker; with a challenger
 (``--challenger`` or ``scoring.challenger_uri``) each user is scored by the model of the
 arm a salted hash of their id assigns them. Load: each task writes its rows as Parquet
@@ -46,8 +46,10 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from piarec.cli.errors import run_command
+from piarec.cli.options import HISTORIES_DEFAULT, parse_job_args
 from piarec.config import PipelineConfig, load_config
-from piarec.errors import ConfigError, PiarecError
+from piarec.errors import ConfigError
 from piarec.daily.run import (
     ArmCounts,
     ArmPlan,
@@ -65,7 +67,7 @@ from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA,
 from piarec.data.storage import resolve
 from piarec.data import layout
 
-__all__ = ["main", "run", "score_partition", "score_to_staging", "write_partition"]
+__all__ = ["main", "run", "run_from_args", "score_partition", "score_to_staging", "write_partition"]
 
 ARM_COL = "arm"
 UNKNOWN_COL = "unknown_titles"  # per-user count of history + seen entries outside the vocabulary
@@ -246,59 +248,38 @@ def _arrow_type(spark_type) -> pa.DataType:
         return pa.null()
 
 
-_DEFAULT_ROOT = "<storage.histories_uri>"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="score_users", description=__doc__.split("\n\n")[0])
-    p.add_argument("--date", required=True, type=date.fromisoformat, help="scoring day D, YYYY-MM-DD (UTC)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--events", help="build histories from these events (default: storage.events_uri)")
-    src.add_argument("--histories", nargs="?", const=_DEFAULT_ROOT, metavar="ROOT",
-                     help="score the published histories ROOT/dt=D/ (ROOT default: storage.histories_uri); "
-                          "the local engine always reads histories")
-    p.add_argument("--out", help="recommendations root (default: storage.recommendations_uri)")
-    p.add_argument("--model", help="model URI or bundle directory (default: scoring.model_uri)")
-    p.add_argument("--k", type=int, help="recommendations per user (default: scoring.k)")
-    p.add_argument("--arm", help="the control arm's name, names its folder (default: scoring.arm)")
-    p.add_argument("--challenger", help="A/B: a second model scored in the same pass (default: scoring.challenger_uri)")
-    p.add_argument("--challenger-share", type=float, help="share of users in the challenger arm (default: scoring.challenger_share)")
-    p.add_argument("--engine", choices=["spark", "local"], help="spark job or one machine (default: scoring.engine)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="local engine device (default: scoring.device)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="decoder precision (default: scoring.precision)")
-    p.add_argument("--threads", type=int, help="local engine worker threads (default: scoring.threads or CPU cores)")
-    p.add_argument("--config", help="pipeline config YAML (default: $PIAREC_CONFIG or the packaged local one)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+_DEFAULT_ROOT = HISTORIES_DEFAULT  # ``--histories`` without a ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        out = args.out or layout.recommendations_root(cfg.storage)
-        k = cfg.scoring.k if args.k is None else args.k
-        arm = args.arm or cfg.scoring.arm
-        model = args.model or cfg.scoring.model_uri
-        challenger = args.challenger or cfg.scoring.challenger_uri
-        histories = layout.histories_root(cfg.storage) if args.histories == _DEFAULT_ROOT else args.histories
-        if (args.engine or cfg.scoring.engine) == "local":
-            from piarec.daily.local_engine import run_local
+    """``spark-submit pipelines/score_users.py ...``: the options of ``piarec score``
+    (:mod:`piarec.cli.options`), then :func:`run_from_args`; one summary or error line."""
+    args = parse_job_args("score", argv, prog="score_users")
+    return run_command(lambda: run_from_args(args), args.debug, prog="score_users")
 
-            if args.events:
-                raise ConfigError("the local engine reads the published histories (--histories), not events")
-            plan = plan_arms(cfg, model, arm, challenger, args.challenger_share)
-            manifests = run_local(cfg, args.date, histories or layout.histories_root(cfg.storage), out, plan, k,
-                                  device=args.device, precision=args.precision, threads=args.threads)
-        else:
-            if args.device or args.precision or args.threads:
-                raise ConfigError("--device, --precision and --threads apply to --engine local only")
-            manifests = _run_spark(cfg, args, out, k, arm, model, challenger, histories)
-    except PiarecError as exc:
-        if args.debug:
-            raise
-        print(f"score_users: error: {exc}", file=sys.stderr)
-        return 2
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Score day ``args.date`` with the Spark job or the local engine and print one summary
+    line per arm (also what ``piarec score`` runs)."""
+    cfg = load_config(args.config)
+    out = args.out or layout.recommendations_root(cfg.storage)
+    k = cfg.scoring.k if args.k is None else args.k
+    arm = args.arm or cfg.scoring.arm
+    model = args.model or cfg.scoring.model_uri
+    challenger = args.challenger or cfg.scoring.challenger_uri
+    histories = layout.histories_root(cfg.storage) if args.histories == _DEFAULT_ROOT else args.histories
+    if (args.engine or cfg.scoring.engine) == "local":
+        from piarec.daily.local_engine import run_local
+
+        if args.events:
+            raise ConfigError("the local engine reads the published histories (--histories), not events")
+        plan = plan_arms(cfg, model, arm, challenger, args.challenger_share)
+        manifests = run_local(cfg, args.date, histories or layout.histories_root(cfg.storage), out, plan, k,
+                              device=args.device, precision=args.precision, threads=args.threads)
+    else:
+        if args.device or args.precision or args.threads:
+            raise ConfigError("--device, --precision and --threads apply to --engine local only")
+        manifests = _run_spark(cfg, args, out, k, arm, model, challenger, histories)
     for name, m in manifests.items():
         counts = m["counts"]
         print(

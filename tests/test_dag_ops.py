@@ -1,22 +1,21 @@
-"""dags/tools/piarec_ops.py: the checks the DAG tasks run in the project environment,
+"""``piarec ops`` (piarec/ops.py): the checks the DAG tasks run in the project environment,
 on hand-made events and recommendation partitions with known answers."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags" / "tools"))
-import piarec_ops as ops  # noqa: E402
-
-from piarec.config import load_config  # noqa: E402
-from piarec.scoring.arrow import OUTPUT_SCHEMA  # noqa: E402
+from piarec import ops
+from piarec.cli import main
+from piarec.config import load_config
+from piarec.scoring.arrow import OUTPUT_SCHEMA
 
 DAY = dt.date(2026, 4, 9)
 
@@ -31,6 +30,15 @@ def cfg(tmp_path):
                              "event_type": ["play", "complete", "play", "impression"], "ts": ts,
                              "watch_seconds": pa.array([600, 900, 30, 0], pa.int32())}), part / "part-0.parquet")
     return load_config(environ={}, overrides={"storage": {"root": str(root)}})
+
+
+@pytest.fixture
+def piarec_ops(cfg, tmp_path, monkeypatch):
+    """``piarec ops ...`` through the CLI, with the same configuration as ``cfg``."""
+    for name in [n for n in os.environ if n.startswith("PIAREC")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIAREC__STORAGE__ROOT", cfg.storage.root)
+    return lambda *argv: main(["ops", *argv])
 
 
 def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int = 2) -> Path:
@@ -50,14 +58,12 @@ def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int
     return part
 
 
-def test_valid_partition_passes_and_the_day_is_marked_done(cfg):
+def test_valid_partition_passes_and_the_day_is_marked_done(cfg, piarec_ops):
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})  # u2 saw t3 (play), not t4 (impression)
-    args = ops.build_parser().parse_args(["validate", "--date", str(DAY), "--arms", "champion"])
-    assert ops.cmd_validate(cfg, args) == 0
+    assert piarec_ops("validate", "--date", str(DAY), "--arms", "champion") == 0
     day = Path(ops.recs_uri(cfg, DAY))
     assert json.loads((day / "_validation.json").read_text())["arms"][0]["users"] == 2
-    done = ops.build_parser().parse_args(["mark-done", "--date", str(DAY), "--arms", "champion"])
-    assert ops.cmd_mark_done(cfg, done) == 0 and (day / "_SUCCESS").exists()
+    assert piarec_ops("mark-done", "--date", str(DAY), "--arms", "champion") == 0 and (day / "_SUCCESS").exists()
 
 
 def test_a_seen_title_is_caught(cfg):
@@ -75,15 +81,19 @@ def test_counts_and_k_are_checked_against_the_manifest(cfg):
         ops.validate_arm(cfg, DAY, "champion", 5, 100)
 
 
-def test_unpublished_day_cannot_be_marked_done(cfg):
-    args = ops.build_parser().parse_args(["mark-done", "--date", str(DAY)])
+def test_unpublished_day_cannot_be_marked_done(cfg, piarec_ops, capsys):
     with pytest.raises(ops.PiarecError, match="run validate first"):
-        ops.cmd_mark_done(cfg, args)
+        ops.mark_done(cfg, DAY, ["champion"])
+    # Through the CLI: one line and status 2 (1 would read as "not ready yet").
+    assert piarec_ops("mark-done", "--date", str(DAY)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "run validate first" in err[0]
 
 
-def test_events_ready_waits_for_every_partition(cfg, capsys):
-    parse = ops.build_parser().parse_args
-    assert ops.cmd_events_ready(cfg, parse(["events-ready", "--day", str(DAY)])) == 0
-    assert ops.cmd_events_ready(cfg, parse(["events-ready", "--day", "2026-04-10"])) == ops.NOT_READY
-    assert ops.cmd_events_ready(cfg, parse(["events-ready", "--window-end", "2026-04-10"])) == ops.NOT_READY
+def test_events_ready_waits_for_every_partition(cfg, piarec_ops, capsys):
+    assert piarec_ops("events-ready", "--day", str(DAY)) == 0
+    assert piarec_ops("events-ready", "--day", "2026-04-10") == ops.NOT_READY
+    assert piarec_ops("events-ready", "--window-end", "2026-04-10") == ops.NOT_READY
     assert "waiting for 89 event partition(s)" in capsys.readouterr().out
+    assert ops.events_ready(cfg, start=DAY, end=DAY + dt.timedelta(days=1)) == 0
+    assert ops.events_ready(cfg, start=DAY, end=DAY + dt.timedelta(days=2)) == ops.NOT_READY

@@ -49,7 +49,7 @@ def _manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def checkpoint_dir(cfg: PipelineConfig, manifest_digest: str) -> str:
-    """``<storage.checkpoints_uri>/<key>``: one folder per (snapshot, model/PIA/training
+    """``<storage.root>/checkpoints/<key>``: one folder per (snapshot, model/PIA/training
     config), so a rerun of the same training resumes and a different one starts afresh."""
     identity = json.dumps({"snapshot": manifest_digest, **_params(cfg)}, sort_keys=True, default=str)
     return layout.checkpoint_uri(cfg.storage, hashlib.sha256(identity.encode()).hexdigest()[:16])

@@ -1,47 +1,47 @@
-"""Small checks the DAGs run in the *project* environment (``.venv/bin/python``).
+"""The checks the DAG tasks run in the project environment: ``piarec ops <command>``.
 
-    python dags/tools/piarec_ops.py events-ready --window-end 2026-04-06   (or --day D, --start/--end)
-    python dags/tools/piarec_ops.py snapshot-uri --window-end 2026-04-06
-    python dags/tools/piarec_ops.py validate --date 2026-04-09 --arms champion,challenger [--k 100]
-    python dags/tools/piarec_ops.py mark-done --date 2026-04-09 --arms champion
+    piarec ops events-ready --window-end 2026-04-06   (or --day D, or --start S --end E)
+    piarec ops snapshot-uri --window-end 2026-04-06 [--require-published]
+    piarec ops validate --date 2026-04-09 --arms champion,challenger [--k 100] [--sample N]
+    piarec ops mark-done --date 2026-04-09 --arms champion
 
 Airflow itself never imports piarec (its environment has no torch or pyspark); these
 commands read the pipeline configuration exactly as the jobs do (``PIAREC_CONFIG``,
-``PIAREC__*``) and use piarec's own storage, scorer schema and event rules.
+``PIAREC__*``) and use piarec's own storage, scorer schema and event rules. The options
+live in :mod:`piarec.cli.options`; here are the functions, which print their result line
+and return the exit status.
 
 Exit codes: 0 = done / ready / valid; 1 = not ready yet (``events-ready``, so a sensor
-pokes again); 2 = an error or a failed validation (the task fails, with the reasons).
+pokes again); 2 = an error or a failed validation (:class:`PiarecError`, raised here and
+reported in one line by the CLI).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from piarec.config import PipelineConfig, load_config
+from piarec.config import PipelineConfig
 from piarec.errors import PiarecError
 from piarec.scoring.arrow import OUTPUT_SCHEMA
 from piarec.data.storage import SUCCESS, exists, is_published, read_json, resolve, write_bytes, write_json
 from piarec.data import layout
 from piarec.data.layout import MANIFEST, VALIDATION
 
+__all__ = ["NOT_READY", "PiarecError", "ValidationFailed", "days", "events_ready", "mark_done",
+           "missing_partitions", "recs_uri", "snapshot_uri", "validate", "validate_arm"]
+
 NOT_READY = 1  # events-ready: a sensor pokes again
 
 
 class ValidationFailed(PiarecError):
     """The published recommendations break a contract; the message lists every problem."""
-
-
-def _day(text: str) -> dt.date:
-    return dt.date.fromisoformat(text)
 
 
 def days(start: dt.date, end: dt.date) -> list[dt.date]:
@@ -154,92 +154,58 @@ def validate_arm(cfg: PipelineConfig, day: dt.date, arm: str, k: int | None, sam
 
 
 # --------------------------------------------------------------------------- commands
-def cmd_events_ready(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    if args.day:  # the daily run of day D needs D's partition
-        args.start, args.end = args.day, args.day + dt.timedelta(days=1)
-    elif args.window_end:  # the weekly snapshot needs every day of its training window
-        args.start, args.end = args.window_end - dt.timedelta(days=cfg.window_days), args.window_end
-    if not (args.start and args.end):
+def events_ready(cfg: PipelineConfig, *, day: dt.date | None = None, window_end: dt.date | None = None,
+                 start: dt.date | None = None, end: dt.date | None = None) -> int:
+    """0 when every event partition of the range exists, else :data:`NOT_READY`.
+
+    The range: ``day`` -> ``[day, day + 1)`` (the daily run of day D needs D's partition);
+    ``window_end`` -> the training window ``[window_end - window_days, window_end)``;
+    otherwise ``[start, end)``.
+    """
+    if day:
+        start, end = day, day + dt.timedelta(days=1)
+    elif window_end:
+        start, end = window_end - dt.timedelta(days=cfg.window_days), window_end
+    if not (start and end):
         raise PiarecError("events-ready needs --day, --window-end, or --start and --end")
-    missing = missing_partitions(cfg, args.start, args.end)
+    missing = missing_partitions(cfg, start, end)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         print(f"waiting for {len(missing)} event partition(s) under {layout.events_root(cfg.storage)}: {shown}")
         return NOT_READY
-    print(f"all {len(days(args.start, args.end))} event partitions of [{args.start}, {args.end}) are present")
+    print(f"all {len(days(start, end))} event partitions of [{start}, {end}) are present")
     return 0
 
 
-def cmd_snapshot_uri(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    uri = layout.snapshot_uri(layout.snapshots_root(cfg.storage), args.window_end)
-    if args.require_published and not is_published(uri):
+def snapshot_uri(cfg: PipelineConfig, window_end: dt.date, *, require_published: bool = False) -> int:
+    """Print the snapshot URI of ``window_end`` (the last line: Airflow pushes it to XCom)."""
+    uri = layout.snapshot_uri(layout.snapshots_root(cfg.storage), window_end)
+    if require_published and not is_published(uri):
         raise PiarecError(f"snapshot {uri} is not published")
-    print(uri)  # the last line of output: Airflow pushes it to XCom
+    print(uri)
     return 0
 
 
-def cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    results = [validate_arm(cfg, args.date, arm, args.k, args.sample) for arm in args.arms]
-    report = {"date": args.date.isoformat(), "arms": results,
+def validate(cfg: PipelineConfig, day: dt.date, arms: Sequence[str], *, k: int | None = None,
+             sample: int = 1000) -> int:
+    """Validate every arm of ``day``; write and print the day's ``_validation.json``."""
+    results = [validate_arm(cfg, day, arm, k, sample) for arm in arms]
+    report = {"date": day.isoformat(), "arms": results,
               "validated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_json(resolve(recs_uri(cfg, args.date)).child(VALIDATION), report)
+    write_json(resolve(recs_uri(cfg, day)).child(VALIDATION), report)
     print(json.dumps(report))
     return 0
 
 
-def cmd_mark_done(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    day = resolve(recs_uri(cfg, args.date))
-    validation = day.child(VALIDATION)
+def mark_done(cfg: PipelineConfig, day: dt.date, arms: Sequence[str]) -> int:
+    """Write ``recommendations/dt=D/_SUCCESS`` once every arm of ``arms`` was validated."""
+    loc = resolve(recs_uri(cfg, day))
+    validation = loc.child(VALIDATION)
     if not exists(validation):
-        raise PiarecError(f"{day.uri} has no {VALIDATION}; run validate first")
+        raise PiarecError(f"{loc.uri} has no {VALIDATION}; run validate first")
     validated = {a["arm"] for a in read_json(validation).get("arms", [])}
-    if not set(args.arms) <= validated:
-        raise PiarecError(f"arms {sorted(set(args.arms) - validated)} of {day.uri} were not validated")
-    write_bytes(day.child(SUCCESS), b"")
-    print(f"{day.uri}/{SUCCESS}")
+    if not set(arms) <= validated:
+        raise PiarecError(f"arms {sorted(set(arms) - validated)} of {loc.uri} were not validated")
+    write_bytes(loc.child(SUCCESS), b"")
+    print(f"{loc.uri}/{SUCCESS}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="piarec_ops", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="pipeline YAML (default: $PIAREC_CONFIG or the packaged default)")
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("events-ready", help="exit 0 when every dt partition of [start, end) exists, else 1")
-    e.add_argument("--day", type=_day, help="one day: [day, day + 1)")
-    e.add_argument("--window-end", type=_day, help="the training window [window_end - window_days, window_end)")
-    e.add_argument("--start", type=_day)
-    e.add_argument("--end", type=_day, help="exclusive")
-    e.set_defaults(func=cmd_events_ready)
-    s = sub.add_parser("snapshot-uri", help="print the snapshot URI of a window end")
-    s.add_argument("--window-end", type=_day, required=True)
-    s.add_argument("--require-published", action="store_true")
-    s.set_defaults(func=cmd_snapshot_uri)
-    for name, fn, text in (("validate", cmd_validate, "validate the published arms of a day"),
-                           ("mark-done", cmd_mark_done, "write the day's _SUCCESS after validation")):
-        v = sub.add_parser(name, help=text)
-        v.add_argument("--date", type=_day, required=True)
-        v.add_argument("--arms", type=lambda t: [a for a in t.split(",") if a], default=["champion"])
-        if name == "validate":
-            v.add_argument("--k", type=lambda t: int(t) if t else None, default=None,
-                           help="expected recommendations per user (default: the manifest's)")
-            v.add_argument("--sample", type=int, default=1000, help="users checked against their events")
-        v.set_defaults(func=fn)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(load_config(args.config), args)
-    except PiarecError as exc:
-        print(f"piarec_ops {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception:  # noqa: BLE001 - never exit 1 by accident: a sensor reads 1 as "not ready"
-        import traceback
-
-        traceback.print_exc()
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

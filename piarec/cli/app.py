@@ -1,0 +1,139 @@
+"""The ``piarec`` command: one argparse parser, parsed once (see :mod:`piarec.cli`).
+
+Every command's options come from :mod:`piarec.cli.options`; each handler imports its heavy
+modules (torch, pyspark, mlflow, the Spark jobs in ``pipelines/``) only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Sequence
+
+import piarec
+from piarec.cli.errors import run_command
+from piarec.cli.options import COMMANDS, Parser, add_command_parser, add_global_options, check_args
+
+log = logging.getLogger("piarec")
+
+DESCRIPTION = "Batch recommendations with Multi-VAE and Personalized Item Alignment."
+EPILOG = ("Global options (--debug, --config) go before or after the command. Errors print one line "
+          "and exit with status 2; --debug shows the traceback. Options of a command: piarec COMMAND --help.")
+
+
+def _config(args: argparse.Namespace):
+    from piarec.config import load_config
+
+    return load_config(args.config)
+
+
+# --------------------------------------------------------------------------- handlers
+def cmd_generate_events(args: argparse.Namespace) -> int:
+    from piarec.data.synthetic import generate_events
+
+    summary = generate_events(args.out, users=args.users, items=args.items, days=args.days,
+                              seed=args.seed, start=args.start, progress=log.info)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_build_matrix(args: argparse.Namespace) -> int:
+    from pipelines import build_matrix
+
+    return build_matrix.run_from_args(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # a bad config fails before torch and mlflow are imported
+    from piarec.train.job import run_training
+
+    if args.epochs:
+        cfg.training.epochs = args.epochs
+    out = run_training(cfg, args.snapshot)
+    print(json.dumps({k: out[k] for k in ("run_id", "version", "best_epoch", "val", "test")}, indent=2))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from piarec.registry.gate import promote
+
+    decision = promote(cfg)
+    print(decision.summary())
+    return 0 if decision.promoted or not args.strict else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from piarec.registry.runs import report_run
+
+    out = report_run(cfg, args.run, args.out, seed=args.seed)
+    print(json.dumps({"out_dir": out["out_dir"], "collapse": out["collapse"],
+                      "silhouette": out["tsne"]["silhouette"], "groups": out["groups"]}, indent=2, default=str))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipelines import score_users
+
+    return score_users.run_from_args(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from piarec.demo import run_demo
+
+    run_demo(args.workdir, users=args.users, items=args.items, days=args.days,
+             epochs=args.epochs, seed=args.seed, config_path=args.config)
+    return 0
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from piarec import ops
+
+    if args.ops_command == "events-ready":
+        return ops.events_ready(cfg, day=args.day, window_end=args.window_end, start=args.start, end=args.end)
+    if args.ops_command == "snapshot-uri":
+        return ops.snapshot_uri(cfg, args.window_end, require_published=args.require_published)
+    if args.ops_command == "validate":
+        return ops.validate(cfg, args.date, args.arms, k=args.k, sample=args.sample)
+    if args.ops_command == "mark-done":
+        return ops.mark_done(cfg, args.date, args.arms)
+    raise AssertionError(f"unknown ops command {args.ops_command!r}")
+
+
+def _handlers() -> dict:
+    # Looked up when the parser is built, so a test can replace a module-level handler.
+    return {"generate-events": cmd_generate_events, "build-matrix": cmd_build_matrix, "train": cmd_train,
+            "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "demo": cmd_demo, "ops": cmd_ops}
+
+
+# --------------------------------------------------------------------------- parser and main
+def build_parser() -> argparse.ArgumentParser:
+    """``piarec [--version] [--debug] [--config FILE] COMMAND [options]``; each command's
+    parser (``prog`` = ``piarec COMMAND``) also accepts ``--debug`` and ``--config``."""
+    p = Parser(prog="piarec", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"piarec {piarec.__version__}")
+    add_global_options(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers = _handlers()
+    p.commands = {}  # name -> sub-parser, for usage errors found after parsing
+    for name in COMMANDS:
+        c = add_command_parser(sub, name, prog=f"piarec {name}")
+        c.set_defaults(func=handlers[name])
+        p.commands[name] = c
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``piarec`` on ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+    Usage errors, ``--help`` and ``--version`` exit through SystemExit, as argparse does."""
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    problem = check_args(args.command, args)
+    if problem:
+        parser.commands[args.command].error(problem)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run_command(lambda: args.func(args), args.debug)
