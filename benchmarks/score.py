@@ -184,7 +184,7 @@ def arm_plain(args: argparse.Namespace) -> dict:
 def arm_local(args: argparse.Namespace) -> dict:
     from piarec.config import load_config
     from piarec.daily.local_engine import run_local
-    from piarec.daily.run import plan_arms
+    from piarec.daily.arms import plan_arms
 
     cfg = load_config(args.config, environ={})
     plan = plan_arms(cfg, args.model, "champion")

@@ -17,7 +17,7 @@ arm a salted hash of their id assigns them. Load: each task writes its rows as P
 arm. The driver commits: it keeps the files of the task attempts whose summaries it
 collected (Spark returns exactly one successful attempt per partition), deletes those of
 failed or duplicate attempts, and publishes each arm as ``<out>/dt=D/arm=<arm>/`` with
-``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.daily.run.publish_run`). So the
+``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.daily.publish.publish_run`). So the
 output path never goes through Spark's Hadoop filesystem layer: S3 works without the s3a
 connector and is tested against a local S3 server.
 
@@ -50,19 +50,9 @@ from piarec.cli.errors import run_command
 from piarec.cli.options import HISTORIES_DEFAULT, parse_job_args
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError
-from piarec.daily.run import (
-    ArmCounts,
-    ArmPlan,
-    PartWriter,
-    bundle_from_files,
-    check_history_columns,
-    histories_partition,
-    keep_committed_parts,
-    plan_arms,
-    publish_run,
-    staged,
-    window,
-)
+from piarec.daily.arms import ArmPlan, bundle_from_files, plan_arms
+from piarec.daily.inputs import check_history_columns, histories_partition, window
+from piarec.daily.publish import ArmCounts, PartWriter, keep_committed_parts, publish_run, staged
 from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
 from piarec.data.storage import resolve
 from piarec.data import layout

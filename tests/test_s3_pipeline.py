@@ -122,7 +122,7 @@ def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
     """Histories read from S3, recommendations published to S3: the same rows, manifest
     and markers as the same run on local folders."""
     from piarec.daily import local_engine as score_local
-    from piarec.daily import run as score_run
+    from piarec.daily import arms as score_arms, publish as score_publish
     from test_score_local import DAY, make_histories, read_arm, save_model, write_histories
 
     data = make_histories(60, seed=3)
@@ -134,7 +134,7 @@ def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
     cfg = load_config(environ={}, overrides={"scoring": {"k": 5, "batch_size": 8, "threads": 2, "history_days": 7}})
 
     def run(hist: str, out: str) -> dict:
-        plan = score_run.plan_arms(cfg, str(tmp_path / "champion"), "champion")
+        plan = score_arms.plan_arms(cfg, str(tmp_path / "champion"), "champion")
         return score_local.run_local(cfg, DAY, hist, out, plan, 5)["champion"]
 
     local = run(str(tmp_path / "histories"), str(tmp_path / "recs"))
@@ -159,7 +159,7 @@ def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
 
     from piarec.daily import local_engine as score_local
 
-    from piarec.daily import run as score_run
+    from piarec.daily import arms as score_arms, publish as score_publish
     from pipelines import score_users
     from pipelines.spark import get_spark
     from test_score_local import DAY, make_histories, read_arm, save_model, write_histories
@@ -170,7 +170,7 @@ def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
     save_model(tmp_path / "challenger", 1)
     scoring = {"k": 5, "batch_size": 8, "threads": 2, "history_days": 7, "challenger_share": 0.4}
     local_cfg = load_config(environ={}, overrides={"scoring": scoring})
-    plan = score_run.plan_arms(local_cfg, str(tmp_path / "champion"), "champion", str(tmp_path / "challenger"))
+    plan = score_arms.plan_arms(local_cfg, str(tmp_path / "champion"), "champion", str(tmp_path / "challenger"))
     score_local.run_local(local_cfg, DAY, str(tmp_path / "histories"), str(tmp_path / "recs"), plan, 5)
 
     # Executors get their AWS settings from their own environment, as on a cluster node.

@@ -22,7 +22,7 @@ from piarec.models.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.models.multivae import MultiVAE
 from piarec.daily import local_engine as score_local
-from piarec.daily import run as score_run
+from piarec.daily import arms as score_arms, publish as score_publish
 from piarec.scoring.scorer import TopKScorer
 from piarec.scoring.arrow import HISTORY_SCHEMA, OUTPUT_SCHEMA, in_share, map_histories
 from pipelines import score_users
@@ -225,7 +225,7 @@ def test_ab_pass_and_local_engine_write_the_same(spark, env):
     assert (hist_root / f"dt={DAY}" / "_SUCCESS").is_file()
     kw = {"histories_uri": str(hist_root), "challenger_uri": str(root / "model2"), "challenger_share": 0.5}
     spark_manifest = run_job(spark, env, out="recs-ab", **kw)
-    plan = score_run.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
+    plan = score_arms.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
     local = score_local.run_local(cfg, DAY, str(hist_root), str(root / "recs-local"), plan, K, threads=2)
 
     expected = expected_histories(events, cfg)
@@ -265,7 +265,7 @@ class _CountingBroadcast:
 
 def test_worker_loads_each_model_once(env):
     root, _, cfg = env
-    plan = score_run.plan_arms(cfg, str(root / "model"), "champion")
+    plan = score_arms.plan_arms(cfg, str(root / "model"), "champion")
     arm = plan.arms[0]
     bc = _CountingBroadcast({"files": arm.files})
     batch = pa.RecordBatch.from_pydict(
@@ -293,7 +293,7 @@ def test_worker_loads_each_model_once(env):
     assert out.column("arm").to_pylist() == ["champion"] * 2
     assert out.column("source").to_pylist() == ["model", "popularity"]
     assert "t01" not in out.column("item_ids").to_pylist()[0]  # seen
-    rebuilt = score_run.bundle_from_files(arm.files)
+    rebuilt = score_arms.bundle_from_files(arm.files)
     for name, tensor in arm.bundle.model.state_dict().items():
         torch.testing.assert_close(rebuilt.model.state_dict()[name], tensor, rtol=0, atol=0)
 
@@ -323,7 +323,7 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     import pyspark
 
     root, events, cfg = env
-    plan = score_run.plan_arms(cfg, str(root / "model"), "champion")
+    plan = score_arms.plan_arms(cfg, str(root / "model"), "champion")
     arm = plan.arms[0]
     spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": _CountingBroadcast({"files": arm.files})}
     hist = expected_histories(events, cfg)
@@ -358,7 +358,7 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     assert [s["task"] for s in summary] == ["p00003-a1"]
     names = sorted(p.name for p in (tmp_path / "staging" / "arm=champion").iterdir())
     assert any("-a0-" in n for n in names) and any("-a1-" in n for n in names)
-    assert score_run.keep_committed_parts(staging, ["champion"], {"p00003-a1"}) == sum("-a0-" in n for n in names)
+    assert score_publish.keep_committed_parts(staging, ["champion"], {"p00003-a1"}) == sum("-a0-" in n for n in names)
     rows = ds.dataset(str(tmp_path / "staging" / "arm=champion"), format="parquet").to_table()
     assert sorted(rows.column("user_id").to_pylist()) == users  # each user once
     assert summary[0]["model"] + summary[0]["popularity"] == len(users)

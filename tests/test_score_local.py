@@ -20,7 +20,7 @@ import torch
 
 from piarec.daily import local_engine as score_local
 
-from piarec.daily import run as score_run
+from piarec.daily import arms as score_arms, publish as score_publish
 from piarec.models.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
 from piarec.errors import InputDataError
@@ -86,7 +86,7 @@ def env(tmp_path):
 
 def run(env, k=K, challenger=True, share=None):
     root, _, cfg = env
-    plan = score_run.plan_arms(cfg, str(root / "champion"), "champion",
+    plan = score_arms.plan_arms(cfg, str(root / "champion"), "champion",
                                  str(root / "challenger") if challenger else None, share)
     return score_local.run_local(cfg, DAY, str(root / "histories"), str(root / "recs"), plan, k)
 
@@ -228,11 +228,11 @@ import sys, time
 from datetime import date
 from pathlib import Path
 from piarec.daily import local_engine as score_local
-from piarec.daily import run as score_run
+from piarec.daily import arms as score_arms, publish as score_publish
 from piarec.config import load_config
 root = Path(sys.argv[1])
 cfg = load_config(environ={}, overrides={"storage": {"root": str(root)}, "scoring": {"k": 3, "batch_size": 4}})
-plan = score_run.plan_arms(cfg, str(root / "champion"), "champion")
+plan = score_arms.plan_arms(cfg, str(root / "champion"), "champion")
 def progress(n):
     (root / "started").write_text("1")  # some output is staged; now hang until killed
     time.sleep(120)
@@ -286,7 +286,7 @@ def test_cli_local_engine_never_imports_pyspark(env):
 def test_unpublished_or_malformed_histories_are_refused(env, capsys):
     root, _, cfg = env
     write_histories(root / "histories", date(2026, 3, 11), make_histories(5), publish=False)
-    plan = score_run.plan_arms(cfg, str(root / "champion"), "champion")
+    plan = score_arms.plan_arms(cfg, str(root / "champion"), "champion")
     with pytest.raises(InputDataError, match="not published"):
         score_local.run_local(cfg, date(2026, 3, 11), str(root / "histories"), str(root / "recs"), plan, K)
     bad = root / "histories" / "dt=2026-03-12"

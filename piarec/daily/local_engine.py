@@ -10,7 +10,7 @@ each take whole batches from the reader and run them end to end (vocabulary mapp
 encoder, decoder, exact top-K, Arrow, Parquet) with one torch thread and their own output
 files: every stage runs in parallel, with no hand-off between threads. The device comes
 from :func:`piarec.device.pick_device`. Arms, staging and publication are the Spark job's
-(:mod:`piarec.daily.run`), so both engines write the same output.
+(:mod:`piarec.daily.arms`, :mod:`piarec.daily.inputs`, :mod:`piarec.daily.publish`), so both engines write the same output.
 """
 
 from __future__ import annotations
@@ -27,17 +27,9 @@ import pyarrow as pa
 from piarec.config import PipelineConfig
 from piarec.errors import ConfigError
 from piarec.scoring.arrow import MODEL, POPULARITY
-from piarec.daily.run import (
-    ArmCounts,
-    ArmPlan,
-    PartWriter,
-    histories_files,
-    histories_partition,
-    publish_run,
-    read_histories,
-    staged,
-    window,
-)
+from piarec.daily.arms import ArmPlan
+from piarec.daily.inputs import histories_files, histories_partition, read_histories, window
+from piarec.daily.publish import ArmCounts, PartWriter, publish_run, staged
 from piarec.data.storage import Location, resolve
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 

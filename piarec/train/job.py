@@ -30,7 +30,7 @@ from piarec.data import layout
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
-from piarec.registry.client import CHALLENGER, CHAMPION  # noqa: F401 - re-exported for callers
+from piarec.registry.client import CHALLENGER
 _BACKBONES = {"multivae": "Multi-VAE", "recvae": "RecVAE"}
 
 
