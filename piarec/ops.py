@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from piarec.config import PipelineConfig
+from piarec.config import PipelineConfig, StorageConfig
 from piarec.errors import PiarecError
 from piarec.scoring.arrow import OUTPUT_SCHEMA
 from piarec.data.storage import SUCCESS, exists, is_published, read_json, resolve, write_bytes, write_json
@@ -49,14 +49,15 @@ def days(start: dt.date, end: dt.date) -> list[dt.date]:
     return [start + dt.timedelta(days=i) for i in range((end - start).days)]
 
 
-def missing_partitions(cfg: PipelineConfig, start: dt.date, end: dt.date) -> list[str]:
+def missing_partitions(storage: StorageConfig, start: dt.date, end: dt.date) -> list[str]:
     """The ``dt=YYYY-MM-DD`` event partitions of ``[start, end)`` that do not exist yet."""
-    root = resolve(layout.events_root(cfg.storage))
+    root = resolve(layout.events_root(storage))
     return [f"dt={d}" for d in days(start, end) if not exists(root.child(f"dt={d}"))]
 
 
-def recs_uri(cfg: PipelineConfig, day: dt.date, arm: str | None = None) -> str:
-    root = layout.recommendations_root(cfg.storage)
+def recs_uri(storage: StorageConfig, day: dt.date, arm: str | None = None) -> str:
+    """The recommendations of ``day``: one arm's folder, or the day's."""
+    root = layout.recommendations_root(storage)
     return layout.arm_uri(root, day, arm) if arm else layout.day_uri(root, day)
 
 
@@ -90,7 +91,7 @@ def _seen_on_sample(cfg: PipelineConfig, day: dt.date, users: list[str]) -> dict
 
 def validate_arm(cfg: PipelineConfig, day: dt.date, arm: str, k: int | None, sample: int) -> dict[str, Any]:
     """Check one published arm partition; returns a summary, raises ValidationFailed."""
-    uri = recs_uri(cfg, day, arm)
+    uri = recs_uri(cfg.storage, day, arm)
     if not is_published(uri):
         raise ValidationFailed(f"{uri} is not published (no {SUCCESS})")
     loc = resolve(uri)
@@ -168,7 +169,7 @@ def events_ready(cfg: PipelineConfig, *, day: dt.date | None = None, window_end:
         start, end = window_end - dt.timedelta(days=cfg.window_days), window_end
     if not (start and end):
         raise PiarecError("events-ready needs --day, --window-end, or --start and --end")
-    missing = missing_partitions(cfg, start, end)
+    missing = missing_partitions(cfg.storage, start, end)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         print(f"waiting for {len(missing)} event partition(s) under {layout.events_root(cfg.storage)}: {shown}")
@@ -192,14 +193,14 @@ def validate(cfg: PipelineConfig, day: dt.date, arms: Sequence[str], *, k: int |
     results = [validate_arm(cfg, day, arm, k, sample) for arm in arms]
     report = {"date": day.isoformat(), "arms": results,
               "validated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_json(resolve(recs_uri(cfg, day)).child(VALIDATION), report)
+    write_json(resolve(recs_uri(cfg.storage, day)).child(VALIDATION), report)
     print(json.dumps(report))
     return 0
 
 
 def mark_done(cfg: PipelineConfig, day: dt.date, arms: Sequence[str]) -> int:
     """Write ``recommendations/dt=D/_SUCCESS`` once every arm of ``arms`` was validated."""
-    loc = resolve(recs_uri(cfg, day))
+    loc = resolve(recs_uri(cfg.storage, day))
     validation = loc.child(VALIDATION)
     if not exists(validation):
         raise PiarecError(f"{loc.uri} has no {VALIDATION}; run validate first")

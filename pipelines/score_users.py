@@ -224,7 +224,7 @@ def run(
         finally:
             for b in broadcasts:
                 b.destroy()
-        manifests = publish_run(staging, out_root, date, plan, counts, k=k, window=window(cfg, date),
+        manifests = publish_run(staging, out_root, date, plan, counts, k=k, window=window(cfg.scoring, date),
                                 source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"})
     return manifests[plan.arms[0].name]
 

@@ -42,7 +42,7 @@ def piarec_ops(cfg, tmp_path, monkeypatch):
 
 
 def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int = 2) -> Path:
-    part = Path(ops.recs_uri(cfg, DAY, "champion"))
+    part = Path(ops.recs_uri(cfg.storage, DAY, "champion"))
     part.mkdir(parents=True, exist_ok=True)
     table = pa.table({
         "user_id": list(rows), "item_ids": list(rows.values()),
@@ -61,7 +61,7 @@ def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int
 def test_valid_partition_passes_and_the_day_is_marked_done(cfg, piarec_ops):
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})  # u2 saw t3 (play), not t4 (impression)
     assert piarec_ops("validate", "--date", str(DAY), "--arms", "champion") == 0
-    day = Path(ops.recs_uri(cfg, DAY))
+    day = Path(ops.recs_uri(cfg.storage, DAY))
     assert json.loads((day / "_validation.json").read_text())["arms"][0]["users"] == 2
     assert piarec_ops("mark-done", "--date", str(DAY), "--arms", "champion") == 0 and (day / "_SUCCESS").exists()
 

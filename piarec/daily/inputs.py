@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from piarec.config import PipelineConfig
+from piarec.config import ScoringConfig
 from piarec.data import layout
 from piarec.data.layout import MANIFEST
 from piarec.data.storage import SUCCESS, Location, exists, read_json, resolve
@@ -72,7 +72,7 @@ def read_histories(fs: pafs.FileSystem, files: list[str], batch_size: int, uri: 
                                                use_threads=False)
 
 
-def window(cfg: PipelineConfig, day: date) -> dict[str, str]:
+def window(scoring: ScoringConfig, day: date) -> dict[str, str]:
     """The scoring window ``[D - history_days, D + 1)`` (UTC days)."""
-    return {"start": (day - timedelta(days=cfg.scoring.history_days)).isoformat(),
+    return {"start": (day - timedelta(days=scoring.history_days)).isoformat(),
             "end": (day + timedelta(days=1)).isoformat()}

@@ -109,7 +109,7 @@ def run_local(
             for f in concurrent.futures.as_completed(futures):
                 f.result()  # the first failure stops the others and propagates
         return publish_run(
-            staging, out_root, day, plan, counts, k=k, window=window(cfg, day),
+            staging, out_root, day, plan, counts, k=k, window=window(cfg.scoring, day),
             source={"kind": "histories", "uri": uri, "manifest": histories_manifest},
             engine={"name": "local", "device": str(dev), "precision": scorers[0].precision, "threads": n_workers},
         )
