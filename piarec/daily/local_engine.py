@@ -52,7 +52,6 @@ def run_local(
 
     from piarec.device import pick_device
     from piarec.scoring.scorer import TopKScorer
-    from piarec.scoring.arrow import map_arrow_lists, to_record_batch
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
@@ -78,18 +77,7 @@ def run_local(
                     batch = next(batches, None)
                 if batch is None:
                     break
-                arm_of = plan.assign(batch.column("user_id"))
-                for a, arm in enumerate(plan.arms):
-                    part = batch if len(plan.arms) == 1 else batch.filter(pa.array(arm_of == a))
-                    if part.num_rows == 0:
-                        continue
-                    history, unknown_h = map_arrow_lists(part.column("history"), vocabs[a])
-                    seen, unknown_s = map_arrow_lists(part.column("seen"), vocabs[a])
-                    scored = scorers[a].score(history, seen)
-                    writers[a].write(to_record_batch(part.column("user_id"), scored, vocabs[a], arm.version,
-                                                     dictionary=True))
-                    n_pop = int((scored.source == POPULARITY).sum())
-                    local[arm.name].add(part.num_rows - n_pop, n_pop, unknown_h.sum() + unknown_s.sum())
+                _score_batch(batch, plan, scorers, vocabs, writers, local)
                 if progress is not None:
                     progress(batch.num_rows)
         except BaseException:
@@ -113,6 +101,25 @@ def run_local(
             source={"kind": "histories", "uri": uri, "manifest": histories_manifest},
             engine={"name": "local", "device": str(dev), "precision": scorers[0].precision, "threads": n_workers},
         )
+
+
+def _score_batch(batch: pa.RecordBatch, plan: ArmPlan, scorers: list, vocabs: list[pa.Array],
+                 writers: list[PartWriter], counts: dict[str, ArmCounts]) -> None:
+    """Score one batch of histories: each user with their arm's model, each arm's rows
+    written by that arm's writer and counted."""
+    from piarec.scoring.arrow import map_arrow_lists, to_record_batch
+
+    arm_of = plan.assign(batch.column("user_id"))
+    for a, arm in enumerate(plan.arms):
+        part = batch if len(plan.arms) == 1 else batch.filter(pa.array(arm_of == a))
+        if part.num_rows == 0:
+            continue
+        history, unknown_h = map_arrow_lists(part.column("history"), vocabs[a])
+        seen, unknown_s = map_arrow_lists(part.column("seen"), vocabs[a])
+        scored = scorers[a].score(history, seen)
+        writers[a].write(to_record_batch(part.column("user_id"), scored, vocabs[a], arm.version, dictionary=True))
+        n_pop = int((scored.source == POPULARITY).sum())
+        counts[arm.name].add(part.num_rows - n_pop, n_pop, unknown_h.sum() + unknown_s.sum())
 
 
 @contextlib.contextmanager
