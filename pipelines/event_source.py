@@ -170,17 +170,9 @@ def open_events(
     )
 
 
-def read_events(
-    spark: SparkSession,
-    uri: str,
-    schema: EventsSchema,
-    start: date,
-    end: date,
-    *,
-    require_watch: bool = True,
-) -> DataFrame:
-    """The frame of :func:`open_events` (canonical columns, window partitions only)."""
-    return open_events(spark, uri, schema, start, end, require_watch=require_watch).df
+def read_events(spark: SparkSession, uri: str, schema: EventsSchema, start: date, end: date, **options) -> DataFrame:
+    """The frame of :func:`open_events` (same arguments; canonical columns, window partitions only)."""
+    return open_events(spark, uri, schema, start, end, **options).df
 
 
 def _partition_range(raw: DataFrame, start: date, end: date) -> Column:
