@@ -39,7 +39,7 @@ def main() -> None:
     from pyspark.sql import functions as F
 
     from piarec.config import SparkConfig, load_config
-    from pipelines import build_matrix as bm
+    from pipelines import build_common as common
     from pipelines.events import positive_condition
     from pipelines.matrix_transforms import bucket_bits, user_item_sets
     from pipelines.spark import get_spark
@@ -57,7 +57,7 @@ def main() -> None:
     bits = bucket_bits(int(spark.conf.get("spark.sql.shuffle.partitions")))
 
     def events():
-        return bm._observed_events(spark, bm._open(spark, cfg, str(path), start, end), cfg, start, end)[0]
+        return common.observed_events(spark, common.open_window(spark, cfg, str(path), start, end), cfg, start, end)[0]
 
     def positives():
         return events().filter((F.col("_drop") == 0) & positive_condition(cfg.positive))
@@ -71,7 +71,7 @@ def main() -> None:
         users.unpersist()
 
     stages = [
-        ("scan", lambda: noop(bm._open(spark, cfg, str(path), start, end).df.select(*COLUMNS))),
+        ("scan", lambda: noop(common.open_window(spark, cfg, str(path), start, end).df.select(*COLUMNS))),
         ("+ classify and count", lambda: noop(events())),
         ("+ keep positives", lambda: noop(positives())),
         ("+ one row per user (persisted)", sets),
