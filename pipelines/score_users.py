@@ -211,10 +211,9 @@ def run(
         if histories.rdd.getNumPartitions() < cores:
             histories = histories.repartition(cores)
         source = {"kind": "histories", "uri": uri, "manifest": histories_manifest}
+        check_events = None
     else:
-        from pipelines.events import daily_histories
-
-        histories = daily_histories(spark, events_uri, cfg, date)
+        histories, check_events = _histories_from_events(spark, cfg, events_uri, date)
         source = {"kind": "events", "uri": events_uri}
     broadcasts = [spark.sparkContext.broadcast({"files": a.files}) for a in plan.arms]
     with staged(out_root, date) as staging:
@@ -224,9 +223,40 @@ def run(
         finally:
             for b in broadcasts:
                 b.destroy()
+        if check_events is not None:  # before anything is published: a bad day publishes nothing
+            source.update(check_events(sum(c.summary()["users"] for c in counts.values())))
         manifests = publish_run(staging, out_root, date, plan, counts, k=k, window=window(cfg.scoring, date),
                                 source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"})
     return manifests[plan.arms[0].name]
+
+
+def _histories_from_events(spark, cfg: PipelineConfig, events_uri: str, day: date):
+    """Day ``day``'s histories built from the raw events, under the input checks of
+    ``build_matrix --daily`` (the same rules and messages, :mod:`pipelines.build_common`):
+    no dt partition in the window, or a missing column, fails here; the dirt is counted as
+    the rows stream through scoring.
+
+    Returns the histories frame (``user_id, history, seen``) and ``check(users)``, to call
+    once the frame has been scored: it returns the manifest's ``counts`` and ``input``, and
+    raises :class:`InputDataError` when more than ``quality.max_dirty_fraction`` of the
+    events read is dirt or no user is left (an empty window)."""
+    from pyspark.sql import functions as F
+
+    from pipelines import build_common as common
+    from pipelines.events import daily_window, histories
+
+    win = common.Window(*daily_window(cfg, day), cfg.scoring.history_days)
+    src = common.open_window(spark, cfg, events_uri, win.start, win.end)
+    events, observed, exprs = common.observed_events(spark, src, cfg, win.start, win.end)
+    frame = histories(events.filter(F.col("_drop") == 0), cfg.positive, cfg.scoring.seen_types)
+
+    def check(users: int) -> dict[str, Any]:
+        counts = common.counted_events(common.observed_metrics(observed, events, exprs), cfg.quality, win)
+        if not users:
+            raise common.all_dropped_error(win, events_uri, src, counts)
+        return {"counts": counts, "input": common.input_summary(events_uri, src, win.start, win.end)}
+
+    return frame, check
 
 
 def _arrow_type(spark_type) -> pa.DataType:

@@ -168,7 +168,15 @@ def test_scores_every_active_user_once(spark, env):
                       "popularity": int((direct.source == "popularity").sum())},
     }
     assert manifest["unknown_titles"] == unknown_h + unknown_s == 4  # new-1 and new-2, each history + seen
-    assert manifest["input"] == {"kind": "events", "uri": str(root / "events")}
+    assert {k: manifest["input"][k] for k in ("kind", "uri")} == {"kind": "events", "uri": str(root / "events")}
+    # The events read are counted as in `build_matrix --daily`: every event of the window's dt partitions.
+    lo, hi = DAY - timedelta(days=cfg.scoring.history_days), DAY + timedelta(days=1)
+    in_window = [e for e in events if lo <= e[3].date() < hi]
+    counts = manifest["input"]["counts"]
+    assert counts["events_read"] == counts["events_in_window"] == len(in_window)
+    assert counts["dirty_fraction"] == 0.0 and set(counts["dropped_events"].values()) == {0}
+    assert counts["positive_events"] == sum(e[2] in ("play", "complete") and (e[4] or 0) >= 60 for e in in_window)
+    assert manifest["input"]["input"]["partitions"] == sorted({f"{e[3].date()}" for e in in_window})
 
 
 def test_manifest_and_success_marker(spark, env):
@@ -362,3 +370,66 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     rows = ds.dataset(str(tmp_path / "staging" / "arm=champion"), format="parquet").to_table()
     assert sorted(rows.column("user_id").to_pylist()) == users  # each user once
     assert summary[0]["model"] + summary[0]["popularity"] == len(users)
+
+
+# -- input checks on the path from raw events: the rules and messages of `build_matrix --daily` --
+def _published(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.exists() else []
+
+
+def _both_refuse(spark, env, events_dir: Path, out: str, day: date = DAY) -> str:
+    """Score ``day`` from ``events_dir`` and build its histories with ``build_matrix --daily``:
+    both must refuse with the same message and publish nothing. Returns the message."""
+    from piarec.errors import InputDataError
+    from pipelines import build_matrix
+
+    root, _, cfg = env
+    with pytest.raises(InputDataError) as scoring:
+        score_users.run(spark, cfg, str(events_dir), day, str(root / out), str(root / "model"), K, "champion")
+    with pytest.raises(InputDataError) as daily:
+        build_matrix.run_daily(spark, cfg, str(events_dir), day, str(root / f"{out}-histories"))
+    assert str(scoring.value) == str(daily.value)
+    assert _published(root / out) == [] and _published(root / f"{out}-histories") == []  # no file anywhere
+    return str(scoring.value)
+
+
+def test_events_path_refuses_an_empty_window(spark, env):
+    root, _, _ = env
+    message = _both_refuse(spark, env, root / "events", "recs-empty", day=DAY + timedelta(days=60))
+    assert message.startswith("no events in the window [2026-05-02, 2026-05-10)") and "no dt partition" in message
+
+
+def test_events_path_refuses_a_dirty_day(spark, env, tmp_path):
+    events = make_events()
+    dirty = [(None, "t01", "play", ts(DAY), 600)] * 20 + [("u9", "t01", "teleport", ts(DAY), 600)] * 20
+    write_events(tmp_path / "events", events + dirty)
+    message = _both_refuse(spark, env, tmp_path / "events", "recs-dirty")
+    assert "are dirty" in message and "above quality.max_dirty_fraction = 1.00%" in message
+    assert "(missing_user_id 20, unknown_event_type 20)" in message
+
+
+def test_events_path_refuses_a_day_of_nothing_but_dirt(spark, env, tmp_path):
+    root, _, cfg = env
+    write_events(tmp_path / "events", [(None, "t01", "play", ts(DAY), 600)] * 5)
+    lenient = cfg.model_copy(deep=True)
+    lenient.quality.max_dirty_fraction = 1.0
+    with pytest.raises(Exception) as exc:
+        score_users.run(spark, lenient, str(tmp_path / "events"), DAY, str(root / "recs-dirt"), str(root / "model"),
+                        K, "champion")
+    assert "all dropped" in str(exc.value) and not (root / "recs-dirt" / f"dt={DAY}").exists()
+
+
+def test_events_path_refuses_missing_columns_with_one_line(env, tmp_path):
+    root, _, _ = env
+    table = pa.table({"user_id": ["u1"], "item_id": ["t01"], "ts": pa.array([ts(DAY)], pa.timestamp("us", tz="UTC"))})
+    (tmp_path / "events" / f"dt={DAY}").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "events" / f"dt={DAY}" / "part-0.parquet")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "score_users.py"), "--config", str(root / "config.yaml"),
+         "--date", str(DAY), "--events", str(tmp_path / "events"), "--out", str(tmp_path / "recs")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "event_type" in lines[0], proc.stderr
+    assert not (tmp_path / "recs" / f"dt={DAY}").exists()
