@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from piarec.config import PipelineConfig, StorageConfig
+from piarec.config import EventsSchema, PipelineConfig, StorageConfig
 from piarec.errors import PiarecError
 from piarec.scoring.arrow import OUTPUT_SCHEMA
 from piarec.data.storage import SUCCESS, exists, is_published, read_json, resolve, write_bytes, write_json
@@ -49,10 +49,11 @@ def days(start: dt.date, end: dt.date) -> list[dt.date]:
     return [start + dt.timedelta(days=i) for i in range((end - start).days)]
 
 
-def missing_partitions(storage: StorageConfig, start: dt.date, end: dt.date) -> list[str]:
-    """The ``dt=YYYY-MM-DD`` event partitions of ``[start, end)`` that do not exist yet."""
+def missing_partitions(storage: StorageConfig, events: EventsSchema, start: dt.date, end: dt.date) -> list[str]:
+    """The ``dt=YYYY-MM-DD`` event partitions of ``[start, end)`` that are not complete yet:
+    no ``events.done_marker`` file in them (the folder alone may still be being written)."""
     root = resolve(layout.events_root(storage))
-    return [f"dt={d}" for d in days(start, end) if not exists(root.child(f"dt={d}"))]
+    return [f"dt={d}" for d in days(start, end) if not exists(root.child(f"dt={d}", events.done_marker))]
 
 
 def recs_uri(storage: StorageConfig, day: dt.date, arm: str | None = None) -> str:
@@ -157,7 +158,8 @@ def validate_arm(cfg: PipelineConfig, day: dt.date, arm: str, k: int | None, sam
 # --------------------------------------------------------------------------- commands
 def events_ready(cfg: PipelineConfig, *, day: dt.date | None = None, window_end: dt.date | None = None,
                  start: dt.date | None = None, end: dt.date | None = None) -> int:
-    """0 when every event partition of the range exists, else :data:`NOT_READY`.
+    """0 when every event partition of the range is complete (holds ``events.done_marker``),
+    else :data:`NOT_READY`.
 
     The range: ``day`` -> ``[day, day + 1)`` (the daily run of day D needs D's partition);
     ``window_end`` -> the training window ``[window_end - window_days, window_end)``;
@@ -169,12 +171,13 @@ def events_ready(cfg: PipelineConfig, *, day: dt.date | None = None, window_end:
         start, end = window_end - dt.timedelta(days=cfg.window_days), window_end
     if not (start and end):
         raise PiarecError("events-ready needs --day, --window-end, or --start and --end")
-    missing = missing_partitions(cfg.storage, start, end)
+    missing = missing_partitions(cfg.storage, cfg.events, start, end)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        print(f"waiting for {len(missing)} event partition(s) under {layout.events_root(cfg.storage)}: {shown}")
+        print(f"waiting for {len(missing)} event partition(s) under {layout.events_root(cfg.storage)} "
+              f"to be complete ({cfg.events.done_marker}): {shown}")
         return NOT_READY
-    print(f"all {len(days(start, end))} event partitions of [{start}, {end}) are present")
+    print(f"all {len(days(start, end))} event partitions of [{start}, {end}) are complete")
     return 0
 
 

@@ -29,6 +29,7 @@ def cfg(tmp_path):
     pq.write_table(pa.table({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["t1", "t2", "t3", "t4"],
                              "event_type": ["play", "complete", "play", "impression"], "ts": ts,
                              "watch_seconds": pa.array([600, 900, 30, 0], pa.int32())}), part / "part-0.parquet")
+    (part / "_SUCCESS").write_bytes(b"")  # upstream's mark: the day is complete
     return load_config(environ={}, overrides={"storage": {"root": str(root)}})
 
 
@@ -97,3 +98,23 @@ def test_events_ready_waits_for_every_partition(cfg, piarec_ops, capsys):
     assert "waiting for 89 event partition(s)" in capsys.readouterr().out
     assert ops.events_ready(cfg, start=DAY, end=DAY + dt.timedelta(days=1)) == 0
     assert ops.events_ready(cfg, start=DAY, end=DAY + dt.timedelta(days=2)) == ops.NOT_READY
+
+
+def test_events_ready_waits_for_the_day_to_be_complete_not_for_its_folder(cfg, tmp_path, piarec_ops, capsys):
+    """A partition upstream is still writing (its folder and files exist, its marker does
+    not) is not ready; the marker's name is configurable."""
+    root = Path(cfg.storage.root) / "events"
+    writing = root / f"dt={DAY + dt.timedelta(days=1)}"
+    writing.mkdir()
+    (writing / "part-0.parquet").write_bytes((root / f"dt={DAY}" / "part-0.parquet").read_bytes())
+    span = {"start": DAY, "end": DAY + dt.timedelta(days=2)}
+    assert ops.events_ready(cfg, **span) == ops.NOT_READY
+    assert f"to be complete (_SUCCESS): dt={DAY + dt.timedelta(days=1)}" in capsys.readouterr().out
+    (writing / "_SUCCESS").write_bytes(b"")
+    assert ops.events_ready(cfg, **span) == 0
+    custom = load_config(environ={}, overrides={"storage": {"root": cfg.storage.root},
+                                                "events": {"done_marker": "_DONE"}})
+    assert ops.events_ready(custom, **span) == ops.NOT_READY  # neither day has _DONE
+    for day in (DAY, DAY + dt.timedelta(days=1)):
+        (root / f"dt={day}" / "_DONE").write_bytes(b"")
+    assert ops.events_ready(custom, **span) == 0

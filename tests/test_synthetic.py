@@ -117,6 +117,7 @@ def test_partitions_cover_period_and_summary_matches(dataset):
     assert parts == [f"dt={d:%Y-%m-%d}" for d in days]
     for name in parts:
         day = datetime.date.fromisoformat(name[3:])
+        assert sorted(os.listdir(os.path.join(out, name))) == ["_SUCCESS", "part-00000.parquet"]  # day complete
         ts = pq.read_table(os.path.join(out, name, "part-00000.parquet"))["ts"]
         assert len(ts) > 0
         dates = pc.cast(ts, pa.date32()).to_pylist()  # UTC calendar day

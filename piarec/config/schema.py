@@ -36,6 +36,9 @@ class EventsSchema(_Section):
     type_col: str = "event_type"
     ts_col: str = "ts"
     watch_col: str = "watch_seconds"
+    # The file upstream writes into a dt=D partition once day D is complete: the DAGs'
+    # sensors wait for it, not for the folder (which exists while the day is still written).
+    done_marker: str = Field("_SUCCESS", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class PositiveRule(_Section):

@@ -240,9 +240,13 @@ def _events(rng: np.random.Generator, days: int, groups: int, cat: dict, pop: di
     return user[order], item[order], etype[order], ts[order], wsec[order]
 
 
+DONE_MARKER = "_SUCCESS"  # the default of events.done_marker
+
+
 def _write_days(out: str, events: tuple[np.ndarray, ...], users: int, items: int, days: int,
                 start: datetime.date, progress: Callable[[str], None] | None) -> None:
-    """One Parquet file per day under ``out`` (``dt=YYYY-MM-DD/part-00000.parquet``)."""
+    """One Parquet file per day under ``out`` (``dt=YYYY-MM-DD/part-00000.parquet``), then
+    that day's completion marker ``_SUCCESS``."""
     user, item, etype, ts, wsec = events
     loc = storage.resolve(out)
     if storage.exists(loc):
@@ -269,5 +273,6 @@ def _write_days(out: str, events: tuple[np.ndarray, ...], users: int, items: int
         loc.fs.create_dir(part.path, recursive=True)
         pq.write_table(table, part.child("part-00000.parquet").path,
                        filesystem=loc.fs, compression="zstd")
+        storage.write_bytes(part.child(DONE_MARKER), b"")  # the day is complete (sensors wait for it)
         if progress is not None and ((d + 1) % 20 == 0 or d + 1 == days):
             progress(f"synthetic events: {d + 1}/{days} days written, {int(cuts[d + 1]):,} rows")
