@@ -433,3 +433,16 @@ def test_events_path_refuses_missing_columns_with_one_line(env, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "event_type" in lines[0], proc.stderr
     assert not (tmp_path / "recs" / f"dt={DAY}").exists()
+
+
+def test_plain_rerun_after_a_challenger_run_leaves_each_user_once(spark, env):
+    """Day D scored with a challenger, then rerun without one: the earlier challenger arm
+    goes, and every active user appears exactly once in the day."""
+    root, events, cfg = env
+    run_job(spark, env, out="recs-ab", challenger_uri=str(root / "model2"), challenger_share=0.5)
+    day = root / "recs-ab" / f"dt={DAY}"
+    assert sorted(p.name for p in day.iterdir() if p.is_dir()) == ["arm=challenger", "arm=champion"]
+    run_job(spark, env, out="recs-ab")
+    assert sorted(p.name for p in day.iterdir() if p.is_dir()) == ["arm=champion"]
+    users = [r["user_id"] for r in ds.dataset(day, format="parquet", partitioning="hive").to_table().to_pylist()]
+    assert len(users) == len(set(users)) == len(expected_histories(events, cfg))

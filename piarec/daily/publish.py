@@ -65,7 +65,8 @@ def publish_run(
 
     The day's validation marker (``dt=D/_SUCCESS``, ``_validation.json`` of the DAG)
     describes the old contents, so it is removed first: readers waiting for it never see
-    the arms half replaced. Then each arm replaces ``dt=D/arm=<name>/`` atomically.
+    the arms half replaced. Arms of an earlier run that this run lacks are removed; then
+    each arm replaces ``dt=D/arm=<name>/`` atomically.
     """
     root = resolve(staging)
     arms = {
@@ -92,6 +93,12 @@ def publish_run(
     day_loc = resolve(layout.day_uri(out_root, day))
     for marker in (SUCCESS, VALIDATION):
         remove(day_loc.child(marker))
+    # A rerun replaces the whole day: an arm of an earlier run that this run does not have
+    # (yesterday's challenger, say) goes, so every user appears once in the day.
+    ours = {f"arm={a.name}" for a in plan.arms}
+    for info in _listing(day_loc):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("arm=") and info.base_name not in ours:
+            remove(day_loc.child(info.base_name))
     for a in plan.arms:
         publish_dir(root.child(f"arm={a.name}").uri, layout.arm_uri(out_root, day, a.name), manifests[a.name],
                     manifest_name=MANIFEST)
