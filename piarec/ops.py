@@ -19,6 +19,7 @@ reported in one line by the CLI).
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass, field
 import json
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from piarec.config import EventsSchema, PipelineConfig, StorageConfig
 from piarec.errors import PiarecError
@@ -90,8 +92,76 @@ def _seen_on_sample(cfg: PipelineConfig, day: dt.date, users: list[str]) -> dict
     return seen
 
 
+@dataclass
+class _DayStats:
+    """What :func:`validate_arm` gathers while it streams an arm's files once."""
+
+    rows: int = 0
+    by_source: dict[str, int] = field(default_factory=lambda: {"model": 0, "popularity": 0})
+    versions: set = field(default_factory=set)
+    max_len: int = 0
+    short: int = 0  # users with fewer than min(k, n_items) titles
+    ragged: int = 0  # users whose item_ids and scores differ in length
+    bad_scores: int = 0  # users with a non-finite score or scores out of rank order
+    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # one uint64 per row, filled in place
+    sample: dict[str, list] = field(default_factory=lambda: {"user_id": [], "item_ids": []})
+
+
+def _scan_batch(stats: _DayStats, batch: pa.RecordBatch, floor: int, picks: np.ndarray) -> None:
+    """Fold one record batch of an arm into ``stats``; ``picks`` are the batch's rows sampled
+    for the seen-titles check."""
+    from piarec.scoring.arrow import user_hash
+
+    n = batch.num_rows
+    source = batch.column("source")
+    for s in stats.by_source:
+        stats.by_source[s] += int(pc.sum(pc.equal(source, s)).as_py() or 0)
+    stats.versions.update(pc.unique(batch.column("model_version")).to_pylist())
+    items, scores = batch.column("item_ids"), batch.column("scores")
+    lens = pc.list_value_length(items).to_numpy(zero_copy_only=False)
+    score_lens = pc.list_value_length(scores).to_numpy(zero_copy_only=False)
+    stats.ragged += int((lens != score_lens).sum())
+    stats.max_len = max(stats.max_len, int(lens.max(initial=0)))
+    stats.short += int((lens < floor).sum())
+    # Scores finite and non-increasing inside each user's list, every row checked.
+    flat = pc.list_flatten(scores).to_numpy(zero_copy_only=False).astype(np.float64)
+    owner = np.repeat(np.arange(n), score_lens)
+    bad = ~np.isfinite(flat)
+    rising = np.flatnonzero((np.diff(flat) > 0) & (owner[1:] == owner[:-1]))
+    stats.bad_scores += len(np.union1d(owner[bad], owner[rising + 1]))
+    stats.hashes[stats.rows : stats.rows + n] = user_hash(batch.column("user_id"), "")
+    if len(picks):
+        taken = batch.take(pa.array(picks)).to_pydict()
+        stats.sample["user_id"] += taken["user_id"]
+        stats.sample["item_ids"] += taken["item_ids"]
+    stats.rows += n
+
+
+def _duplicate_users(stats: _DayStats, batches) -> int:
+    """How many user ids appear more than once. Sorting the 64-bit hashes in place finds
+    candidates in 8 bytes a user; only rows whose hash repeats are compared by id (a second
+    pass), so a hash collision is never reported as a duplicate."""
+    from piarec.scoring.arrow import user_hash
+
+    h = stats.hashes[: stats.rows]
+    h.sort()
+    repeated = np.unique(h[1:][h[1:] == h[:-1]])
+    if not len(repeated):
+        return 0
+    ids: list[str] = []
+    for batch in batches():
+        ids += pc.filter(batch.column("user_id"), pa.array(np.isin(user_hash(batch.column("user_id"), ""), repeated))).to_pylist()
+    return len(ids) - len(set(ids))
+
+
 def validate_arm(cfg: PipelineConfig, day: dt.date, arm: str, k: int | None, sample: int) -> dict[str, Any]:
-    """Check one published arm partition; returns a summary, raises ValidationFailed."""
+    """Check one published arm partition; returns a summary, raises ValidationFailed.
+
+    The files are streamed batch by batch (memory does not grow with the day's size but for
+    the uniqueness check's 64-bit hash per user): schema, counts against the manifest, each
+    user once, at most k titles (exactly k unless the user has seen nearly everything),
+    finite scores in rank order for every user, the manifest's model version, and no seen
+    title on a sample of users."""
     uri = recs_uri(cfg.storage, day, arm)
     if not is_published(uri):
         raise ValidationFailed(f"{uri} is not published (no {SUCCESS})")
@@ -99,60 +169,67 @@ def validate_arm(cfg: PipelineConfig, day: dt.date, arm: str, k: int | None, sam
     if not exists(loc.child(MANIFEST)):
         raise ValidationFailed(f"{uri} has no {MANIFEST}")
     manifest = read_json(loc.child(MANIFEST))
-    problems: list[str] = []
-    table = ds.dataset(loc.path, filesystem=loc.fs, format="parquet").to_table()
+    data = ds.dataset(loc.path, filesystem=loc.fs, format="parquet")
+    if not data.schema.remove_metadata().equals(OUTPUT_SCHEMA, check_metadata=False):
+        raise ValidationFailed(f"{uri}: schema {data.schema.remove_metadata()} differs from {OUTPUT_SCHEMA}")
 
-    # Schema: exactly the scorer's output contract.
-    if not table.schema.remove_metadata().equals(OUTPUT_SCHEMA, check_metadata=False):
-        problems.append(f"schema {table.schema.remove_metadata()} differs from {OUTPUT_SCHEMA}")
-        raise ValidationFailed(f"{uri}: " + "; ".join(problems))
+    def batches():
+        # File by file with the Parquet reader, no pre-buffering: it decodes a row group
+        # page by page as batches are taken, so memory does not grow with row-group size.
+        for path in sorted(data.files):
+            with loc.fs.open_input_file(path) as handle:
+                reader = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
+                yield from reader.iter_batches(65_536, use_threads=False)
 
-    # Counts against the manifest.
-    counts = manifest.get("counts", {})
-    n = table.num_rows
-    if counts.get("users") != n:
-        problems.append(f"{n} rows but the manifest counts {counts.get('users')} users")
-    by_source = {s: int(pc.sum(pc.equal(table.column("source"), s)).as_py() or 0) for s in ("model", "popularity")}
-    if counts.get("by_source") != by_source:
-        problems.append(f"rows by source {by_source} differ from the manifest's {counts.get('by_source')}")
-    if pc.count_distinct(table.column("user_id")).as_py() != n:
-        problems.append("user_id is not unique")
-    if manifest.get("date") != day.isoformat() or manifest.get("arm") != arm:
-        problems.append(f"manifest names date {manifest.get('date')} arm {manifest.get('arm')}")
-
-    # K per user: at most K everywhere, exactly K unless the user has seen nearly everything.
     want_k = int(k if k is not None else manifest.get("k", cfg.scoring.k))
-    if manifest.get("k") != want_k:
-        problems.append(f"the manifest's k {manifest.get('k')} is not the requested {want_k}")
     n_items = int(manifest.get("model", {}).get("n_items", 0))
-    lens = pc.list_value_length(table.column("item_ids")).to_numpy(zero_copy_only=False)
-    score_lens = pc.list_value_length(table.column("scores")).to_numpy(zero_copy_only=False)
-    if (lens != score_lens).any():
-        problems.append("item_ids and scores differ in length for some users")
-    if len(lens) and lens.max() > want_k:
-        problems.append(f"some users get {int(lens.max())} > k={want_k} titles")
-    short = int((lens < min(want_k, n_items)).sum()) if n_items else 0
-    if short > 0.01 * max(n, 1):
-        problems.append(f"{short} users get fewer than k={want_k} titles")
-    versions = pc.unique(table.column("model_version")).to_pylist()
-    if versions != [str(manifest.get("model", {}).get("version"))]:
-        problems.append(f"model_version {versions} differs from the manifest's")
-
-    # Seen titles never recommended, and scores finite and in rank order, on a sample.
+    n = data.count_rows()
     rng = np.random.default_rng(int(day.strftime("%Y%m%d")))
     rows = np.sort(rng.choice(n, size=min(sample, n), replace=False)) if n else np.zeros(0, np.int64)
-    part = table.take(pa.array(rows)).to_pydict()
+    stats = _DayStats(hashes=np.empty(n, np.uint64))
+    for batch in batches():
+        lo = stats.rows
+        picks = rows[(rows >= lo) & (rows < lo + batch.num_rows)] - lo
+        _scan_batch(stats, batch, min(want_k, n_items) if n_items else 0, picks)
+    problems = _problems(manifest, stats, day, arm, want_k, _duplicate_users(stats, batches))
+    part = stats.sample
     seen = _seen_on_sample(cfg, day, part["user_id"])
     overlap = [u for u, items in zip(part["user_id"], part["item_ids"]) if seen.get(u, set()) & set(items)]
     if overlap:
         problems.append(f"{len(overlap)} of {len(rows)} sampled users get titles they have seen, e.g. {overlap[:3]}")
-    bad_scores = sum(1 for s in part["scores"] if s and (not np.isfinite(s).all() or (np.diff(s) > 0).any()))
-    if bad_scores:
-        problems.append(f"{bad_scores} sampled users have non-finite or unordered scores")
     if problems:
         raise ValidationFailed(f"{uri}: " + "; ".join(problems))
-    return {"arm": arm, "uri": uri, "users": n, "by_source": by_source, "k": want_k,
+    versions = sorted(stats.versions)
+    return {"arm": arm, "uri": uri, "users": stats.rows, "by_source": stats.by_source, "k": want_k,
             "model_version": versions[0] if versions else None, "sampled": int(len(rows))}
+
+
+def _problems(manifest: dict[str, Any], stats: _DayStats, day: dt.date, arm: str, want_k: int,
+              duplicates: int) -> list[str]:
+    """Every broken contract of a streamed arm, one phrase each."""
+    problems = []
+    counts, n = manifest.get("counts", {}), stats.rows
+    if counts.get("users") != n:
+        problems.append(f"{n} rows but the manifest counts {counts.get('users')} users")
+    if counts.get("by_source") != stats.by_source:
+        problems.append(f"rows by source {stats.by_source} differ from the manifest's {counts.get('by_source')}")
+    if duplicates:
+        problems.append(f"user_id is not unique ({duplicates} repeated rows)")
+    if manifest.get("date") != day.isoformat() or manifest.get("arm") != arm:
+        problems.append(f"manifest names date {manifest.get('date')} arm {manifest.get('arm')}")
+    if manifest.get("k") != want_k:
+        problems.append(f"the manifest's k {manifest.get('k')} is not the requested {want_k}")
+    if stats.ragged:
+        problems.append("item_ids and scores differ in length for some users")
+    if stats.max_len > want_k:
+        problems.append(f"some users get {stats.max_len} > k={want_k} titles")
+    if stats.short > 0.01 * max(n, 1):
+        problems.append(f"{stats.short} users get fewer than k={want_k} titles")
+    if sorted(stats.versions) != ([str(manifest.get("model", {}).get("version"))] if n else []):
+        problems.append(f"model_version {sorted(stats.versions)} differs from the manifest's")
+    if stats.bad_scores:
+        problems.append(f"{stats.bad_scores} users have non-finite or unordered scores")
+    return problems
 
 
 # --------------------------------------------------------------------------- commands

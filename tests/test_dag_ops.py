@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -118,3 +119,29 @@ def test_events_ready_waits_for_the_day_to_be_complete_not_for_its_folder(cfg, t
     for day in (DAY, DAY + dt.timedelta(days=1)):
         (root / f"dt={day}" / "_DONE").write_bytes(b"")
     assert ops.events_ready(custom, **span) == 0
+
+
+def test_every_user_is_checked_not_only_the_sample(cfg):
+    """Streaming validation reads every row: a user repeated in another file of the arm and
+    a user with scores out of rank order are caught with a sample of one user."""
+    part = publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]}, users=3)
+    extra = pa.table({"user_id": ["u1"], "item_ids": [["t1", "t6"]], "scores": [[1.0, 2.0]],
+                      "model_version": ["1"], "source": ["model"]}, schema=OUTPUT_SCHEMA)
+    pq.write_table(extra, part / "part-1.parquet")
+    manifest = json.loads((part / "_manifest.json").read_text())
+    manifest["counts"]["by_source"]["model"] = 3
+    (part / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ops.ValidationFailed) as exc:
+        ops.validate_arm(cfg, DAY, "champion", None, 1)
+    assert "user_id is not unique (1 repeated rows)" in str(exc.value)
+    assert "1 users have non-finite or unordered scores" in str(exc.value)
+
+
+def test_uniqueness_is_exact_when_user_hashes_collide(cfg, monkeypatch):
+    """Two distinct users with the same 64-bit hash are not a duplicate: candidates are
+    compared by id."""
+    import piarec.scoring.arrow as arrow
+
+    publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})
+    monkeypatch.setattr(arrow, "user_hash", lambda ids, salt: np.zeros(len(ids), np.uint64))
+    assert ops.validate_arm(cfg, DAY, "champion", None, 100)["users"] == 2
