@@ -55,7 +55,7 @@ def missing_partitions(storage: StorageConfig, events: EventsSchema, start: dt.d
     """The ``dt=YYYY-MM-DD`` event partitions of ``[start, end)`` that are not complete yet:
     no ``events.done_marker`` file in them (the folder alone may still be being written)."""
     root = resolve(layout.events_root(storage))
-    return [f"dt={d}" for d in days(start, end) if not exists(root.child(f"dt={d}", events.done_marker))]
+    return [layout.day_dir(d) for d in days(start, end) if not exists(root.child(layout.day_dir(d), events.done_marker))]
 
 
 def recs_uri(storage: StorageConfig, day: dt.date, arm: str | None = None) -> str:
@@ -71,7 +71,7 @@ def _seen_on_sample(cfg: PipelineConfig, day: dt.date, users: list[str]) -> dict
     start, end = day - dt.timedelta(days=cfg.scoring.history_days), day + dt.timedelta(days=1)
     ec = cfg.events
     loc = resolve(layout.events_root(cfg.storage))
-    paths = [loc.child(f"dt={d}").path for d in days(start, end) if exists(loc.child(f"dt={d}"))]
+    paths = [loc.child(layout.day_dir(d)).path for d in days(start, end) if exists(loc.child(layout.day_dir(d)))]
     if not paths or not users:
         return {}
     data = ds.dataset([ds.dataset(p, filesystem=loc.fs, format="parquet") for p in paths])

@@ -139,7 +139,7 @@ def write_partition(
     tag = f"p{ctx.partitionId():05d}-a{ctx.attemptNumber()}" if ctx else f"x{uuid.uuid4().hex[:12]}"
     root = resolve(staging)
     names = [a["name"] for a in score["arms"]]
-    writers = {n: PartWriter(root.child(f"arm={n}"), tag, rows_per_file) for n in names}
+    writers = {n: PartWriter(root.child(layout.arm_dir(n)), tag, rows_per_file) for n in names}
     counts = {n: ArmCounts() for n in names}
     drop = [WORKER_SCHEMA.get_field_index(ARM_COL), WORKER_SCHEMA.get_field_index(UNKNOWN_COL)]
     try:

@@ -30,6 +30,7 @@ from piarec.scoring.arrow import MODEL, POPULARITY
 from piarec.daily.arms import ArmPlan
 from piarec.daily.inputs import histories_files, histories_partition, read_histories, window
 from piarec.daily.publish import ArmCounts, PartWriter, publish_run, staged
+from piarec.data import layout
 from piarec.data.storage import Location, resolve
 
 
@@ -68,7 +69,7 @@ def run_local(
     counts = {a.name: ArmCounts() for a in plan.arms}
 
     def worker(wid: int, staging: Location) -> None:
-        writers = [PartWriter(staging.child(f"arm={a.name}"), f"{wid:03d}", cfg.scoring.rows_per_file)
+        writers = [PartWriter(staging.child(layout.arm_dir(a.name)), f"{wid:03d}", cfg.scoring.rows_per_file)
                    for a in plan.arms]
         local = {a.name: ArmCounts() for a in plan.arms}
         try:

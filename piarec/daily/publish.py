@@ -87,7 +87,7 @@ def publish_run(
     }
     manifests = {name: {**common, "arm": name, **arm} for name, arm in arms.items()}
     for a in plan.arms:  # an arm nobody fell into still gets a typed, empty table
-        part = root.child(f"arm={a.name}")
+        part = root.child(layout.arm_dir(a.name))
         if not any(i.base_name.endswith(".parquet") for i in _listing(part)):
             write_empty_part(part)
     day_loc = resolve(layout.day_uri(out_root, day))
@@ -95,12 +95,12 @@ def publish_run(
         remove(day_loc.child(marker))
     # A rerun replaces the whole day: an arm of an earlier run that this run does not have
     # (yesterday's challenger, say) goes, so every user appears once in the day.
-    ours = {f"arm={a.name}" for a in plan.arms}
+    ours = {layout.arm_dir(a.name) for a in plan.arms}
     for info in _listing(day_loc):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("arm=") and info.base_name not in ours:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(layout.ARM_PREFIX) and info.base_name not in ours:
             remove(day_loc.child(info.base_name))
     for a in plan.arms:
-        publish_dir(root.child(f"arm={a.name}").uri, layout.arm_uri(out_root, day, a.name), manifests[a.name],
+        publish_dir(root.child(layout.arm_dir(a.name)).uri, layout.arm_uri(out_root, day, a.name), manifests[a.name],
                     manifest_name=MANIFEST)
     remove(root)
     return manifests
@@ -140,7 +140,7 @@ def keep_committed_parts(staging: str, arms: list[str], committed: set[str]) -> 
     ``committed`` (failed or duplicate task attempts); returns how many were deleted."""
     root, dropped = resolve(staging), 0
     for name in arms:
-        for info in _listing(root.child(f"arm={name}")):
+        for info in _listing(root.child(layout.arm_dir(name))):
             if info.type == pafs.FileType.File and part_tag(info.base_name) not in committed:
                 root.fs.delete_file(info.path)
                 dropped += 1

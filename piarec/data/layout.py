@@ -28,7 +28,7 @@ from piarec.data.storage import SUCCESS, child_uri, is_s3, join_uri
 from piarec.errors import ConfigError
 
 __all__ = [
-    "SUCCESS", "MANIFEST", "SNAPSHOT_MANIFEST", "VALIDATION", "STAGING",
+    "SUCCESS", "MANIFEST", "SNAPSHOT_MANIFEST", "VALIDATION", "STAGING", "ARM_PREFIX", "day_dir", "arm_dir",
     "events_root", "snapshots_root", "histories_root", "recommendations_root", "checkpoints_root",
     "snapshot_uri", "histories_uri", "day_uri", "arm_uri", "staging_uri", "checkpoint_uri",
     "tracking_uri", "artifact_location",
@@ -66,6 +66,19 @@ def checkpoints_root(storage: StorageConfig) -> str:
 
 
 # -- partitions ----------------------------------------------------------------------------------
+ARM_PREFIX = "arm="
+
+
+def day_dir(day: date) -> str:
+    """``dt=YYYY-MM-DD``: the folder name of a day's partition (events, histories, recommendations)."""
+    return f"dt={day.isoformat()}"
+
+
+def arm_dir(arm: str) -> str:
+    """``arm=<arm>``: the folder name of one arm of a recommendations day (or of a run's staging)."""
+    return f"{ARM_PREFIX}{arm}"
+
+
 def snapshot_uri(snapshots: str, window_end: date) -> str:
     """``<snapshots>/window_end=YYYY-MM-DD``: the snapshot of the window ending there."""
     return child_uri(snapshots, f"window_end={window_end.isoformat()}")
@@ -73,17 +86,17 @@ def snapshot_uri(snapshots: str, window_end: date) -> str:
 
 def histories_uri(histories: str, day: date) -> str:
     """``<histories>/dt=YYYY-MM-DD``: the histories of scoring day ``day``."""
-    return child_uri(histories, f"dt={day.isoformat()}")
+    return child_uri(histories, day_dir(day))
 
 
 def day_uri(recommendations: str, day: date) -> str:
     """``<recommendations>/dt=YYYY-MM-DD``: one scoring day, every arm."""
-    return child_uri(recommendations, f"dt={day.isoformat()}")
+    return child_uri(recommendations, day_dir(day))
 
 
 def arm_uri(recommendations: str, day: date, arm: str) -> str:
     """``<recommendations>/dt=D/arm=<arm>``; an arm name that is not a safe segment is refused."""
-    return child_uri(recommendations, f"dt={day.isoformat()}", f"arm={arm}")
+    return child_uri(recommendations, day_dir(day), arm_dir(arm))
 
 
 def staging_uri(recommendations: str, day: date, token: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from piarec.data import storage
+from piarec.data import layout, storage
 
 EVENT_TYPES = ("impression", "click", "play", "complete")
 IMPRESSION, CLICK, PLAY, COMPLETE = range(4)
@@ -269,7 +269,7 @@ def _write_days(out: str, events: tuple[np.ndarray, ...], users: int, items: int
             ],
             schema=SCHEMA,
         )
-        part = loc.child(f"dt={start + datetime.timedelta(days=d):%Y-%m-%d}")
+        part = loc.child(layout.day_dir(start + datetime.timedelta(days=d)))
         loc.fs.create_dir(part.path, recursive=True)
         pq.write_table(table, part.child("part-00000.parquet").path,
                        filesystem=loc.fs, compression="zstd")
