@@ -174,16 +174,19 @@ def test_a_bad_date_is_one_line_naming_the_value(capsys):
 def test_ops_events_ready_exits_1_while_a_partition_is_missing(tmp_path):
     root = tmp_path / "work"
     (root / "events" / "dt=2026-04-09").mkdir(parents=True)
+    (root / "events" / "dt=2026-04-09" / "_SUCCESS").write_text("")  # the day is complete
+    (root / "events" / "dt=2026-04-08").mkdir(parents=True)  # still being written: no marker
     config = tmp_path / "cfg.yaml"
     config.write_text(f"storage:\n  root: {root}\n")
     cmd = [sys.executable, "-m", "piarec", "ops", "events-ready", "--config", str(config)]
     ready = subprocess.run([*cmd, "--day", "2026-04-09"], capture_output=True, text=True, env=_env(), timeout=120)
     assert ready.returncode == 0, ready.stderr
-    assert ready.stdout.strip() == "all 1 event partitions of [2026-04-09, 2026-04-10) are present"
+    assert ready.stdout.strip() == "all 1 event partitions of [2026-04-09, 2026-04-10) are complete"
     waiting = subprocess.run([*cmd, "--start", "2026-04-08", "--end", "2026-04-10"], capture_output=True,
                              text=True, env=_env(), timeout=120)
     assert waiting.returncode == 1, waiting.stderr
-    assert waiting.stdout.strip() == f"waiting for 1 event partition(s) under {root}/events: dt=2026-04-08"
+    assert waiting.stdout.strip() == (f"waiting for 1 event partition(s) under {root}/events to be complete "
+                                      "(_SUCCESS): dt=2026-04-08")
 
 
 def test_ops_usage_and_errors_never_exit_1(tmp_path, monkeypatch, capsys):
