@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from piarec.config import EventsSchema, PipelineConfig, StorageConfig
 from piarec.errors import PiarecError
+from piarec.scoring import arrow
 from piarec.scoring.arrow import OUTPUT_SCHEMA
 from piarec.data.storage import SUCCESS, exists, is_published, read_json, resolve, write_bytes, write_json
 from piarec.data import layout
@@ -110,8 +111,6 @@ class _DayStats:
 def _scan_batch(stats: _DayStats, batch: pa.RecordBatch, floor: int, picks: np.ndarray) -> None:
     """Fold one record batch of an arm into ``stats``; ``picks`` are the batch's rows sampled
     for the seen-titles check."""
-    from piarec.scoring.arrow import user_hash
-
     n = batch.num_rows
     source = batch.column("source")
     for s in stats.by_source:
@@ -129,7 +128,7 @@ def _scan_batch(stats: _DayStats, batch: pa.RecordBatch, floor: int, picks: np.n
     bad = ~np.isfinite(flat)
     rising = np.flatnonzero((np.diff(flat) > 0) & (owner[1:] == owner[:-1]))
     stats.bad_scores += len(np.union1d(owner[bad], owner[rising + 1]))
-    stats.hashes[stats.rows : stats.rows + n] = user_hash(batch.column("user_id"), "")
+    stats.hashes[stats.rows : stats.rows + n] = arrow.user_hash(batch.column("user_id"), "")
     if len(picks):
         taken = batch.take(pa.array(picks)).to_pydict()
         stats.sample["user_id"] += taken["user_id"]
@@ -141,8 +140,6 @@ def _duplicate_users(stats: _DayStats, batches) -> int:
     """How many user ids appear more than once. Sorting the 64-bit hashes in place finds
     candidates in 8 bytes a user; only rows whose hash repeats are compared by id (a second
     pass), so a hash collision is never reported as a duplicate."""
-    from piarec.scoring.arrow import user_hash
-
     h = stats.hashes[: stats.rows]
     h.sort()
     repeated = np.unique(h[1:][h[1:] == h[:-1]])
@@ -150,7 +147,7 @@ def _duplicate_users(stats: _DayStats, batches) -> int:
         return 0
     ids: list[str] = []
     for batch in batches():
-        ids += pc.filter(batch.column("user_id"), pa.array(np.isin(user_hash(batch.column("user_id"), ""), repeated))).to_pylist()
+        ids += pc.filter(batch.column("user_id"), pa.array(np.isin(arrow.user_hash(batch.column("user_id"), ""), repeated))).to_pylist()
     return len(ids) - len(set(ids))
 
 

@@ -23,6 +23,7 @@ from pipelines.events import (
     DROP_REASONS,
     EventsInput,
     check_event_types,
+    daily_window,
     drop_reason,
     event_metrics,
     open_events,
@@ -182,6 +183,44 @@ def build_manifest(
         "code_version": code_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+@dataclass
+class DailyEvents:
+    """Day D's events for both daily paths (``build_matrix --daily`` and scoring from raw
+    events): the window ``[D - scoring.history_days, D + 1)``, its partitions, and the
+    events with their ``_drop`` reason, counted as they flow through the first action."""
+
+    window: Window
+    uri: str
+    src: EventsInput
+    events: DataFrame
+    observed: Observation
+    exprs: list[Column]
+
+    def clean(self) -> DataFrame:
+        """The events that are not dirt (canonical columns plus ``_drop``)."""
+        return self.events.filter(F.col("_drop") == 0)
+
+    def metrics(self) -> dict[str, Any]:
+        """The observed event counts; call after an action has consumed the events."""
+        return observed_metrics(self.observed, self.events, self.exprs)
+
+    def counts(self, metrics: Mapping[str, int], quality: QualityConfig, users: int) -> dict[str, Any]:
+        """:func:`counted_events` of ``metrics`` (raises when too dirty); raises
+        :func:`all_dropped_error` when no user is left."""
+        counts = counted_events(metrics, quality, self.window)
+        if not users:
+            raise all_dropped_error(self.window, self.uri, self.src, counts)
+        return counts
+
+
+def open_daily(spark: SparkSession, cfg: PipelineConfig, uri: str, day: date) -> DailyEvents:
+    """Day ``day``'s events under the checks of :func:`open_window` (no partition in the
+    window, missing or mistyped columns fail here)."""
+    window = Window(*daily_window(cfg, day), cfg.scoring.history_days)
+    src = open_window(spark, cfg, uri, window.start, window.end)
+    return DailyEvents(window, uri, src, *observed_events(spark, src, cfg, window.start, window.end))
 
 
 @contextmanager

@@ -48,13 +48,7 @@ from piarec.config import PipelineConfig, PositiveRule, load_config  # noqa: E40
 from piarec.data.snapshot import HISTORIES_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
 from piarec.data.storage import publish_dir  # noqa: E402
 from piarec.data import layout
-from pipelines.events import (  # noqa: E402
-    DROP_REASONS,
-    daily_window,
-    histories,
-    input_errors,
-    positive_condition,
-)
+from pipelines.events import DROP_REASONS, histories, input_errors, positive_condition  # noqa: E402
 from pipelines.matrix_transforms import bucket_bits, user_item_sets  # noqa: E402
 from pipelines import build_common as common  # noqa: E402
 from pipelines import snapshot_steps as steps  # noqa: E402
@@ -137,8 +131,8 @@ def _history_rows(
     """The histories to write -- ``[user_id string, history array<string>, seen
     array<string>]``, one row per user with a clean event, sorted by user_id within each
     partition -- and the observation that counts :data:`_HISTORY_COUNTS` as they are written.
-    ``events``: as from :func:`common.observed_events` (dirt is dropped here)."""
-    rows = histories(events.filter(F.col("_drop") == 0), positive, seen_types)
+    ``events``: the clean events of :meth:`pipelines.build_common.DailyEvents.clean`."""
+    rows = histories(events, positive, seen_types)
     written = Observation()
     out = (
         rows.select("user_id",
@@ -164,7 +158,7 @@ def _history_counts(written: Observation, metrics: Mapping[str, int]) -> Mapping
 def run_daily(
     spark: SparkSession, cfg: PipelineConfig, events_uri: str, day: date, out_root: str
 ) -> dict[str, Any]:
-    """Publish day ``day``'s histories: ``<out_root>/dt=YYYY-MM-DD/`` (Parquet + ``common.build_manifest.json``).
+    """Publish day ``day``'s histories: ``<out_root>/dt=YYYY-MM-DD/`` (Parquet + ``_manifest.json``).
 
     One row per user active in ``[day - scoring.history_days, day + 1)`` (any clean event):
     ``user_id`` string, ``history`` list<string> (positives), ``seen`` list<string> (events
@@ -172,24 +166,20 @@ def run_daily(
     :func:`pipelines.events.daily_histories`. Training filters do not apply. Returns the
     manifest (plus ``uri``); raises :class:`InputDataError` like :func:`run`.
     """
-    window = common.Window(*daily_window(cfg, day), cfg.scoring.history_days)
-    src = common.open_window(spark, cfg, events_uri, window.start, window.end)
-    events, observed, exprs = common.observed_events(spark, src, cfg, window.start, window.end)
-    out, written = _history_rows(events, cfg.positive, cfg.scoring.seen_types)
+    daily = common.open_daily(spark, cfg, events_uri, day)
+    out, written = _history_rows(daily.clean(), cfg.positive, cfg.scoring.seen_types)
     final_uri = layout.histories_uri(out_root, day)
     with common.temporary_prefix(final_uri) as tmp:
         with input_errors(events_uri):
             out.write.parquet(spark_path(tmp))
-        metrics = common.observed_metrics(observed, events, exprs)
+        metrics = daily.metrics()
         rows_seen = _history_counts(written, metrics)
-        event_counts = common.counted_events(metrics, cfg.quality, window)
-        if not int(rows_seen["users"]):
-            raise common.all_dropped_error(window, events_uri, src, event_counts)
+        event_counts = daily.counts(metrics, cfg.quality, int(rows_seen["users"]))
         counts = {**event_counts, **{k: int(rows_seen[k] or 0) for k in _HISTORY_COUNTS}}
         config = {"seen_types": list(cfg.scoring.seen_types),
                   "history_days": cfg.scoring.history_days}
-        manifest = common.build_manifest(HISTORIES_SCHEMA_VERSION, cfg, window, events_uri, src, config, counts,
-                             date=day.isoformat())
+        manifest = common.build_manifest(HISTORIES_SCHEMA_VERSION, cfg, daily.window, events_uri, daily.src, config,
+                                         counts, date=day.isoformat())
         publish_dir(tmp, final_uri, manifest, manifest_name=layout.MANIFEST)
     manifest["uri"] = final_uri
     return manifest

@@ -240,21 +240,16 @@ def _histories_from_events(spark, cfg: PipelineConfig, events_uri: str, day: dat
     once the frame has been scored: it returns the manifest's ``counts`` and ``input``, and
     raises :class:`InputDataError` when more than ``quality.max_dirty_fraction`` of the
     events read is dirt or no user is left (an empty window)."""
-    from pyspark.sql import functions as F
-
     from pipelines import build_common as common
-    from pipelines.events import daily_window, histories
+    from pipelines.events import histories
 
-    win = common.Window(*daily_window(cfg, day), cfg.scoring.history_days)
-    src = common.open_window(spark, cfg, events_uri, win.start, win.end)
-    events, observed, exprs = common.observed_events(spark, src, cfg, win.start, win.end)
-    frame = histories(events.filter(F.col("_drop") == 0), cfg.positive, cfg.scoring.seen_types)
+    daily = common.open_daily(spark, cfg, events_uri, day)
+    frame = histories(daily.clean(), cfg.positive, cfg.scoring.seen_types)
 
     def check(users: int) -> dict[str, Any]:
-        counts = common.counted_events(common.observed_metrics(observed, events, exprs), cfg.quality, win)
-        if not users:
-            raise common.all_dropped_error(win, events_uri, src, counts)
-        return {"counts": counts, "input": common.input_summary(events_uri, src, win.start, win.end)}
+        counts = daily.counts(daily.metrics(), cfg.quality, users)
+        return {"counts": counts, "input": common.input_summary(events_uri, daily.src, daily.window.start,
+                                                                 daily.window.end)}
 
     return frame, check
 

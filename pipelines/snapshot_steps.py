@@ -36,7 +36,7 @@ def weekly_event_counts(
     metrics: Mapping[str, int], quality: QualityConfig, positive: PositiveRule,
     window: common.Window, uri: str, src: EventsInput,
 ) -> dict[str, Any]:
-    """:func:`common.counted_events` for the training window, which must keep at least one clean
+    """:func:`pipelines.build_common.counted_events` for the training window, which must keep at least one clean
     event and one positive event (else :class:`InputDataError`)."""
     counts = common.counted_events(metrics, quality, window)
     if not counts["events_in_window"]:
