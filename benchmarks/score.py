@@ -21,6 +21,9 @@ the popularity fallback). Every arm reads those Parquet files and writes Parquet
 - als: Spark ALS (rank 200, implicit, 1 iteration) ``recommendForAllUsers(100)`` and a
   Parquet write, on ``--als-users`` users of the same histories.
 - memory: the local engine on ``--memory`` users each; peak RSS of its process.
+- baseline tree (``--baseline-tree DIR``): the local engine imported from a checkout of an
+  earlier revision, on the same day, so a change's cost is a ratio from one run; and this
+  tree's local engine with the pre-commit validation replaced by a no-op (the commit alone).
 
 Each arm runs in its own subprocess (``python benchmarks/score.py _arm NAME ...``) so
 peak RSS and thread settings do not leak between arms. Results print as a Markdown table
@@ -186,6 +189,11 @@ def arm_local(args: argparse.Namespace) -> dict:
     from piarec.daily.local_engine import run_local
     from piarec.daily.arms import plan_arms
 
+    if args.skip_validation:  # measure the commit alone: the pre-commit checks replaced by a no-op
+        from piarec.daily import publish
+
+        publish.validate_arm_files = lambda *a, **kw: {}
+
     cfg = load_config(args.config, environ={})
     plan = plan_arms(cfg, args.model, "champion")
     t = time.perf_counter()
@@ -247,10 +255,12 @@ def arm_als(args: argparse.Namespace) -> dict:
 ARMS = {"plain": arm_plain, "local": arm_local, "spark": arm_spark, "als": arm_als}
 
 
-def run_arm(name: str, **kw) -> dict:
+def run_arm(name: str, tree: Path = REPO, **kw) -> dict:
+    """Run one arm in its own process, importing piarec from ``tree`` (this checkout, or
+    the ``--baseline-tree`` of an earlier revision)."""
     cmd = [sys.executable, __file__, "_arm", name] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()
                                                      if v is not None]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"arm {name} failed:\n{done.stderr[-3000:]}")
@@ -264,6 +274,7 @@ def arm_main(argv: list[str]) -> None:
         p.add_argument(f"--{opt}")
     for opt in ("k", "threads", "als-users"):
         p.add_argument(f"--{opt}", type=int)
+    p.add_argument("--skip-validation", type=int, default=0)
     args = p.parse_args(argv)
     result = ARMS[args.name](args)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -282,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default="/tmp/piarec-bench-score")
     p.add_argument("--skip", default="", help="comma list of arms to skip: spark, als, memory")
     p.add_argument("--out", help="write the Markdown report here")
+    p.add_argument("--baseline-tree", type=Path,
+                   help="a checkout of an earlier revision (git worktree add DIR REV): its local engine "
+                        "runs too, on the same day, for a ratio measured in the same run")
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     work = Path(args.workdir)
@@ -295,6 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     results["plain"] = run_arm("plain", out_dir=work / "out-plain", **common)
     results["local"] = run_arm("local", out_dir=work / "out-local", **common)
     results["local, 1 thread"] = run_arm("local", out_dir=work / "out-local-1", threads=1, **common)
+    if args.baseline_tree:
+        results["local, baseline tree"] = run_arm("local", tree=args.baseline_tree, out_dir=work / "out-local-base",
+                                                  **common)
+        results["local, no pre-commit validation"] = run_arm("local", out_dir=work / "out-local-noval",
+                                                             skip_validation=1, **common)
     if "spark" not in skip:
         results["spark"] = run_arm("spark", out_dir=work / "out-spark", **common)
     if "als" not in skip:
@@ -326,6 +345,11 @@ def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int,
         for name in ("local", "spark"):
             if name in rate:
                 notes.append(f"- {name} / ALS: {rate[name] / rate['als']:.1f}x")
+    if "local, baseline tree" in rate:
+        notes.append(f"- local / local from the baseline tree ({args.baseline_tree}): "
+                     f"{rate['local'] / rate['local, baseline tree']:.2f}x; without the pre-commit "
+                     f"validation (the commit alone): "
+                     f"{rate['local, no pre-commit validation'] / rate['local, baseline tree']:.2f}x")
     stages = results["plain"]["ms_per_4096"]
     notes.append("- plain loop, ms per 4,096 users: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     if memory:

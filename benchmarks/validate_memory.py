@@ -3,12 +3,13 @@
     python benchmarks/validate_memory.py [--users 2000000] [--k 100] [--items 4000]
         [--workdir /tmp/piarec-bench-validate]
 
-Writes (once, cached in ``--workdir``) a published arm partition ``dt=D/arm=champion`` of
-``--users`` users x ``--k`` titles in 8 Parquet files (row groups of 65,536 users) with its manifest, then measures, each
-arm in its own subprocess, the peak RSS of:
+Writes (once, cached in ``--workdir``) a committed recommendations day ``dt=D`` with one
+arm of ``--users`` users x ``--k`` titles in 8 Parquet files (row groups of 65,536 users),
+then measures, each arm in its own subprocess, the peak RSS of:
 
-- stream: :func:`piarec.ops.validate_arm` (every row checked, batches of 65,536 rows,
-  a 64-bit hash per user for the uniqueness check);
+- stream: :func:`piarec.ops.validate_day` (every row checked, batches of 65,536 rows,
+  a 64-bit hash per user for the uniqueness check; the check the scoring job runs before
+  its commit);
 - whole-day: reading the day into one Arrow table and counting distinct users, the core
   of the validation as it was before it streamed (the baseline);
 - idle: the same process importing the same modules and doing nothing (the floor).
@@ -38,48 +39,51 @@ def write_day(root: Path, users: int, k: int, items: int) -> Path:
 
     from piarec.scoring.arrow import OUTPUT_SCHEMA
 
-    part = root / "recommendations" / f"dt={DAY}" / "arm=champion"
-    if (part / "_SUCCESS").exists():
-        return part
-    part.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    vocab = pa.array([f"t{i:05d}" for i in range(items)])
-    per_file = -(-users // 8)
-    for f in range(8):
-        lo, hi = f * per_file, min(users, (f + 1) * per_file)
-        n = hi - lo
-        idx = np.argsort(rng.random((n, items), dtype=np.float32), axis=1)[:, :k] if items <= 64 else \
-            (rng.integers(0, items, (n, 1)) + np.arange(k)[None, :]) % items  # distinct per row
-        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-        scores = np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1].ravel()
-        table = pa.table({
-            "user_id": pa.array([f"u{u:09d}" for u in range(lo, hi)]),
-            "item_ids": pa.ListArray.from_arrays(offsets, vocab.take(pa.array(idx.ravel()))),
-            "scores": pa.ListArray.from_arrays(offsets, pa.array(scores)),
-            "model_version": pa.array(["1"] * n), "source": pa.array(["model"] * n),
-        }, schema=OUTPUT_SCHEMA)
-        pq.write_table(table, part / f"part-{f:05d}.zstd.parquet", compression="zstd", row_group_size=65_536)
-        print(f"  wrote file {f + 1}/8 ({hi:,} users)", flush=True)
-    (part / "_manifest.json").write_text(json.dumps({
-        "date": DAY.isoformat(), "arm": "champion", "k": k, "model": {"version": "1", "n_items": items},
-        "counts": {"users": users, "by_source": {"model": users, "popularity": 0}}}))
-    (part / "_SUCCESS").write_text("")
-    return part
+    from piarec.data.commit import PartitionCommit
+
+    day = root / "recommendations" / f"dt={DAY}"
+    if (day / "_SUCCESS").exists():
+        return day
+    with PartitionCommit(str(day)) as run:
+        part = Path(run.data_uri) / "arm=champion"
+        part.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        vocab = pa.array([f"t{i:05d}" for i in range(items)])
+        per_file = -(-users // 8)
+        for f in range(8):
+            lo, hi = f * per_file, min(users, (f + 1) * per_file)
+            n = hi - lo
+            idx = np.argsort(rng.random((n, items), dtype=np.float32), axis=1)[:, :k] if items <= 64 else \
+                (rng.integers(0, items, (n, 1)) + np.arange(k)[None, :]) % items  # distinct per row
+            offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+            scores = np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1].ravel()
+            table = pa.table({
+                "user_id": pa.array([f"u{u:09d}" for u in range(lo, hi)]),
+                "item_ids": pa.ListArray.from_arrays(offsets, vocab.take(pa.array(idx.ravel()))),
+                "scores": pa.ListArray.from_arrays(offsets, pa.array(scores)),
+                "model_version": pa.array(["1"] * n), "source": pa.array(["model"] * n),
+            }, schema=OUTPUT_SCHEMA)
+            pq.write_table(table, part / f"part-{f:05d}.zstd.parquet", compression="zstd", row_group_size=65_536)
+            print(f"  wrote file {f + 1}/8 ({hi:,} users)", flush=True)
+        run.commit({"date": DAY.isoformat(), "k": k, "arms": {"champion": {
+            "model": {"version": "1", "n_items": items},
+            "counts": {"users": users, "by_source": {"model": users, "popularity": 0}}}}})
+    return day
 
 
 def arm(name: str, root: str) -> None:
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
     from piarec import ops
+    from piarec.data import reader
     from piarec.config import load_config
 
     cfg = load_config(environ={}, overrides={"storage": {"root": root}})
     t0 = time.perf_counter()
     if name == "stream":
-        users = ops.validate_arm(cfg, DAY, "champion", None, 1000)["users"]
+        users = ops.validate_day(cfg, DAY, ["champion"], None, 1000)["arms"][0]["users"]
     elif name == "whole-day":
-        table = ds.dataset(str(Path(root) / "recommendations" / f"dt={DAY}" / "arm=champion"), format="parquet").to_table()
+        table = reader.read_table(str(Path(root) / "recommendations" / f"dt={DAY}"))
         users = pc.count_distinct(table.column("user_id")).as_py()
     else:
         users = 0
@@ -94,7 +98,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=4000)
     p.add_argument("--workdir", default="/tmp/piarec-bench-validate")
     args = p.parse_args()
-    root = Path(args.workdir) / f"{args.users}x{args.k}-rg65536"
+    root = Path(args.workdir) / f"{args.users}x{args.k}-rg65536-v2"
     print(f"day: {args.users:,} users x {args.k} titles under {root}", flush=True)
     # Every step in its own process, from a parent that imports nothing heavy: Linux keeps
     # the RSS high-water mark across fork and exec, so a big parent would inflate them all.

@@ -1,12 +1,12 @@
 """piarec_daily_scoring: day D's events -> score every active user with ``champion``
-(and ``challenger`` as a second arm when asked) -> validate the published output -> done.
+(and ``challenger`` as a second arm when asked) -> check the committed day.
 
 With ``challenger_arm`` the scoring job splits users between the two models by a salted
 hash of user_id (``--challenger``, ``challenger_share`` of the users; the job's A/B
-mode) and publishes ``arm=champion`` and ``arm=challenger`` side by side.
+mode) and commits ``arm=champion`` and ``arm=challenger`` together.
 
-Partition: the run with logical date D writes ``recommendations/dt=D/arm=<arm>/`` from
-events before D+1 00:00 UTC. Scheduled daily (CronDataIntervalTimetable): the run of
+Partition: the run with logical date D commits ``recommendations/dt=D/`` (every arm, one
+commit; the job validates the day before it commits) from events before D+1 00:00 UTC. Scheduled daily (CronDataIntervalTimetable): the run of
 day D starts after D ends, at D+1 03:00 UTC; catch-up and backfill score each missed day
 into its own partition. ``@champion`` is resolved when the scoring task runs, so a
 person moving the alias in the MLflow UI is honoured by the next run.
@@ -38,7 +38,7 @@ ARMS = "{{ 'champion,challenger' if params.challenger_arm else 'champion' }}"
 
 with DAG(
     dag_id="piarec_daily_scoring",
-    description="day D's events -> score champion (+ challenger) -> validate -> done marker",
+    description="day D's events -> score champion (+ challenger), validated and committed -> check",
     schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=True,
@@ -67,10 +67,5 @@ with DAG(
         bash_command=ops(f"validate --date {DAY} --arms {ARMS} --k '{{{{ params.k or '' }}}}'"),
         execution_timeout=timedelta(minutes=30),
     )
-    mark_done = BashOperator(
-        task_id="mark_done",
-        bash_command=ops(f"mark-done --date {DAY} --arms {ARMS}"),
-        execution_timeout=timedelta(minutes=10),
-    )
 
-    wait_for_events >> score >> validate >> mark_done
+    wait_for_events >> score >> validate

@@ -85,7 +85,7 @@ def run_demo(
     finally:
         spark.stop()
 
-    recs_uri = layout.arm_uri(layout.recommendations_root(cfg.storage), score_date, cfg.scoring.arm)
+    recs_uri = layout.day_uri(layout.recommendations_root(cfg.storage), score_date)  # read with piarec.data.reader
     summary = {
         "workdir": root,
         "events": events,

@@ -27,3 +27,8 @@ class GateRefused(PiarecError):
 
 class PathEscapeError(PiarecError, ValueError):
     """A path built from configuration or parameters would leave its storage root."""
+
+
+class ValidationFailed(PiarecError):
+    """Recommendations break a contract (checked before they are committed, and by
+    ``piarec ops validate`` after); the message lists every problem."""

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
@@ -18,7 +17,6 @@ from pyspark.sql import functions as F
 from piarec.config import PipelineConfig, QualityConfig
 from piarec.errors import InputDataError
 from piarec.data.snapshot import code_version
-from piarec.data.storage import remove, resolve, temp_sibling
 from pipelines.events import (
     DROP_REASONS,
     EventsInput,
@@ -221,18 +219,3 @@ def open_daily(spark: SparkSession, cfg: PipelineConfig, uri: str, day: date) ->
     window = Window(*daily_window(cfg, day), cfg.scoring.history_days)
     src = open_window(spark, cfg, uri, window.start, window.end)
     return DailyEvents(window, uri, src, *observed_events(spark, src, cfg, window.start, window.end))
-
-
-@contextmanager
-def temporary_prefix(final_uri: str) -> Iterator[str]:
-    """A fresh temporary sibling of ``final_uri`` (its URI) to write into and publish from.
-
-    If anything fails inside the ``with`` -- a write, a check, the publish itself -- the
-    temporary prefix is removed and the error goes on: no half-written prefix stays behind.
-    """
-    tmp = temp_sibling(final_uri)
-    try:
-        yield tmp
-    except BaseException:
-        remove(resolve(tmp))  # leave no half-written prefix behind
-        raise

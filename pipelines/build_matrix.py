@@ -7,11 +7,12 @@ Weekly: read the window's partitions, drop and count dirty events, keep positive
 item) pairs once per user, apply the training filters (bot cap, then minimum users per item,
 then minimum positives per user), index items by popularity and users by a hash order, split
 users by a salted hash, split held-out users' items into fold-in and held-out parts, and
-publish ``<out>/window_end=YYYY-MM-DD/`` atomically (layout in :mod:`piarec.data.snapshot`).
+commit ``<out>/window_end=YYYY-MM-DD/`` in one step (:mod:`piarec.data.commit`; layout in
+:mod:`piarec.data.snapshot`).
 
 Daily (``--daily``): the same reading and cleaning for ``[D - scoring.history_days, D + 1)``,
-one row per active user ``user_id, history, seen`` (no training filter), published as
-``<out>/dt=YYYY-MM-DD/`` (default ``<storage.root>/histories``) with ``_manifest.json``.
+one row per active user ``user_id, history, seen`` (no training filter), committed as
+``<out>/dt=YYYY-MM-DD/`` (default ``<storage.root>/histories``), the manifest in its pointer.
 
 How it stays fast: one scan of the events and one shuffle of their positive rows, into one
 row per user with the sorted array of their items (``user_id``, ``items``), partitioned by a
@@ -22,7 +23,7 @@ of written files). No Python UDFs: all work stays in the JVM.
 
 Reading order: :func:`run` (its steps in :mod:`pipelines.snapshot_steps`), then
 :func:`run_daily`, then the command line; what both share (opening and counting the events,
-the manifest, the temporary prefix) is :mod:`pipelines.build_common`.
+the manifest) is :mod:`pipelines.build_common`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from piarec.cli.errors import run_command  # noqa: E402
 from piarec.cli.options import parse_job_args  # noqa: E402
 from piarec.config import PipelineConfig, PositiveRule, load_config  # noqa: E402
 from piarec.data.snapshot import HISTORIES_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
-from piarec.data.storage import publish_dir  # noqa: E402
-from piarec.data import layout
+from piarec.data.commit import PartitionCommit  # noqa: E402
+from piarec.data.storage import resolve  # noqa: E402
+from piarec.data import layout  # noqa: E402
+from piarec.errors import InputDataError  # noqa: E402
 from pipelines.events import DROP_REASONS, histories, input_errors, positive_condition  # noqa: E402
 from pipelines.matrix_transforms import bucket_bits, user_item_sets  # noqa: E402
 from pipelines import build_common as common  # noqa: E402
@@ -62,9 +65,9 @@ def run(
 ) -> dict[str, Any]:
     """Build and publish the snapshot for the window ``[window_end - window_days, window_end)``.
 
-    Writes ``<out_root>/window_end=YYYY-MM-DD/`` (interactions/, users/, items/,
-    manifest.json, _SUCCESS) through a temporary sibling, replacing an older snapshot of the
-    same window atomically. Returns the manifest (plus ``uri``). Raises
+    Writes ``<out_root>/window_end=YYYY-MM-DD/`` (interactions/, users/, items/ under a new
+    version, the manifest in the commit pointer ``_SUCCESS``), replacing an older snapshot
+    of the same window in one step. Returns the manifest (plus ``uri``). Raises
     :class:`InputDataError` -- and publishes nothing -- when the window holds no events, too
     many are dirty, a file cannot be read, or nothing survives the positive rule and filters.
     """
@@ -99,19 +102,19 @@ def run(
         item_rows = steps.item_rows(users, rules, kept_items, cfg.split)
         clock.lap("item counts and index")
         items = steps.item_index(spark, item_rows)
-        # 6. Load: everything under a temporary sibling, then publish (manifest, _SUCCESS).
+        # 6. Load: everything under this run's version, then one commit (manifest in _SUCCESS).
         final_uri = layout.snapshot_uri(out_root, window_end)
-        with common.temporary_prefix(final_uri) as tmp:
+        with PartitionCommit.of(cfg.storage, final_uri, "snapshot") as run:
             with input_errors(events_uri):
-                seen = steps.write_snapshot(tmp, final, items, cfg.split, clock)
+                seen = steps.write_snapshot(run.data_uri, final, items, cfg.split, clock)
             counts = {**event_counts,
                       **steps.filter_counts(event_counts["positive_events"], totals, item_rows),
                       "splits": steps.split_counts(*seen, item_rows)}
             config = {"window_days": cfg.window_days, "filters": cfg.filters.model_dump(),
                       "split": cfg.split.model_dump()}
             manifest = common.build_manifest(SCHEMA_VERSION, cfg, window, events_uri, src, config, counts)
-            publish_dir(tmp, final_uri, manifest, manifest_name=layout.SNAPSHOT_MANIFEST)
-            clock.lap("publish")
+            run.commit(manifest)
+            clock.lap("commit")
         manifest["uri"] = final_uri
         return manifest
     finally:
@@ -158,7 +161,7 @@ def _history_counts(written: Observation, metrics: Mapping[str, int]) -> Mapping
 def run_daily(
     spark: SparkSession, cfg: PipelineConfig, events_uri: str, day: date, out_root: str
 ) -> dict[str, Any]:
-    """Publish day ``day``'s histories: ``<out_root>/dt=YYYY-MM-DD/`` (Parquet + ``_manifest.json``).
+    """Commit day ``day``'s histories: ``<out_root>/dt=YYYY-MM-DD/`` (Parquet; the manifest in ``_SUCCESS``).
 
     One row per user active in ``[day - scoring.history_days, day + 1)`` (any clean event):
     ``user_id`` string, ``history`` list<string> (positives), ``seen`` list<string> (events
@@ -169,9 +172,9 @@ def run_daily(
     daily = common.open_daily(spark, cfg, events_uri, day)
     out, written = _history_rows(daily.clean(), cfg.positive, cfg.scoring.seen_types)
     final_uri = layout.histories_uri(out_root, day)
-    with common.temporary_prefix(final_uri) as tmp:
+    with PartitionCommit.of(cfg.storage, final_uri, "histories day") as run:
         with input_errors(events_uri):
-            out.write.parquet(spark_path(tmp))
+            out.write.parquet(spark_path(run.data_uri))
         metrics = daily.metrics()
         rows_seen = _history_counts(written, metrics)
         event_counts = daily.counts(metrics, cfg.quality, int(rows_seen["users"]))
@@ -180,9 +183,24 @@ def run_daily(
                   "history_days": cfg.scoring.history_days}
         manifest = common.build_manifest(HISTORIES_SCHEMA_VERSION, cfg, daily.window, events_uri, daily.src, config,
                                          counts, date=day.isoformat())
-        publish_dir(tmp, final_uri, manifest, manifest_name=layout.MANIFEST)
+        run.commit(manifest, validate=lambda files: _check_rows(files, counts["users"], final_uri))
     manifest["uri"] = final_uri
     return manifest
+
+
+def _check_rows(files: list[str], users: int, uri: str) -> dict[str, int]:
+    """The histories' files hold one row per counted user (from their footers), or the
+    day is not committed."""
+    import pyarrow.parquet as pq
+
+    fs = resolve(uri).fs
+    rows = 0
+    for path in files:
+        with fs.open_input_file(path) as handle:
+            rows += pq.ParquetFile(handle).metadata.num_rows
+    if rows != users:
+        raise InputDataError(f"histories {uri}: the files hold {rows} rows for {users} users; nothing was committed")
+    return {"rows": rows, "files": len(files)}
 
 
 # --------------------------------------------------------------------------- CLI

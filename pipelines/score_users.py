@@ -12,12 +12,13 @@ histories dataset ``<ROOT>/dt=D/`` (``--histories``; ROOT defaults to
 :class:`piarec.scoring.scorer.TopKScorer` in every Python worker; with a challenger
 (``--challenger`` or ``scoring.challenger_uri``) each user is scored by the model of the
 arm a salted hash of their id assigns them. Load: each task writes its rows as Parquet
-(zstd) under ``<staging>/arm=<arm>/`` itself, with pyarrow through :mod:`piarec.data.storage`
+(zstd) under the run's version folder (``<out>/dt=D/_versions/<version>/arm=<arm>/``) itself, with pyarrow through :mod:`piarec.data.storage`
 (local or S3, the same writer as the single-node engine), and returns one summary row per
-arm. The driver commits: it keeps the files of the task attempts whose summaries it
-collected (Spark returns exactly one successful attempt per partition), deletes those of
-failed or duplicate attempts, and publishes each arm as ``<out>/dt=D/arm=<arm>/`` with
-``_manifest.json`` and ``_SUCCESS`` (:func:`piarec.daily.publish.publish_run`). So the
+arm. The driver keeps the files of the task attempts whose summaries it collected (Spark
+returns exactly one successful attempt per partition), deletes those of failed or
+duplicate attempts, validates every arm and commits the day in one step
+(:func:`piarec.daily.publish.publish_run`: ``<out>/dt=D/_SUCCESS`` names the files of
+every arm under ``_versions/<version>/arm=<arm>/``). So the
 output path never goes through Spark's Hadoop filesystem layer: S3 works without the s3a
 connector and is tested against a local S3 server.
 
@@ -52,8 +53,10 @@ from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError
 from piarec.daily.arms import ArmPlan, bundle_from_files, plan_arms
 from piarec.daily.inputs import check_history_columns, histories_partition, window
-from piarec.daily.publish import ArmCounts, PartWriter, keep_committed_parts, publish_run, staged
+from piarec.daily.validate import seen_in_histories
+from piarec.daily.publish import ArmCounts, PartWriter, keep_committed_parts, open_day, publish_run
 from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.data import reader
 from piarec.data.storage import resolve
 from piarec.data import layout
 
@@ -203,30 +206,36 @@ def run(
         raise ConfigError(f"k must be >= 1, got {k}")
     plan = plan_arms(cfg, model_uri, arm, challenger_uri, challenger_share)
     if histories_uri is not None:
-        uri, histories_manifest = histories_partition(histories_uri, date)
-        histories = spark.read.parquet(spark_path(uri))
+        uri, histories_manifest, files = histories_partition(histories_uri, date)
+        fs = resolve(uri).fs
+        seen = functools.partial(seen_in_histories, fs, files)
+        histories = spark.read.parquet(*map(spark_path, reader.uris(uri)))
         check_history_columns(pa.schema([(f.name, _arrow_type(f.dataType)) for f in histories.schema]), uri)
-        # A day's histories may be a few large files: spread them over every core.
+        # A day's histories may be a few large files: spread them over every core (and
+        # sort each partition again: a shuffle's row order is not reproducible).
         cores = spark.sparkContext.defaultParallelism
         if histories.rdd.getNumPartitions() < cores:
-            histories = histories.repartition(cores)
+            histories = histories.repartition(cores).sortWithinPartitions("user_id")
         source = {"kind": "histories", "uri": uri, "manifest": histories_manifest}
         check_events = None
     else:
         histories, check_events = _histories_from_events(spark, cfg, events_uri, date)
+        histories = histories.sortWithinPartitions("user_id")  # reruns write the same files
         source = {"kind": "events", "uri": events_uri}
+        seen = None  # read from the events
     broadcasts = [spark.sparkContext.broadcast({"files": a.files}) for a in plan.arms]
-    with staged(out_root, date) as staging:
+    with open_day(cfg.storage, out_root, date) as day_run:
         try:
-            counts = score_to_staging(histories, plan, broadcasts, k, cfg.scoring.batch_size, staging,
+            counts = score_to_staging(histories, plan, broadcasts, k, cfg.scoring.batch_size, day_run.data_uri,
                                       cfg.scoring.rows_per_file)
         finally:
             for b in broadcasts:
                 b.destroy()
-        if check_events is not None:  # before anything is published: a bad day publishes nothing
+        if check_events is not None:  # before anything is committed: a bad day commits nothing
             source.update(check_events(sum(c.summary()["users"] for c in counts.values())))
-        manifests = publish_run(staging, out_root, date, plan, counts, k=k, window=window(cfg.scoring, date),
-                                source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"})
+        manifests = publish_run(day_run, cfg, date, plan, counts, k=k, window=window(cfg.scoring, date),
+                                source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"},
+                                seen=seen)
     return manifests[plan.arms[0].name]
 
 
@@ -301,7 +310,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             f"score_users {m['date']} arm={name}: {counts['users']} users "
             f"({counts['by_source'][MODEL]} model, {counts['by_source'][POPULARITY]} popularity), "
             f"k={m['k']}, {m['unknown_titles']} unknown titles, model {m['model']['version']} -> "
-            f"{layout.arm_uri(out, args.date, name)}"
+            f"{layout.day_uri(out, args.date)} (committed version {m['version']})"
         )
     return 0
 

@@ -47,10 +47,11 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         if cfg.master is not None and cfg.master.startswith("local"):
             # No web UI for local runs: it only costs a port and start-up time.
             builder = builder.config("spark.ui.enabled", "false")
-            # Python workers must run the driver's interpreter (the project's virtualenv),
-            # not whatever `python3` is first on PATH, which may lack pyarrow and torch.
-            # PySpark reads only the environment variable for this, when the context starts.
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        # Python workers must run the project's interpreter (``spark.pyspark.python``, by
+        # default the driver's: its virtualenv), not whatever `python3` is first on PATH,
+        # which may lack pyarrow and torch. Outside spark-submit PySpark reads only the
+        # environment variable for this, when the context starts (the conf alone is ignored).
+        os.environ.setdefault("PYSPARK_PYTHON", cfg.conf.get("spark.pyspark.python", sys.executable))
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()

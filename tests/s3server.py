@@ -66,10 +66,12 @@ class FaultProxy:
 
     ``fail_first`` requests get a 503 SlowDown (or, with ``delay``, are held that many
     seconds and dropped unanswered, so the client times out); later ones pass through.
-    ``fail_first=None`` fails every request. ``requests`` counts what reached the proxy.
+    ``fail_first=None`` fails every request; ``fail_after=N`` passes the first N requests
+    and fails every later one (a store that goes down mid-run). ``requests`` counts what
+    reached the proxy.
     """
 
-    def __init__(self, upstream: str, fail_first: int | None = 2, delay: float = 0.0):
+    def __init__(self, upstream: str, fail_first: int | None = 2, delay: float = 0.0, fail_after: int | None = None):
         import http.client
         import http.server
         import threading
@@ -78,6 +80,9 @@ class FaultProxy:
         up = urlparse(upstream)
         proxy = self
         self.fail_first, self.delay, self.requests, self.faults = fail_first, delay, 0, 0
+        if fail_after is not None:
+            self.fail_first = 0
+        self.fail_after = fail_after
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -108,7 +113,8 @@ class FaultProxy:
                 body = self._read_body()
                 with proxy._lock:
                     proxy.requests += 1
-                    fault = proxy.fail_first is None or proxy.requests <= proxy.fail_first
+                    fault = (proxy.fail_first is None or proxy.requests <= proxy.fail_first
+                             or (proxy.fail_after is not None and proxy.requests > proxy.fail_after))
                     proxy.faults += fault
                 if fault and proxy.delay:
                     time.sleep(proxy.delay)  # the client times out; the request is dropped

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"piarec.registry"},  # MLflow: registry client, pyfunc, gate, run reports
     {"piarec.train", "piarec.daily"},  # the weekly trainer, the daily scoring run
     {"piarec.cli.options", "piarec.cli.errors"},  # what every entry point parses and how it fails
-    {"piarec.cli", "piarec.__main__", "piarec.ops", "piarec.demo", "pipelines"},  # entry points
+    {"piarec.cli", "piarec.__main__", "piarec.ops", "piarec.demo", "piarec.stack", "pipelines"},  # entry points
 ]
 SIDEWAYS_OK = len(LAYERS) - 1
 # Off the production path: imported by benchmarks and tests only.

@@ -37,7 +37,9 @@ from piarec.config import (
     SplitConfig,
 )
 from piarec.errors import ConfigError, InputDataError
-from piarec.data.layout import MANIFEST as HISTORIES_MANIFEST, histories_uri, snapshot_uri
+from piarec.data import reader
+from piarec.data.commit import read_pointer
+from piarec.data.layout import histories_uri, snapshot_uri
 from piarec.data.snapshot import load_snapshot
 
 pyspark = pytest.importorskip("pyspark")
@@ -96,6 +98,16 @@ def write_events(root: Path, rows: list[tuple]) -> str:
 
 def rows(df, *cols) -> list[tuple]:
     return sorted(tuple(r) for r in df.select(*(cols or df.columns)).collect())
+
+
+def committed_only(partition: Path) -> str:
+    """The partition folder holds only the commit pointer and the committed version (no
+    lease, no leftover of a run, no earlier version); returns that version."""
+    pointer = read_pointer(str(partition))
+    assert pointer is not None, f"{partition} is not published"
+    assert sorted(p.name for p in partition.iterdir()) == ["_SUCCESS", "_versions"]
+    assert [p.name for p in (partition / "_versions").iterdir()] == [pointer.version]
+    return pointer.version
 
 
 # ------------------------------------------------------------------ environment
@@ -441,13 +453,14 @@ def test_daily_cli_publishes_histories(spark, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (
         f"histories {final}: window [2024-03-07, 2024-03-11), 3 active users "
         "(2 with a history), 10 events read, 3 dropped")
-    table = ds.dataset(str(final), format="parquet").to_table()
+    table = reader.read_table(str(final))  # the files the commit pointer names
     assert [(f.name, str(f.type)) for f in table.schema] == [
         ("user_id", "string"), ("history", "list<element: string>"),
         ("seen", "list<element: string>")]
     assert sorted((r["user_id"], r["history"], r["seen"]) for r in table.to_pylist()) == [
         (u, h, s) for u, h, s in DAILY_ROWS]
-    manifest = json.loads((final / HISTORIES_MANIFEST).read_text())
+    pointer = read_pointer(str(final))
+    manifest = pointer.manifest
     assert manifest["date"] == "2024-03-10"
     assert manifest["window"] == {"start": "2024-03-07", "end": "2024-03-11", "days": 3}
     assert manifest["input"]["partitions"] == ["2024-03-07", "2024-03-08", "2024-03-09",
@@ -462,8 +475,10 @@ def test_daily_cli_publishes_histories(spark, tmp_path, capsys):
         "events_in_window": 7, "positive_events": 4,  # a i1 twice, d i1, d i2
         "users": 3, "users_with_history": 2, "history_items": 3, "seen_items": 4,
     }
-    assert (final / "_SUCCESS").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["dt=2024-03-10"]  # no temporary left
+    assert committed_only(final) == pointer.version  # nothing else left in the partition
+    assert sorted(p.name for p in out.iterdir()) == ["dt=2024-03-10"]  # and nothing beside it
+    assert pointer.files and all(f["path"].startswith(f"_versions/{pointer.version}/") and
+                                 f["path"].endswith(".parquet") for f in pointer.files)
 
 
 # ------------------------------------------------------------------ the weekly job end to end
@@ -529,11 +544,23 @@ E2E_CFG = PipelineConfig(
 )
 
 
+def snapshot_files(uri: str, name: str) -> list[str]:
+    """The committed files of one table (interactions, users, items) of a snapshot: those
+    of the commit pointer under ``<version>/<name>/``."""
+    got = reader.open_committed(uri)
+    assert got is not None, f"{uri} is not published"
+    return [f for f in got.files if f.startswith(f"{got.base}/{name}/")]
+
+
+def snapshot_table(uri: str, name: str) -> pa.Table:
+    return ds.dataset(snapshot_files(uri, name), format="parquet").to_table()
+
+
 def snapshot_tables(uri: str) -> dict[str, list[dict]]:
     out = {}
     for name, key in (("interactions", ["user_idx", "item_idx"]), ("users", ["user_idx"]),
                       ("items", ["item_idx"])):
-        t = ds.dataset(f"{uri}/{name}", format="parquet").to_table()
+        t = snapshot_table(uri, name)
         out[name] = t.sort_by([(k, "ascending") for k in key]).to_pylist()
     return out
 
@@ -592,9 +619,12 @@ def test_run_manifest(built):
     assert m["code_version"]["piarec"] == __import__("piarec").__version__
     assert set(m["code_version"]) == {"piarec", "git_commit"}
     assert datetime.fromisoformat(m["created_at"]).tzinfo is not None
-    on_disk = json.loads((Path(built["uri"]) / "manifest.json").read_text())
+    pointer = read_pointer(built["uri"])
+    on_disk = pointer.manifest
     assert on_disk["counts"] == m["counts"] and on_disk["input"] == m["input"]
-    assert (Path(built["uri"]) / "_SUCCESS").exists()
+    assert on_disk["created_at"] == m["created_at"]
+    assert committed_only(Path(built["uri"])) == pointer.version
+    assert {f["path"].split("/")[2] for f in pointer.files} == {"interactions", "users", "items"}
 
 
 def test_run_files(built):
@@ -611,10 +641,10 @@ def test_run_files(built):
         (3, 0, "fold_in"), (3, 1, "held_out"), (3, 2, "fold_in"),
         (4, 0, "fold_in"), (4, 1, "held_out"), (4, 3, "held_out"), (4, 4, "fold_in"),
         (5, 0, "train"), (5, 1, "train")]
-    schema = ds.dataset(f"{built['uri']}/interactions", format="parquet").schema
+    schema = snapshot_table(built["uri"], "interactions").schema
     assert schema.field("user_idx").type == pa.int32()
     assert schema.field("item_idx").type == pa.int32()
-    assert len(list(Path(built["uri"], "items").glob("*.parquet"))) == 1
+    assert len(snapshot_files(built["uri"], "items")) == 1
 
 
 def test_load_snapshot(built):
@@ -634,10 +664,11 @@ def test_load_snapshot(built):
 
 def test_load_snapshot_refuses_unpublished_and_inconsistent(built, tmp_path):
     copy = tmp_path / "snap"
-    shutil.copytree(built["uri"], copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["counts"]["splits"]["val"]["held_out"] = 3
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(built["uri"], copy)  # the pointer names its files relative to the partition
+    assert load_snapshot(str(copy)).val.held_out.nnz == 2
+    pointer = json.loads((copy / "_SUCCESS").read_text())
+    pointer["manifest"]["counts"]["splits"]["val"]["held_out"] = 3
+    (copy / "_SUCCESS").write_text(json.dumps(pointer))
     with pytest.raises(InputDataError, match="val held_out nnz: manifest 3, files 2"):
         load_snapshot(str(copy))
     (copy / "_SUCCESS").unlink()
@@ -646,8 +677,10 @@ def test_load_snapshot_refuses_unpublished_and_inconsistent(built, tmp_path):
 
 
 def test_cli_rerun_replaces_snapshot_identically(built, tmp_path, capsys):
-    """A rerun (through the CLI) replaces the published snapshot with identical content."""
+    """A rerun (through the CLI) replaces the published snapshot with identical content;
+    the earlier version stays readable for ``storage.retain_versions_s`` (default 1 h)."""
     final = Path(built["uri"])
+    first_version = read_pointer(str(final)).version
     (final / "stale-marker").write_text("from the old run")
     config = yaml_config(tmp_path / "cfg.yaml", E2E_CFG)
     code = bm.main(["--events", built["events"], "--window-end", "2024-01-08",
@@ -657,11 +690,16 @@ def test_cli_rerun_replaces_snapshot_identically(built, tmp_path, capsys):
     assert out == (f"snapshot {final}: window [2024-01-01, 2024-01-08), 6 users "
                    "(train 3, val 2, test 1), 5 items, 17 interactions")
     assert not (final / "stale-marker").exists()
-    assert (final / "_SUCCESS").exists()
-    # Nothing left over from the replacement (_tmp-* / _old-* siblings).
+    pointer = read_pointer(str(final))
+    assert pointer.version != first_version
+    assert [r["version"] for r in pointer.retired] == [first_version]
+    # Nothing left over from the replacement: the pointer, the new version and the retained one.
+    assert sorted(p.name for p in final.iterdir()) == ["_SUCCESS", "_versions"]
+    assert sorted(p.name for p in (final / "_versions").iterdir()) == sorted([first_version, pointer.version])
     assert sorted(p.name for p in final.parent.iterdir()) == ["window_end=2024-01-08"]
+    assert all(f["path"].startswith(f"_versions/{pointer.version}/") for f in pointer.files)
     assert snapshot_tables(str(final)) == built["tables"]
-    again = json.loads((final / "manifest.json").read_text())
+    again = pointer.manifest
     first = dict(built["manifest"])
     first.pop("uri")
     assert {k: v for k, v in again.items() if k != "created_at"} == {
@@ -759,5 +797,6 @@ def test_spark_submit_runs_the_job(built, tmp_path):
     final = snapshot_uri(str(out), WINDOW_END)
     assert proc.stdout.strip().splitlines()[-1].startswith(f"snapshot {final}: ")
     assert snapshot_tables(final) == built["tables"]
-    manifest = json.loads(Path(final, "manifest.json").read_text())
+    manifest = read_pointer(final).manifest
     assert manifest["counts"] == built["manifest"]["counts"]
+    committed_only(Path(final))

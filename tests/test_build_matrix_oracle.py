@@ -12,7 +12,6 @@ published snapshot (rows, indices, splits, parts, manifest counts) and the daily
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import zlib
 from datetime import date, datetime, timedelta, timezone
@@ -34,7 +33,9 @@ from piarec.config import (
     SparkConfig,
     SplitConfig,
 )
-from piarec.data.layout import MANIFEST as HISTORIES_MANIFEST, histories_uri, snapshot_uri
+from piarec.data import reader
+from piarec.data.commit import read_pointer
+from piarec.data.layout import histories_uri, snapshot_uri
 
 pytest.importorskip("pyspark")
 from pipelines import build_matrix as bm  # noqa: E402
@@ -252,24 +253,25 @@ def test_snapshot_and_histories_equal_the_oracle(spark, tmp_path, seed):
 
     manifest = bm.run(spark, cfg, events, WINDOW_END, str(tmp_path / "snapshots"))
     uri = snapshot_uri(str(tmp_path / "snapshots"), WINDOW_END)
-    got = {name: ds.dataset(f"{uri}/{name}", format="parquet").to_table().to_pylist()
+    snap = reader.open_committed(uri)  # the files its commit pointer names, table by table
+    got = {name: ds.dataset([f for f in snap.files if f.startswith(f"{snap.base}/{name}/")],
+                            format="parquet").to_table().to_pylist()
            for name in ("items", "users", "interactions")}
     assert sorted((r["item_idx"], r["item_id"], r["n_users"]) for r in got["items"]) == want["items"]
     assert sorted((r["user_idx"], r["user_id"], r["split"]) for r in got["users"]) == want["users"]
     assert sorted((r["user_idx"], r["item_idx"], r["part"])
                   for r in got["interactions"]) == want["interactions"]
     assert manifest["counts"] == want["counts"]
-    assert json.loads(Path(uri, "manifest.json").read_text())["counts"] == want["counts"]
+    assert read_pointer(uri).manifest["counts"] == want["counts"]
 
     day = WINDOW_END - timedelta(days=1)
     daily = bm.run_daily(spark, cfg, events, day, str(tmp_path / "histories"))
     hist = oracle_histories(log, cfg, day)
-    table = ds.dataset(histories_uri(str(tmp_path / "histories"), day), format="parquet").to_table()
+    table = reader.read_table(histories_uri(str(tmp_path / "histories"), day))
     assert sorted((r["user_id"], r["history"], r["seen"]) for r in table.to_pylist()) == hist["rows"]
     c = daily["counts"]
     assert {k: c["dropped_events"][k] for k in REASONS} == {k: hist["counts"][k] for k in REASONS}
     assert (c["events_read"], c["users"], c["positive_events"]) == (
         hist["counts"]["events_read"], len(hist["rows"]), hist["positive_events"])
-    on_disk = json.loads(Path(histories_uri(str(tmp_path / "histories"), day),
-                              HISTORIES_MANIFEST).read_text())
+    on_disk = read_pointer(histories_uri(str(tmp_path / "histories"), day)).manifest
     assert on_disk["counts"] == c

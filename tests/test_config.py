@@ -135,7 +135,8 @@ def test_s3_root_needs_an_explicit_tracking_uri():
 def test_no_file_no_environment_gives_todays_values():
     got = _flat(load_config(environ={}).model_dump())
     want = {**_flat(LOCAL_YAML_BEFORE), **NOT_IN_LOCAL_YAML_BEFORE}
-    added_since = {"events.done_marker": "_SUCCESS"}  # keys added after the layout change
+    added_since = {"events.done_marker": "_SUCCESS",  # keys added after the layout change
+                   "storage.retain_versions_s": 3600.0, "storage.lease_ttl_s": 120.0}
     assert len(got) == 93 + len(added_since)
     assert got == {**want, **added_since}
 

@@ -16,6 +16,7 @@ import pytest
 from piarec import ops
 from piarec.cli import main
 from piarec.config import load_config
+from piarec.data.commit import PartitionCommit, read_pointer
 from piarec.scoring.arrow import OUTPUT_SCHEMA
 
 DAY = dt.date(2026, 4, 9)
@@ -43,53 +44,67 @@ def piarec_ops(cfg, tmp_path, monkeypatch):
     return lambda *argv: main(["ops", *argv])
 
 
-def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int = 2) -> Path:
-    part = Path(ops.recs_uri(cfg.storage, DAY, "champion"))
-    part.mkdir(parents=True, exist_ok=True)
+def publish(cfg, rows: dict[str, list[str]], *, users: int | None = None, k: int = 2,
+            extra: pa.Table | None = None, by_source: int | None = None) -> Path:
+    """Commit a hand-made day with one arm, ``champion`` (unchecked: these tests check it);
+    ``extra`` goes into a second file of the arm."""
     table = pa.table({
         "user_id": list(rows), "item_ids": list(rows.values()),
         "scores": [[float(10 - i) for i in range(len(v))] for v in rows.values()],
         "model_version": ["1"] * len(rows), "source": ["model"] * len(rows),
     }, schema=OUTPUT_SCHEMA)
-    pq.write_table(table, part / "part-0.parquet")
     n = len(rows) if users is None else users
-    (part / "_manifest.json").write_text(json.dumps({
-        "date": DAY.isoformat(), "arm": "champion", "k": k, "model": {"version": "1", "n_items": 6},
-        "counts": {"users": n, "by_source": {"model": len(rows), "popularity": 0}}}))
-    (part / "_SUCCESS").write_text("")
+    manifest = {"date": DAY.isoformat(), "k": k, "arms": {"champion": {
+        "model": {"version": "1", "n_items": 6},
+        "counts": {"users": n, "by_source": {"model": by_source or len(rows), "popularity": 0}}}}}
+    with PartitionCommit(ops.recs_uri(cfg.storage, DAY)) as run:
+        part = Path(run.data_uri) / "arm=champion"
+        part.mkdir(parents=True)
+        pq.write_table(table, part / "part-0.parquet")
+        if extra is not None:
+            pq.write_table(extra, part / "part-1.parquet")
+        run.commit(manifest)
     return part
 
 
-def test_valid_partition_passes_and_the_day_is_marked_done(cfg, piarec_ops):
+def test_valid_day_passes_and_nothing_is_written(cfg, piarec_ops, capsys):
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})  # u2 saw t3 (play), not t4 (impression)
-    assert piarec_ops("validate", "--date", str(DAY), "--arms", "champion") == 0
     day = Path(ops.recs_uri(cfg.storage, DAY))
-    assert json.loads((day / "_validation.json").read_text())["arms"][0]["users"] == 2
-    assert piarec_ops("mark-done", "--date", str(DAY), "--arms", "champion") == 0 and (day / "_SUCCESS").exists()
+    before = sorted(str(p) for p in day.rglob("*"))
+    assert piarec_ops("validate", "--date", str(DAY), "--arms", "champion") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["arms"][0]["users"] == 2 and report["version"] == read_pointer(str(day)).version
+    assert sorted(str(p) for p in day.rglob("*")) == before
+
+
+def test_the_committed_arms_must_be_the_expected_ones(cfg, piarec_ops, capsys):
+    publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})
+    assert piarec_ops("validate", "--date", str(DAY), "--arms", "champion,challenger") == 2
+    assert "holds arms ['champion'], expected ['challenger', 'champion']" in capsys.readouterr().err
 
 
 def test_a_seen_title_is_caught(cfg):
     publish(cfg, {"u1": ["t2", "t5"], "u2": ["t1", "t6"]})  # u1 completed t2
     with pytest.raises(ops.ValidationFailed, match="titles they have seen"):
-        ops.validate_arm(cfg, DAY, "champion", None, 100)
+        ops.validate_day(cfg, DAY, ["champion"], None, 100)
 
 
 def test_counts_and_k_are_checked_against_the_manifest(cfg):
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]}, users=3)
     with pytest.raises(ops.ValidationFailed, match="manifest counts 3 users"):
-        ops.validate_arm(cfg, DAY, "champion", None, 100)
+        ops.validate_day(cfg, DAY, ["champion"], None, 100)
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})
     with pytest.raises(ops.ValidationFailed, match="not the requested 5"):
-        ops.validate_arm(cfg, DAY, "champion", 5, 100)
+        ops.validate_day(cfg, DAY, ["champion"], 5, 100)
 
 
-def test_unpublished_day_cannot_be_marked_done(cfg, piarec_ops, capsys):
-    with pytest.raises(ops.PiarecError, match="run validate first"):
-        ops.mark_done(cfg, DAY, ["champion"])
+def test_uncommitted_day_fails_validation(cfg, piarec_ops, capsys):
+    with pytest.raises(ops.ValidationFailed, match="not committed"):
+        ops.validate_day(cfg, DAY, ["champion"], None, 100)
     # Through the CLI: one line and status 2 (1 would read as "not ready yet").
-    assert piarec_ops("mark-done", "--date", str(DAY)) == 2
+    assert piarec_ops("validate", "--date", str(DAY)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "run validate first" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "not committed" in err[0]
 
 
 def test_events_ready_waits_for_every_partition(cfg, piarec_ops, capsys):
@@ -124,15 +139,11 @@ def test_events_ready_waits_for_the_day_to_be_complete_not_for_its_folder(cfg, t
 def test_every_user_is_checked_not_only_the_sample(cfg):
     """Streaming validation reads every row: a user repeated in another file of the arm and
     a user with scores out of rank order are caught with a sample of one user."""
-    part = publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]}, users=3)
     extra = pa.table({"user_id": ["u1"], "item_ids": [["t1", "t6"]], "scores": [[1.0, 2.0]],
                       "model_version": ["1"], "source": ["model"]}, schema=OUTPUT_SCHEMA)
-    pq.write_table(extra, part / "part-1.parquet")
-    manifest = json.loads((part / "_manifest.json").read_text())
-    manifest["counts"]["by_source"]["model"] = 3
-    (part / "_manifest.json").write_text(json.dumps(manifest))
+    publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]}, users=3, extra=extra, by_source=3)
     with pytest.raises(ops.ValidationFailed) as exc:
-        ops.validate_arm(cfg, DAY, "champion", None, 1)
+        ops.validate_day(cfg, DAY, ["champion"], None, 1)
     assert "user_id is not unique (1 repeated rows)" in str(exc.value)
     assert "1 users have non-finite or unordered scores" in str(exc.value)
 
@@ -144,4 +155,4 @@ def test_uniqueness_is_exact_when_user_hashes_collide(cfg, monkeypatch):
 
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})
     monkeypatch.setattr(arrow, "user_hash", lambda ids, salt: np.zeros(len(ids), np.uint64))
-    assert ops.validate_arm(cfg, DAY, "champion", None, 100)["users"] == 2
+    assert ops.validate_day(cfg, DAY, ["champion"], None, 100)["arms"][0]["users"] == 2

@@ -18,7 +18,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +78,27 @@ def dags_test(env, dag_id: str, logical_date: str, conf: dict | None = None) -> 
     out = proc.stdout + proc.stderr
     assert "new_state=failed" not in out and "upstream_failed" not in out, out[-6000:]
     return out
+
+
+def committed_day(day: Path):
+    """The commit pointer of a recommendations day, after checking the day's folder holds
+    only it and the committed version (no lease, no run's leftovers, no _validation.json:
+    the DAG's validate task only reads)."""
+    from piarec.data.commit import read_pointer
+
+    pointer = read_pointer(str(day))
+    assert pointer is not None, f"{day} is not committed"
+    assert sorted(p.name for p in day.iterdir()) == ["_SUCCESS", "_versions"]
+    assert [p.name for p in (day / "_versions").iterdir()] == [pointer.version]
+    return pointer
+
+
+def validate_report(out: str, version: str) -> dict:
+    """The report ``piarec ops validate`` (the validate_output task) printed for the
+    committed ``version`` of a day, from the task log in the ``dags test`` output."""
+    lines = [line for line in out.splitlines() if f'"version": "{version}"' in line]
+    assert len(lines) == 1, out[-6000:]
+    return json.loads(lines[0][lines[0].index("{"): lines[0].rindex("}") + 1])
 
 
 def mlflow_client(root: Path):
@@ -142,9 +162,8 @@ def test_weekly_structure(parsed):
 
 def test_daily_structure(parsed):
     d = parsed["dags"]["piarec_daily_scoring"]
-    assert d["upstream"] == {
-        "wait_for_events": [], "score_users": ["wait_for_events"],
-        "validate_output": ["score_users"], "mark_done": ["validate_output"],
+    assert d["upstream"] == {  # the scoring job validates and commits; the last task only checks
+        "wait_for_events": [], "score_users": ["wait_for_events"], "validate_output": ["score_users"],
     }
     assert d["types"]["score_users"] == "PiarecSparkSubmitOperator"
     assert d["params"] == ["challenger_arm", "challenger_share", "date", "k", "model_version"]
@@ -163,12 +182,14 @@ def test_spark_environment_has_no_pyspark_client():
 # --------------------------------------------------------------------------- real runs
 def test_weekly_training_then_daily_scoring_end_to_end(stack):
     env, root = stack
+    from piarec.data import reader
+    from piarec.data.commit import read_pointer
     from piarec.data.storage import is_published
 
     out = dags_test(env, "piarec_weekly_training", WEEK)
     snap = root / "snapshots" / f"window_end={WEEK}"
     assert is_published(str(snap)), out[-4000:]
-    manifest = json.loads((snap / "manifest.json").read_text())
+    manifest = read_pointer(str(snap)).manifest
     assert (manifest["window"]["start"], manifest["window"]["end"]) == ("2026-01-06", WEEK)
 
     c = mlflow_client(root)
@@ -177,14 +198,17 @@ def test_weekly_training_then_daily_scoring_end_to_end(stack):
     assert champion.tags["window_end"] == WEEK and champion.tags["snapshot_uri"] == str(snap)
     assert champion.tags["gate_decision"].startswith("promoted")
 
-    dags_test(env, "piarec_daily_scoring", DAY.isoformat())
-    part = root / "recommendations" / f"dt={DAY}" / "arm=champion"
-    assert (part / "_SUCCESS").exists() and (part / "_manifest.json").exists()
-    assert (part.parent / "_SUCCESS").exists()  # the day's done marker, after validation
-    validation = json.loads((part.parent / "_validation.json").read_text())
-    assert [a["arm"] for a in validation["arms"]] == ["champion"]
-    recs = ds.dataset(str(part), format="parquet").to_table().to_pandas()
-    assert len(recs) == validation["arms"][0]["users"] > 2000
+    out = dags_test(env, "piarec_daily_scoring", DAY.isoformat())
+    day = root / "recommendations" / f"dt={DAY}"
+    pointer = committed_day(day)  # the day's _SUCCESS: committed after the job validated it
+    assert list(pointer.manifest["arms"]) == ["champion"]
+    validation = pointer.manifest["validation"]
+    assert list(validation) == ["champion"]
+    recs = reader.read_arm(str(day), "champion").to_pandas()
+    assert len(recs) == validation["champion"]["users"] == pointer.manifest["arms"]["champion"]["counts"]["users"] > 2000
+    report = validate_report(out, pointer.version)  # the DAG's check of the committed day
+    assert report["date"] == DAY.isoformat() and report["committed_at"] == pointer.committed_at
+    assert [a["arm"] for a in report["arms"]] == ["champion"] and report["arms"][0]["users"] == len(recs)
     assert set(recs.model_version) == {"1"}
     assert (recs.item_ids.map(len) == 100).all()
 
@@ -192,6 +216,8 @@ def test_weekly_training_then_daily_scoring_end_to_end(stack):
 def test_daily_run_follows_a_manual_champion_move_and_scores_the_challenger_arm(stack):
     """A person moves @champion in the MLflow UI; the next daily run scores with it.
     Also: the challenger arm and the k param, for the next day's partition."""
+    from piarec.data import reader
+
     env, root = stack
     c = mlflow_client(root)
     if str(c.get_model_version_by_alias("piarec", "champion").version) != "1":
@@ -201,21 +227,30 @@ def test_daily_run_follows_a_manual_champion_move_and_scores_the_challenger_arm(
          "--epochs", "2"], env)
     assert str(c.get_model_version_by_alias("piarec", "challenger").version) == "2"
     c.set_registered_model_alias("piarec", "champion", "2")  # what the UI does
+    prev_day = root / "recommendations" / f"dt={DAY}"
+    prev_files = {str(p.relative_to(prev_day)): p.read_bytes() for p in prev_day.rglob("*") if p.is_file()}
 
-    dags_test(env, "piarec_daily_scoring", NEXT_DAY.isoformat(),
-              conf={"challenger_arm": True, "challenger_share": 0.3, "k": 20})
+    out = dags_test(env, "piarec_daily_scoring", NEXT_DAY.isoformat(),
+                    conf={"challenger_arm": True, "challenger_share": 0.3, "k": 20})
     day = root / "recommendations" / f"dt={NEXT_DAY}"
-    champion = ds.dataset(str(day / "arm=champion"), format="parquet").to_table().to_pandas()
-    challenger = ds.dataset(str(day / "arm=challenger"), format="parquet").to_table().to_pandas()
+    pointer = committed_day(day)
+    champion = reader.read_arm(str(day), "champion").to_pandas()
+    challenger = reader.read_arm(str(day), "challenger").to_pandas()
     assert set(champion.model_version) == {"2"} and set(challenger.model_version) == {"2"}
     assert not set(champion.user_id) & set(challenger.user_id)  # A/B: each user in one arm
     assert 0.2 < len(challenger) / (len(champion) + len(challenger)) < 0.4
     assert (champion.item_ids.map(len) == 20).all() and (challenger.item_ids.map(len) == 20).all()
-    assert (day / "_SUCCESS").exists()
-    assert [a["arm"] for a in json.loads((day / "_validation.json").read_text())["arms"]] == ["champion", "challenger"]
+    assert sorted(pointer.manifest["arms"]) == sorted(pointer.manifest["validation"]) == ["challenger", "champion"]
+    assert {a: pointer.manifest["validation"][a]["users"] for a in ("champion", "challenger")} == {
+        "champion": len(champion), "challenger": len(challenger)}
+    report = validate_report(out, pointer.version)
+    assert [(a["arm"], a["users"], a["k"]) for a in report["arms"]] == [
+        ("champion", len(champion), 20), ("challenger", len(challenger), 20)]
     # The previous day's partition is untouched by this run.
-    prev = ds.dataset(str(root / "recommendations" / f"dt={DAY}" / "arm=champion"), format="parquet").to_table()
+    assert {str(p.relative_to(prev_day)): p.read_bytes() for p in prev_day.rglob("*") if p.is_file()} == prev_files
+    prev = reader.read_arm(str(prev_day), "champion")
     assert set(prev.column("model_version").to_pylist()) == {"1"}
+    assert list(committed_day(prev_day).manifest["arms"]) == ["champion"]
 
 
 RENDER = r"""

@@ -89,10 +89,19 @@ def test_model_beats_popularity_on_held_out_users(demo):
 
 def test_every_active_user_gets_k_unseen_recommendations(demo):
     work, summary, _, ev = demo
+    from piarec.daily.publish import arm_manifests
+    from piarec.data import reader
+    from piarec.data.commit import read_pointer
+
     day = START + dt.timedelta(days=DAYS - 1)
-    part = work / "recommendations" / f"dt={day}" / "arm=champion"
-    assert (part / "_SUCCESS").exists()
-    recs = ds.dataset(str(part), format="parquet").to_table().to_pandas()
+    part = work / "recommendations" / f"dt={day}"
+    pointer = read_pointer(str(part))  # the day's _SUCCESS: its commit pointer
+    assert pointer is not None and list(pointer.manifest["arms"]) == ["champion"]
+    assert pointer.version == summary["recommendations"]["manifest"]["version"]
+    assert sorted(p.name for p in part.iterdir()) == ["_SUCCESS", "_versions"]
+    assert [p.name for p in (part / "_versions").iterdir()] == [pointer.version]
+    recs = reader.read_arm(str(part), "champion").to_pandas()
+    assert arm_manifests(pointer.manifest)["champion"]["counts"]["users"] == len(recs)
 
     window = ev[(ev.ts >= _utc(day - dt.timedelta(days=90))) & (ev.ts < _utc(day + dt.timedelta(days=1)))]
     active = set(window.user_id)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from piarec.data import storage
+from piarec.data.commit import PartitionCommit
 from piarec.data.synthetic import generate_events
 
 pytestmark = pytest.mark.slow
@@ -29,13 +30,13 @@ def _free_port() -> int:
 @pytest.fixture
 def workdir(tmp_path):
     generate_events(str(tmp_path / "events"), users=200, items=50, days=20, seed=3)
-    # Yesterday's published recommendations for the same partition.
-    final = tmp_path / "recommendations" / f"dt={DAY}" / "arm=champion"
-    tmp = storage.temp_sibling(str(final))
-    os.makedirs(tmp)
-    pq.write_table(pa.table({"user_id": ["u1"], "item_ids": [["t1"]]}), f"{tmp}/part-0.parquet")
-    storage.publish_dir(tmp, str(final), {"model": {"version": "1"}}, manifest_name="_manifest.json")
-    before = sorted((p.name, p.read_bytes()) for p in final.iterdir())
+    # Yesterday's committed recommendations for the same partition.
+    final = tmp_path / "recommendations" / f"dt={DAY}"
+    with PartitionCommit(str(final)) as run:
+        os.makedirs(f"{run.data_uri}/arm=champion")
+        pq.write_table(pa.table({"user_id": ["u1"], "item_ids": [["t1"]]}), f"{run.data_uri}/arm=champion/part-0.parquet")
+        run.commit({"arms": {"champion": {"model": {"version": "1"}}}})
+    before = sorted((str(p.relative_to(final)), p.read_bytes()) for p in final.rglob("*") if p.is_file())
     return tmp_path, final, before
 
 
@@ -48,9 +49,8 @@ def _score(root, tracking_uri: str, extra_env: dict[str, str] | None = None):
 
 
 def _assert_untouched(final, before):
-    assert sorted((p.name, p.read_bytes()) for p in final.iterdir()) == before
+    assert sorted((str(p.relative_to(final)), p.read_bytes()) for p in final.rglob("*") if p.is_file()) == before
     assert storage.is_published(str(final))
-    assert not [p for p in final.parent.iterdir() if p.name.startswith("_tmp-")]
 
 
 def test_missing_champion_alias_stops_scoring(workdir):

@@ -1,7 +1,8 @@
 """The promotion gate on a real MLflow store and a real published snapshot.
 
-The snapshot is the planted checkerboard (tests/conftest.py) written in the published
-layout, so the gate loads it with ``load_snapshot`` like in production. Models are
+The snapshot is the planted checkerboard (tests/conftest.py) committed in the published
+layout (a commit pointer and one version), so the gate loads it with ``load_snapshot``
+like in production. Models are
 trained by ``run_training`` (a good model), or derived from it to break one contract
 (a regression, posterior collapse, non-finite scores) and registered as challenger.
 """
@@ -24,7 +25,8 @@ from piarec.registry import client as registry
 from piarec.models.bundle import save_bundle
 from piarec.config import load_config
 from piarec.registry.gate import CHALLENGER, CHAMPION, promote
-from piarec.data.snapshot import SCHEMA_VERSION, Snapshot
+from piarec.data.commit import PartitionCommit, read_pointer
+from piarec.data.snapshot import SCHEMA_VERSION, Snapshot, load_snapshot
 from piarec.train.job import _log_pyfunc, run_training
 from piarec.data import layout
 
@@ -32,8 +34,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def write_snapshot(snap: Snapshot, uri: Path) -> str:
-    """Write an in-memory snapshot in the published layout of pipelines/build_matrix.py."""
-    uri.mkdir(parents=True)
+    """Write an in-memory snapshot in the published layout of pipelines/build_matrix.py:
+    one commit of the partition (:class:`~piarec.data.commit.PartitionCommit`), the files
+    under its version and the manifest in the commit pointer ``_SUCCESS``."""
     n_items = snap.n_items
     users, inter = [], []
     for split, ids, parts in (("train", snap.train_user_ids, {"train": snap.train}),
@@ -49,22 +52,23 @@ def write_snapshot(snap: Snapshot, uri: Path) -> str:
                               ("val", snap.val.user_ids, {"fold_in": snap.val.fold_in.nnz, "held_out": snap.val.held_out.nnz}),
                               ("test", snap.test.user_ids, {"fold_in": snap.test.fold_in.nnz, "held_out": snap.test.held_out.nnz})):
         counts[split] = {"users": len(ids), "train": 0, "fold_in": 0, "held_out": 0, **parts}
-    for name, table in (
-        ("items", pa.table({"item_idx": pa.array(np.arange(n_items), pa.int32()),
-                            "item_id": pa.array(list(map(str, snap.item_ids))),
-                            "n_users": pa.array(snap.item_popularity.astype(np.int32))})),
-        ("users", pa.table({"user_idx": pa.array([u[0] for u in users], pa.int32()),
-                            "user_id": [u[1] for u in users], "split": [u[2] for u in users]})),
-        ("interactions", pa.table({"user_idx": pa.array([r[0] for r in inter], pa.int32()),
-                                   "item_idx": pa.array([r[1] for r in inter], pa.int32()),
-                                   "part": [r[2] for r in inter]})),
-    ):
-        (uri / name).mkdir()
-        pq.write_table(table, uri / name / "part-0.parquet")
-    manifest = {"schema_version": SCHEMA_VERSION, "window": snap.manifest["window"],
-                "counts": {"after_user_filter": {"items": n_items}, "splits": counts}}
-    (uri / "manifest.json").write_text(json.dumps(manifest))
-    (uri / "_SUCCESS").write_text("")
+    with PartitionCommit(str(uri), what="snapshot") as run:
+        data = Path(run.data_uri)
+        for name, table in (
+            ("items", pa.table({"item_idx": pa.array(np.arange(n_items), pa.int32()),
+                                "item_id": pa.array(list(map(str, snap.item_ids))),
+                                "n_users": pa.array(snap.item_popularity.astype(np.int32))})),
+            ("users", pa.table({"user_idx": pa.array([u[0] for u in users], pa.int32()),
+                                "user_id": [u[1] for u in users], "split": [u[2] for u in users]})),
+            ("interactions", pa.table({"user_idx": pa.array([r[0] for r in inter], pa.int32()),
+                                       "item_idx": pa.array([r[1] for r in inter], pa.int32()),
+                                       "part": [r[2] for r in inter]})),
+        ):
+            (data / name).mkdir(parents=True)
+            pq.write_table(table, data / name / "part-0.parquet")
+        manifest = {"schema_version": SCHEMA_VERSION, "window": snap.manifest["window"],
+                    "counts": {"after_user_filter": {"items": n_items}, "splits": counts}}
+        run.commit(manifest)
     return str(uri)
 
 
@@ -121,6 +125,21 @@ def trained(tmp_path_factory):
     """A published planted snapshot and a first model trained on it (version 1, challenger)."""
     cfg, _, uri, out = train_planted(tmp_path_factory.mktemp("gate"))
     return cfg, uri, out
+
+
+def test_the_planted_snapshot_is_committed_and_loads(trained):
+    _, uri, _ = trained
+    pointer = read_pointer(uri)
+    assert pointer is not None and pointer.manifest["schema_version"] == SCHEMA_VERSION
+    assert sorted(p.name for p in Path(uri).iterdir()) == ["_SUCCESS", "_versions"]
+    assert [p.name for p in (Path(uri) / "_versions").iterdir()] == [pointer.version]
+    assert sorted(f["path"] for f in pointer.files) == [
+        f"_versions/{pointer.version}/{name}/part-0.parquet" for name in ("interactions", "items", "users")]
+    snap, want = load_snapshot(uri), planted()
+    assert list(snap.item_ids) == list(want.item_ids) and list(snap.train_user_ids) == list(want.train_user_ids)
+    for got, exp in ((snap.train, want.train), (snap.val.fold_in, want.val.fold_in),
+                     (snap.test.held_out, want.test.held_out)):
+        assert np.array_equal(got.indptr, exp.indptr) and np.array_equal(got.indices, exp.indices)
 
 
 def _bundle(cfg, version):

@@ -1,5 +1,6 @@
-"""Scoring killed with SIGKILL halfway, then rerun: the published rows equal a clean
-run's, no user appears twice, and the killed run never wrote ``_SUCCESS``."""
+"""Scoring killed with SIGKILL halfway, then rerun: the committed rows equal a clean
+run's, no user appears twice, the killed run never wrote ``_SUCCESS`` (the day's commit
+pointer), and the rerun removed what the killed run had written."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 import torch
 
+from piarec.data import reader
+from piarec.data.commit import read_pointer
 from piarec.models.bundle import save_bundle
 from piarec.config import ModelConfig
 from piarec.models.multivae import MultiVAE
@@ -49,8 +51,9 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-def _rows(part: Path) -> list[tuple]:
-    table = ds.dataset(str(part), format="parquet").to_table().sort_by("user_id")
+def _rows(day: Path) -> list[tuple]:
+    # the reader rule: the champion arm's files as the day's commit pointer names them
+    table = reader.read_arm(str(day), "champion").sort_by("user_id")
     return list(zip(*(table.column(c).to_pylist() for c in ("user_id", "item_ids", "scores", "source"))))
 
 
@@ -61,22 +64,29 @@ def test_killed_run_then_rerun_equals_a_clean_run(inputs):
 
     proc = subprocess.Popen(_cmd(root, out), env=_env(root), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    day = out / f"dt={DAY}"
     deadline = time.monotonic() + 300
-    # Kill as soon as the run has started writing anything under its output root (its
-    # staging area): the model is loaded, scoring is under way, nothing is published.
+    # Kill as soon as the run has started writing data under its version of the day
+    # (``_versions/<version>/arm=champion/``): the model is loaded, the lease taken,
+    # scoring is under way, nothing is committed.
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and any(out.rglob("*")):
+        if (day / "_versions").exists() and any(p.is_file() for p in (day / "_versions").rglob("*")):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    final = out / f"dt={DAY}" / "arm=champion"
-    assert not (final / "_SUCCESS").exists()
+    assert not (day / "_SUCCESS").exists() and read_pointer(str(day)) is None
+    killed = [p.name for p in (day / "_versions").iterdir()]
+    assert len(killed) == 1  # what the killed run left: its version (and its dead lease)
 
     rerun = subprocess.run(_cmd(root, out), env=_env(root), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert (final / "_SUCCESS").exists()
-    rows = _rows(final)
+    pointer = read_pointer(str(day))
+    assert pointer is not None and pointer.version not in killed
+    # The killed run's version and lease are gone: the pointer and the committed version only.
+    assert sorted(p.name for p in day.iterdir()) == ["_SUCCESS", "_versions"]
+    assert [p.name for p in (day / "_versions").iterdir()] == [pointer.version]
+    rows = _rows(day)
     assert len({r[0] for r in rows}) == len(rows)
-    assert rows == _rows(clean_out / f"dt={DAY}" / "arm=champion")
+    assert rows == _rows(clean_out / f"dt={DAY}")

@@ -16,7 +16,8 @@ import pyarrow.fs as pafs
 import pytest
 from s3server import BUCKET, moto_s3
 
-from piarec.data import storage
+from piarec.data import reader, storage
+from piarec.data.commit import read_pointer
 from piarec.config import load_config
 from piarec.data.synthetic import generate_events
 from piarec.data import layout
@@ -69,7 +70,8 @@ def test_snapshot_reads_the_same_from_s3(s3, local_snapshot):
     dst = storage.resolve(remote_uri)
     pafs.copy_files(local_uri, dst.path, destination_filesystem=dst.fs)
     a, b = load_snapshot(local_uri), load_snapshot(remote_uri)
-    assert a.manifest == b.manifest
+    assert read_pointer(remote_uri) == read_pointer(local_uri)  # the pointer names its files relative to it
+    assert a.manifest == b.manifest == read_pointer(remote_uri).manifest
     assert (a.item_ids == b.item_ids).all()
     for x, y in [(a.train, b.train), (a.val.fold_in, b.val.fold_in), (a.test.held_out, b.test.held_out)]:
         assert np.array_equal(x.indptr, y.indptr) and np.array_equal(x.indices, y.indices)
@@ -118,9 +120,17 @@ def test_training_resumes_from_a_checkpoint_on_s3(s3, planted_snapshot):
         assert torch.equal(a, b), name
 
 
+def _s3_partition_entries(fs, path: str) -> dict[str, list[str]]:
+    """What an S3 partition holds: the names directly under it and the versions under
+    ``_versions/`` (files only exist as keys; a "folder" is a common prefix)."""
+    top = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    versions = fs.get_file_info(pafs.FileSelector(f"{path}/_versions", recursive=False, allow_not_found=True))
+    return {"day": sorted(i.base_name for i in top), "versions": sorted(i.base_name for i in versions)}
+
+
 def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
-    """Histories read from S3, recommendations published to S3: the same rows, manifest
-    and markers as the same run on local folders."""
+    """Histories read from S3, recommendations committed to S3: the same rows, manifest
+    and commit pointer as the same run on local folders."""
     from piarec.daily import local_engine as score_local
     from piarec.daily import arms as score_arms, publish as score_publish
     from test_score_local import DAY, make_histories, read_arm, save_model, write_histories
@@ -139,15 +149,24 @@ def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
 
     local = run(str(tmp_path / "histories"), str(tmp_path / "recs"))
     remote = run(f"s3://{BUCKET}/e2e/histories", f"s3://{BUCKET}/e2e/recs")
-    part = f"e2e/recs/dt={DAY}/arm=champion"
-    assert storage.is_published(f"s3://{BUCKET}/{part}")
-    remote_rows = ds.dataset(f"{BUCKET}/{part}", filesystem=fs, format="parquet").to_table().to_pylist()
+    day = f"s3://{BUCKET}/e2e/recs/dt={DAY}"
+    assert storage.is_published(day)
+    remote_rows = reader.read_arm(day, "champion").to_pylist()
     assert sorted(remote_rows, key=lambda r: r["user_id"]) == sorted(read_arm(tmp_path, "champion"),
                                                                      key=lambda r: r["user_id"])
     assert len(remote_rows) == len(data["user_id"])
     assert remote["counts"] == local["counts"] and remote["input"]["uri"].startswith("s3://")
-    staging = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/e2e/recs/_staging", allow_not_found=True, recursive=True))
-    assert not [i for i in staging if i.type == pafs.FileType.File]  # nothing left behind
+    pointer, local_pointer = read_pointer(day), read_pointer(str(tmp_path / "recs" / f"dt={DAY}"))
+    assert pointer.version == remote["version"] and pointer.committed_at == remote["committed_at"]
+    assert score_publish.arm_manifests(pointer.manifest)["champion"] == {
+        k: v for k, v in remote.items() if k not in ("version", "committed_at")}
+    assert pointer.manifest["arms"] == local_pointer.manifest["arms"]
+    assert pointer.manifest["validation"] == local_pointer.manifest["validation"]
+    assert [f["path"].split("/", 2)[2] for f in pointer.files] == [
+        f["path"].split("/", 2)[2] for f in local_pointer.files]  # the same files under each version
+    # Nothing left behind: no lease, no other version; only the pointer and its version.
+    assert _s3_partition_entries(fs, f"{BUCKET}/e2e/recs/dt={DAY}") == {
+        "day": ["_SUCCESS", "_versions"], "versions": [pointer.version]}
 
 
 def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
@@ -190,12 +209,16 @@ def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
     finally:
         spark.stop()
     fs = storage.resolve(out).fs
+    day = f"{out}/dt={DAY}"
+    assert storage.is_published(day)
+    pointer = read_pointer(day)
     total = 0
     for arm in ("champion", "challenger"):
-        part = f"{BUCKET}/spark/recs/dt={DAY}/arm={arm}"
-        assert storage.is_published(f"s3://{part}")
-        rows = ds.dataset(part, filesystem=fs, format="parquet").to_table().to_pylist()
+        rows = reader.read_arm(day, arm).to_pylist()
         assert sorted(rows, key=lambda r: r["user_id"]) == sorted(read_arm(tmp_path, arm), key=lambda r: r["user_id"])
         total += len(rows)
-    assert total == len(data["user_id"]) == manifest["counts"]["users"] + manifest["arms"]["challenger"]["counts"]["users"]
-    assert manifest["engine"]["name"] == "spark"
+    assert total == len(data["user_id"]) == manifest["counts"]["users"] + pointer.manifest["arms"]["challenger"]["counts"]["users"]
+    assert manifest["engine"]["name"] == "spark" and manifest["version"] == pointer.version
+    assert sorted(pointer.manifest["validation"]) == ["challenger", "champion"]
+    assert _s3_partition_entries(fs, f"{BUCKET}/spark/recs/dt={DAY}") == {
+        "day": ["_SUCCESS", "_versions"], "versions": [pointer.version]}

@@ -3,7 +3,6 @@ single-node engine gives the same bytes of output on the same histories."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from piarec.config import ModelConfig, load_config
 from piarec.models.multivae import MultiVAE
 from piarec.daily import local_engine as score_local
 from piarec.daily import arms as score_arms, publish as score_publish
+from piarec.data import reader
+from piarec.data.commit import PartitionCommit, read_pointer
 from piarec.scoring.scorer import TopKScorer
 from piarec.scoring.arrow import HISTORY_SCHEMA, OUTPUT_SCHEMA, in_share, map_histories
 from pipelines import score_users
@@ -123,22 +124,42 @@ def spark(env):
     session.stop()
 
 
-def read_partition(path: Path) -> list[dict]:
-    # a plain Parquet read of the partition: _SUCCESS and _manifest.json are skipped
-    table = ds.dataset(path, format="parquet").to_table()
+def read_partition(day: Path, arm: str) -> list[dict]:
+    # the reader rule: one arm's rows among the files the day's commit pointer names
+    table = reader.read_arm(str(day), arm)
     assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False), table.schema
     return table.to_pylist()
 
 
-def run_job(spark, env, k=K, arm="champion", out="recs", **kw):
-    root, _, cfg = env
-    return score_users.run(spark, cfg, str(root / "events"), DAY, str(root / out), str(root / "model"), k, arm, **kw)
+def day_dir(root: Path, out: str = "recs") -> Path:
+    return root / out / f"dt={DAY}"
+
+
+def versions(day: Path) -> list[str]:
+    """The versions the day's folder holds; the folder itself holds only the pointer and them."""
+    assert sorted(p.name for p in day.iterdir()) == ["_SUCCESS", "_versions"]
+    return sorted(p.name for p in (day / "_versions").iterdir())
+
+
+def assert_nothing_committed(day: Path) -> None:
+    """A refused first run of a day leaves nothing: no pointer, no lease, no folder."""
+    assert read_pointer(str(day)) is None and not day.exists()
+
+
+def all_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_job(spark, env, k=K, arm="champion", out="recs", cfg=None, **kw):
+    root, _, env_cfg = env
+    return score_users.run(spark, cfg or env_cfg, str(root / "events"), DAY, str(root / out), str(root / "model"), k,
+                           arm, **kw)
 
 
 def test_scores_every_active_user_once(spark, env):
     root, events, cfg = env
     manifest = run_job(spark, env)
-    rows = read_partition(root / "recs" / f"dt={DAY}" / "arm=champion")
+    rows = read_partition(day_dir(root), "champion")
     by_user = {r["user_id"]: r for r in rows}
     assert len(rows) == len(by_user)  # one row per user
     expected = expected_histories(events, cfg)
@@ -182,35 +203,58 @@ def test_scores_every_active_user_once(spark, env):
 def test_manifest_and_success_marker(spark, env):
     root, _, _ = env
     manifest = run_job(spark, env, arm="challenger")
-    final = root / "recs" / f"dt={DAY}" / "arm=challenger"
-    assert (final / "_SUCCESS").is_file()
-    assert json.loads((final / "_manifest.json").read_text()) == manifest
+    day = day_dir(root)
+    pointer = read_pointer(str(day))  # the day's _SUCCESS: the commit pointer with the manifest
+    assert pointer is not None and (day / "_SUCCESS").is_file()
+    assert score_publish.arm_manifests(pointer.manifest)["challenger"] == {
+        k: v for k, v in manifest.items() if k not in ("version", "committed_at")}
+    assert (manifest["version"], manifest["committed_at"]) == (pointer.version, pointer.committed_at)
+    assert datetime.fromisoformat(pointer.committed_at).tzinfo is not None and "created_at" not in manifest
     assert manifest["date"] == "2026-03-10" and manifest["k"] == K and manifest["arm"] == "challenger"
     assert manifest["window"] == {"start": "2026-03-03", "end": "2026-03-11"}
     assert manifest["model"]["uri"] == str(root / "model") and manifest["model"]["n_items"] == N_ITEMS
-    assert manifest["counts"]["users"] == len(read_partition(final))
-    assert manifest["engine"]["name"] == "spark" and list(manifest["arms"]) == ["challenger"]
-    assert_output_files(final)  # the same files as the single-node engine writes
+    rows = read_partition(day, "challenger")
+    assert manifest["counts"]["users"] == len(rows)
+    assert manifest["engine"]["name"] == "spark" and list(pointer.manifest["arms"]) == ["challenger"]
+    assert pointer.manifest["validation"]["challenger"]["users"] == len(rows)  # validated before the commit
+    assert pointer.version in versions(day)
+    version = day / "_versions" / pointer.version
+    assert sorted(p.name for p in version.iterdir()) == ["arm=challenger"]
+    assert [f["path"] for f in pointer.files] == [
+        str(p.relative_to(day)) for p in sorted((version / "arm=challenger").glob("*.parquet"))]
+    assert_output_files(version / "arm=challenger")  # the same files as the single-node engine writes
 
 
 def test_rerun_replaces_partition(spark, env):
     root, _, _ = env
     first = run_job(spark, env, arm="rerun")
     second = run_job(spark, env, k=2, arm="rerun")
-    final = root / "recs" / f"dt={DAY}" / "arm=rerun"
-    rows = read_partition(final)
+    day = day_dir(root)
+    rows = read_partition(day, "rerun")
     assert len(rows) == len({r["user_id"] for r in rows}) == first["counts"]["users"]
     assert max(len(r["item_ids"]) for r in rows) == 2
-    assert json.loads((final / "_manifest.json").read_text())["k"] == second["k"] == 2
-    leftovers = [p.name for p in final.parent.iterdir() if p.name.startswith(("_tmp-", "_old-"))]
-    assert leftovers == [] and list((root / "recs" / "_staging").iterdir()) == []
+    pointer = read_pointer(str(day))
+    assert score_publish.arm_manifests(pointer.manifest)["rerun"]["k"] == second["k"] == 2
+    assert pointer.version == second["version"] != first["version"]
+    # No leftover: the pointer, the new version and the one it replaced (readable for
+    # storage.retain_versions_s, 1 h by default).
+    assert pointer.retired[0]["version"] == first["version"]
+    assert {first["version"], second["version"]} <= set(versions(day))
+    assert all(f["path"].startswith(f"_versions/{second['version']}/arm=rerun/") for f in pointer.files)
+    # Without retention a rerun leaves exactly the pointer and its version.
+    _, _, cfg = env
+    eager = cfg.model_copy(deep=True)
+    eager.storage.retain_versions_s = 0
+    third = run_job(spark, env, k=2, arm="rerun", cfg=eager)
+    assert versions(day) == [third["version"]] == [read_pointer(str(day)).version]
+    assert sorted(r["user_id"] for r in read_partition(day, "rerun")) == sorted(r["user_id"] for r in rows)
 
 
 def test_failure_before_publish_keeps_previous_output(spark, env, monkeypatch):
     root, _, _ = env
-    run_job(spark, env, arm="kept")
-    final = root / "recs" / f"dt={DAY}" / "arm=kept"
-    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    kept = run_job(spark, env, arm="kept")
+    day = day_dir(root)
+    before, rows = all_files(day), read_partition(day, "kept")
 
     def boom(*args, **kwargs):
         raise RuntimeError("injected before publish")
@@ -218,8 +262,10 @@ def test_failure_before_publish_keeps_previous_output(spark, env, monkeypatch):
     monkeypatch.setattr(score_users, "publish_run", boom)
     with pytest.raises(RuntimeError, match="injected"):
         run_job(spark, env, k=2, arm="kept")
-    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
-    assert list((root / "recs" / "_staging").iterdir()) == []
+    # Every byte of the day as it was: the pointer, its version, nothing of the failed run.
+    assert all_files(day) == before
+    assert read_pointer(str(day)).version == kept["version"] in versions(day)
+    assert read_partition(day, "kept") == rows
 
 
 def test_ab_pass_and_local_engine_write_the_same(spark, env):
@@ -229,8 +275,10 @@ def test_ab_pass_and_local_engine_write_the_same(spark, env):
     from pipelines.events import daily_histories
 
     hist_root = root / "histories"
-    daily_histories(spark, str(root / "events"), cfg, DAY).write.parquet(str(hist_root / f"dt={DAY}"))
-    assert (hist_root / f"dt={DAY}" / "_SUCCESS").is_file()
+    with PartitionCommit(str(hist_root / f"dt={DAY}"), what="histories day") as commit:
+        daily_histories(spark, str(root / "events"), cfg, DAY).write.parquet(commit.data_uri)
+        commit.commit({"date": DAY.isoformat(), "users": len(expected_histories(events, cfg))})
+    assert read_pointer(str(hist_root / f"dt={DAY}")).files
     kw = {"histories_uri": str(hist_root), "challenger_uri": str(root / "model2"), "challenger_share": 0.5}
     spark_manifest = run_job(spark, env, out="recs-ab", **kw)
     plan = score_arms.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
@@ -242,9 +290,8 @@ def test_ab_pass_and_local_engine_write_the_same(spark, env):
                "challenger": {u for u, c in zip(sorted(expected), challenger) if c}}
     assert members["champion"] and members["challenger"]
     for arm, model in (("champion", "model"), ("challenger", "model2")):
-        got = sorted(read_partition(root / "recs-ab" / f"dt={DAY}" / f"arm={arm}"), key=lambda r: r["user_id"])
-        assert got == sorted(read_partition(root / "recs-local" / f"dt={DAY}" / f"arm={arm}"),
-                             key=lambda r: r["user_id"])
+        got = sorted(read_partition(day_dir(root, "recs-ab"), arm), key=lambda r: r["user_id"])
+        assert got == sorted(read_partition(day_dir(root, "recs-local"), arm), key=lambda r: r["user_id"])
         assert {r["user_id"] for r in got} == members[arm]
         bundle = load_bundle(root / model)
         users = [r["user_id"] for r in got]
@@ -253,12 +300,18 @@ def test_ab_pass_and_local_engine_write_the_same(spark, env):
         direct = TopKScorer(bundle, K).score(history, seen)
         assert [r["item_ids"] for r in got] == [[ITEMS[i] for i in direct.item_idx[b, : direct.count[b]]]
                                                 for b in range(len(users))]
-    drop = ("created_at", "engine", "input")
-    spark_m = json.loads((root / "recs-ab" / f"dt={DAY}" / "arm=challenger" / "_manifest.json").read_text())
+    drop = ("version", "committed_at", "engine", "input")
+    spark_day = read_pointer(str(day_dir(root, "recs-ab"))).manifest
+    local_day = read_pointer(str(day_dir(root, "recs-local"))).manifest
+    spark_m = score_publish.arm_manifests(spark_day)["challenger"]
     assert {k: v for k, v in spark_m.items() if k not in drop} == {
         k: v for k, v in local["challenger"].items() if k not in drop}
-    assert spark_manifest["arms"] == local["champion"]["arms"]
+    assert spark_day["arms"] == local_day["arms"] and spark_day["assignment"] == local_day["assignment"]
+    assert spark_day["validation"] == local_day["validation"]
+    assert {k: v for k, v in spark_manifest.items() if k not in drop} == {
+        k: v for k, v in local["champion"].items() if k not in drop}
     assert spark_manifest["input"]["uri"] == str(hist_root / f"dt={DAY}")
+    assert spark_manifest["input"]["manifest"] == read_pointer(str(hist_root / f"dt={DAY}")).manifest
 
 
 class _CountingBroadcast:
@@ -318,9 +371,9 @@ def test_spark_submit_from_checkout(env):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = [line for line in done.stdout.splitlines() if line.startswith("score_users ")]
     assert len(summary) == 1 and "arm=submitted" in summary[0], done.stdout
-    final = root / "recommendations" / f"dt={DAY}" / "arm=submitted"  # defaults from the config
-    manifest = json.loads((final / "_manifest.json").read_text())
-    rows = read_partition(final)
+    day = root / "recommendations" / f"dt={DAY}"  # defaults from the config
+    manifest = score_publish.arm_manifests(read_pointer(str(day)).manifest)["submitted"]
+    rows = read_partition(day, "submitted")
     assert manifest["counts"]["users"] == len(rows) and manifest["k"] == 4
     assert max(len(r["item_ids"]) for r in rows) == 4
 
@@ -416,7 +469,8 @@ def test_events_path_refuses_a_day_of_nothing_but_dirt(spark, env, tmp_path):
     with pytest.raises(Exception) as exc:
         score_users.run(spark, lenient, str(tmp_path / "events"), DAY, str(root / "recs-dirt"), str(root / "model"),
                         K, "champion")
-    assert "all dropped" in str(exc.value) and not (root / "recs-dirt" / f"dt={DAY}").exists()
+    assert "all dropped" in str(exc.value)
+    assert_nothing_committed(root / "recs-dirt" / f"dt={DAY}")
 
 
 def test_events_path_refuses_missing_columns_with_one_line(env, tmp_path):
@@ -440,9 +494,17 @@ def test_plain_rerun_after_a_challenger_run_leaves_each_user_once(spark, env):
     goes, and every active user appears exactly once in the day."""
     root, events, cfg = env
     run_job(spark, env, out="recs-ab", challenger_uri=str(root / "model2"), challenger_share=0.5)
-    day = root / "recs-ab" / f"dt={DAY}"
-    assert sorted(p.name for p in day.iterdir() if p.is_dir()) == ["arm=challenger", "arm=champion"]
+    day = day_dir(root, "recs-ab")
+
+    def committed_arms() -> list[str]:
+        pointer = read_pointer(str(day))
+        assert sorted({f["path"].split("/")[2] for f in pointer.files}) == [f"arm={a}" for a in sorted(pointer.manifest["arms"])]
+        return sorted(pointer.manifest["arms"])
+
+    assert committed_arms() == ["challenger", "champion"]
     run_job(spark, env, out="recs-ab")
-    assert sorted(p.name for p in day.iterdir() if p.is_dir()) == ["arm=champion"]
-    users = [r["user_id"] for r in ds.dataset(day, format="parquet", partitioning="hive").to_table().to_pylist()]
+    assert committed_arms() == ["champion"]
+    table = reader.read_table(str(day))  # the whole committed day, arm column from the Hive folders
+    assert set(table.column("arm").to_pylist()) == {"champion"}
+    users = table.column("user_id").to_pylist()
     assert len(users) == len(set(users)) == len(expected_histories(events, cfg))

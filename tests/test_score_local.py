@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,9 +20,11 @@ import torch
 from piarec.daily import local_engine as score_local
 
 from piarec.daily import arms as score_arms, publish as score_publish
+from piarec.data import reader
+from piarec.data.commit import read_pointer
 from piarec.models.bundle import load_bundle, save_bundle
 from piarec.config import ModelConfig, load_config
-from piarec.errors import InputDataError
+from piarec.errors import InputDataError, ValidationFailed
 from piarec.models.multivae import MultiVAE
 from piarec.scoring.arrow import OUTPUT_SCHEMA, in_share, map_histories
 from test_scorer import reference
@@ -92,10 +93,17 @@ def run(env, k=K, challenger=True, share=None):
 
 
 def read_arm(root: Path, arm: str, recs: str = "recs") -> list[dict]:
-    # a plain Parquet read of the partition: _SUCCESS and _manifest.json are skipped
-    table = ds.dataset(root / recs / f"dt={DAY}" / f"arm={arm}", format="parquet").to_table()
+    # the reader rule: the files the day's commit pointer names
+    table = reader.read_arm(str(root / recs / f"dt={DAY}"), arm)
     assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False), table.schema
     return table.to_pylist()
+
+
+def day_entries(root: Path, recs: str = "recs") -> dict[str, list[str]]:
+    """What the day's folder holds: its top-level names and the versions under _versions/."""
+    day = root / recs / f"dt={DAY}"
+    return {"day": sorted(p.name for p in day.iterdir()),
+            "versions": sorted(p.name for p in (day / "_versions").iterdir())}
 
 
 def expected_rows(root: Path, data: dict, users: list[int], model: str) -> dict[str, tuple]:
@@ -123,7 +131,11 @@ def test_ab_run_is_exact_per_arm(env):
             assert (row["item_ids"], row["scores"], row["source"]) == (items, scores, source), user
             assert row["model_version"] == manifests[arm]["model"]["version"]
         m = manifests[arm]
-        assert json.loads((root / "recs" / f"dt={DAY}" / f"arm={arm}" / "_manifest.json").read_text()) == m
+        pointer = read_pointer(str(root / "recs" / f"dt={DAY}"))
+        assert score_publish.arm_manifests(pointer.manifest)[arm] == {
+            k: v for k, v in m.items() if k not in ("version", "committed_at")}
+        assert (m["version"], m["committed_at"]) == (pointer.version, pointer.committed_at)
+        assert pointer.manifest["validation"][arm]["users"] == len(rows)
         assert m["arm"] == arm and m["date"] == DAY.isoformat() and m["k"] == K
         assert m["counts"] == {"users": len(rows), "by_source": {
             s: sum(r["source"] == s for r in rows) for s in ("model", "popularity")}}
@@ -146,7 +158,7 @@ def assert_output_files(final: Path) -> None:
     the markers; zstd everywhere; item ids dictionary-encoded; unique user ids and float
     scores without a dictionary."""
     parts = sorted(final.glob("*.parquet"))
-    assert parts and {p.name for p in final.iterdir() if not p.name.startswith("_")} == {p.name for p in parts}
+    assert parts and {p.name for p in final.iterdir()} == {p.name for p in parts}
     for part in parts:
         meta = pq.ParquetFile(part).metadata
         for g in range(meta.num_row_groups):
@@ -160,12 +172,14 @@ def assert_output_files(final: Path) -> None:
 
 def test_output_files(env):
     root, _, _ = env
-    run(env, challenger=False)
-    final = root / "recs" / f"dt={DAY}" / "arm=champion"
-    assert (final / "_SUCCESS").is_file() and not (root / "recs" / f"dt={DAY}" / "arm=challenger").exists()
-    assert_output_files(final)
-    # Nothing left in staging.
-    assert [p for p in (root / "recs" / "_staging").iterdir()] == []
+    m = run(env, challenger=False)["champion"]
+    version = root / "recs" / f"dt={DAY}" / "_versions" / m["version"]
+    assert sorted(p.name for p in version.iterdir()) == ["arm=champion"]
+    assert_output_files(version / "arm=champion")
+    assert day_entries(root) == {"day": ["_SUCCESS", "_versions"], "versions": [m["version"]]}
+    pointer = read_pointer(str(root / "recs" / f"dt={DAY}"))
+    assert [f["path"] for f in pointer.files] == [
+        str(p.relative_to(root / "recs" / f"dt={DAY}")) for p in sorted((version / "arm=champion").glob("*.parquet"))]
 
 
 def test_empty_arm_is_a_typed_empty_table(env):
@@ -173,22 +187,32 @@ def test_empty_arm_is_a_typed_empty_table(env):
     manifests = run(env, share=1e-9)
     assert read_arm(root, "challenger") == []
     assert manifests["challenger"]["counts"] == {"users": 0, "by_source": {"model": 0, "popularity": 0}}
-    assert (root / "recs" / f"dt={DAY}" / "arm=challenger" / "_SUCCESS").is_file()
+    assert reader.read_arm(str(root / "recs" / f"dt={DAY}"), "challenger").schema.equals(OUTPUT_SCHEMA)
 
 
-def test_rerun_replaces_partition_and_day_marker(env):
-    root, data, _ = env
-    run(env)
-    day = root / "recs" / f"dt={DAY}"
-    (day / "_SUCCESS").write_bytes(b"")  # the DAG's validated-day marker of the first run
-    (day / "_validation.json").write_text("{}")
+def test_rerun_replaces_partition_and_keeps_the_old_version_for_the_grace(env):
+    root, data, cfg = env
+    first = run(env)
     second = run(env, k=2)
     rows = read_arm(root, "champion") + read_arm(root, "challenger")
     assert len(rows) == len({r["user_id"] for r in rows}) == len(data["user_id"])
     assert max(len(r["item_ids"]) for r in rows) == 2 and second["champion"]["k"] == 2
-    assert not (day / "_SUCCESS").exists() and not (day / "_validation.json").exists()  # revalidate
-    leftovers = [p.name for p in day.iterdir() if p.name.startswith(("_tmp-", "_old-"))]
-    assert leftovers == []
+    # The first version stays readable for storage.retain_versions_s, named as retired.
+    pointer = read_pointer(str(root / "recs" / f"dt={DAY}"))
+    assert [r["version"] for r in pointer.retired] == [first["champion"]["version"]]
+    assert day_entries(root)["versions"] == sorted([first["champion"]["version"], second["champion"]["version"]])
+    cfg.storage.retain_versions_s = 0  # the next run deletes it
+    third = run(env, k=3)
+    assert day_entries(root) == {"day": ["_SUCCESS", "_versions"], "versions": [third["champion"]["version"]]}
+
+
+def test_challenger_run_then_plain_rerun_leaves_each_user_once(env):
+    root, data, _ = env
+    run(env)  # champion + challenger
+    run(env, challenger=False)
+    table = reader.read_table(str(root / "recs" / f"dt={DAY}"))
+    assert set(table.column("arm").to_pylist()) == {"champion"}
+    assert sorted(table.column("user_id").to_pylist()) == sorted(data["user_id"])
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -206,8 +230,7 @@ def test_failure_before_publish_keeps_previous_output(env, monkeypatch):
     monkeypatch.setattr(score_local, "publish_run", boom)
     with pytest.raises(RuntimeError, match="injected"):
         run(env, k=3)
-    assert snapshot(root / "recs" / f"dt={DAY}") == before
-    assert [p for p in (root / "recs" / "_staging").iterdir()] == []  # the failed run cleaned up
+    assert snapshot(root / "recs" / f"dt={DAY}") == before  # the failed run removed its version
 
 
 def test_broken_model_fails_in_a_worker_and_keeps_previous_output(env):
@@ -243,7 +266,7 @@ score_local.run_local(cfg, date(2026, 3, 10), str(root / "histories"), str(root 
 
 def test_killed_run_publishes_nothing(env):
     root, _, _ = env
-    run(env, challenger=False)
+    first = run(env, challenger=False)["champion"]["version"]
     before = snapshot(root / "recs" / f"dt={DAY}")
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -253,7 +276,8 @@ def test_killed_run_publishes_nothing(env):
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        staged = [p for p in (root / "recs" / "_staging").rglob("*.parquet")]
+        staged = [p for p in (root / "recs" / f"dt={DAY}" / "_versions").rglob("*.parquet")
+                  if p.parent.parent.name != first]
         assert staged  # the run was mid-write
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -261,8 +285,8 @@ def test_killed_run_publishes_nothing(env):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert snapshot(root / "recs" / f"dt={DAY}") == before  # old partition intact
-    assert not list((root / "recs" / "_staging").rglob("_SUCCESS"))
+    assert read_pointer(str(root / "recs" / f"dt={DAY}")).version == first  # the old commit in force
+    assert {k: v for k, v in snapshot(root / "recs" / f"dt={DAY}").items() if first in k or k == "_SUCCESS"} == before
 
 
 def test_cli_local_engine_never_imports_pyspark(env):
@@ -300,3 +324,49 @@ def test_unpublished_or_malformed_histories_are_refused(env, capsys):
     assert main(["--engine", "local", "--date", "2026-03-11", "--histories", str(root / "histories"),
                  "--model", str(root / "champion")]) == 2
     assert "not published" in capsys.readouterr().err
+
+
+def version_checksums(root: Path, manifests: dict) -> dict[str, str]:
+    """sha256 of every data file of the committed version, by path inside the version."""
+    import hashlib
+
+    version = root / "recs" / f"dt={DAY}" / "_versions" / manifests["champion"]["version"]
+    return {str(p.relative_to(version)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(version.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_writes_the_same_bytes(env):
+    """Same inputs and model, several worker threads and small files (so batches finish out
+    of order and roll over files): the data files are equal byte for byte; only the
+    pointer's run fields differ."""
+    root, _, cfg = env
+    cfg.scoring.rows_per_file = 20
+    cfg.scoring.threads = 3
+    first = version_checksums(root, run(env))
+    first_pointer = read_pointer(str(root / "recs" / f"dt={DAY}"))
+    second = version_checksums(root, run(env))
+    second_pointer = read_pointer(str(root / "recs" / f"dt={DAY}"))
+    assert len(first) > 4 and first == second
+    assert first_pointer.version != second_pointer.version
+    assert first_pointer.manifest == second_pointer.manifest  # no timestamp in the manifest
+
+
+def test_a_day_failing_validation_is_not_committed(env, monkeypatch):
+    """The checks run before the commit: a broken day leaves the previous one in force and
+    no files of its own."""
+    root, _, _ = env
+    first = run(env)["champion"]["version"]
+    before = snapshot(root / "recs" / f"dt={DAY}")
+    from piarec.daily import validate
+
+    real = validate.validate_arm_files
+
+    def strict(*args, **kwargs):  # the same checks, against a manifest that counts one user more
+        manifest = {**args[2], "counts": {**args[2]["counts"], "users": args[2]["counts"]["users"] + 1}}
+        return real(args[0], args[1], manifest, **kwargs)
+
+    monkeypatch.setattr(score_publish, "validate_arm_files", strict)
+    with pytest.raises(ValidationFailed, match="manifest counts"):
+        run(env, k=3)
+    assert read_pointer(str(root / "recs" / f"dt={DAY}")).version == first
+    assert snapshot(root / "recs" / f"dt={DAY}") == before

@@ -72,12 +72,11 @@ def test_arm_names_from_configuration_cannot_escape(monkeypatch):
 def test_output_paths_are_built_from_checked_segments(tmp_path):
     import datetime as dt
 
-    from piarec.data.layout import arm_uri as output_uri, histories_uri, snapshot_uri, staging_uri
+    from piarec.data.layout import arm_uri as output_uri, histories_uri, snapshot_uri
 
     day = dt.date(2026, 4, 30)
     root = str(tmp_path / "recs")
     assert output_uri(root, day, "champion") == f"{root}/dt=2026-04-30/arm=champion"
-    assert staging_uri(root, day, "abc").startswith(f"{root}/_staging/2026-04-30-")
     assert snapshot_uri(root, day) == f"{root}/window_end=2026-04-30"
     assert histories_uri(root, day) == f"{root}/dt=2026-04-30"
     for arm in ("../../x", "a/b", "/etc"):  # "arm=.." would be a plain folder name

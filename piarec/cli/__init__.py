@@ -3,7 +3,7 @@
     piarec [--version] [--debug] [--config FILE] <command> [options]
 
 Commands: generate-events, build-matrix, train, promote, report, score, demo, and
-``ops <events-ready|snapshot-uri|validate|mark-done>`` (the DAGs' checks). The Spark
+``ops <events-ready|snapshot-uri|validate>`` (the DAGs' checks). The Spark
 commands (build-matrix, score) are the jobs in ``pipelines/`` run in local mode; the same
 files run on a cluster with ``spark-submit pipelines/<job>.py`` and parse the same options
 (:func:`piarec.cli.options.parse_job_args`). ``--debug`` and ``--config`` are accepted

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import piarec
@@ -88,6 +89,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from piarec import stack
+
+    if args.action == "up":
+        state = stack.up(args.dir, workers=args.workers)
+        print(f"stack up: Spark {state['master']}, MLflow {state['tracking_uri']}, S3 {state['s3_endpoint']}; "
+              f"clients: source {Path(state['dir']) / 'stack.env'}")
+    elif args.action == "down":
+        state = stack.down(args.dir)
+        print(f"stack down: stopped {len(state['processes'])} processes from {state['dir']}")
+    else:
+        state = stack.status(args.dir)
+        print(json.dumps({p["name"]: p["alive"] for p in state["processes"]} | {"running": state["running"]}))
+        return 0 if state["running"] else 1
+    return 0
+
+
 def cmd_ops(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from piarec import ops
@@ -98,15 +116,14 @@ def cmd_ops(args: argparse.Namespace) -> int:
         return ops.snapshot_uri(cfg, args.window_end, require_published=args.require_published)
     if args.ops_command == "validate":
         return ops.validate(cfg, args.date, args.arms, k=args.k, sample=args.sample)
-    if args.ops_command == "mark-done":
-        return ops.mark_done(cfg, args.date, args.arms)
     raise AssertionError(f"unknown ops command {args.ops_command!r}")
 
 
 def _handlers() -> dict:
     # Looked up when the parser is built, so a test can replace a module-level handler.
     return {"generate-events": cmd_generate_events, "build-matrix": cmd_build_matrix, "train": cmd_train,
-            "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "demo": cmd_demo, "ops": cmd_ops}
+            "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "demo": cmd_demo, "ops": cmd_ops,
+            "stack": cmd_stack}
 
 
 # --------------------------------------------------------------------------- parser and main

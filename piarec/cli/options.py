@@ -131,6 +131,12 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+def add_stack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "down", "status"], help="start, stop or show the local stack")
+    p.add_argument("--dir", default="piarec-stack", help="state, logs and data of the stack (default ./piarec-stack)")
+    p.add_argument("--workers", type=int, default=2, help="Spark workers, 1 core and 2 GB each (default 2)")
+
+
 # --------------------------------------------------------------------------- piarec ops
 def add_ops_events_ready_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--day", type=iso_date, help="one day: [day, day + 1)")
@@ -157,21 +163,16 @@ def add_ops_validate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=int, default=1000, help="users checked against their events (default 1000)")
 
 
-def add_ops_mark_done_options(p: argparse.ArgumentParser) -> None:
-    _add_day_and_arms(p)
-
-
 OPS_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "events-ready": (add_ops_events_ready_options,
                      "exit 0 when every dt partition of [start, end) exists, 1 while some are missing"),
     "snapshot-uri": (add_ops_snapshot_uri_options, "print the snapshot URI of a window end"),
-    "validate": (add_ops_validate_options, "validate the published arms of a day"),
-    "mark-done": (add_ops_mark_done_options, "write the day's _SUCCESS after validation"),
+    "validate": (add_ops_validate_options, "check the committed arms of a day (read-only)"),
 }
 
 
 def add_ops_options(p: argparse.ArgumentParser) -> None:
-    """``piarec ops <events-ready|snapshot-uri|validate|mark-done>``: the DAGs' checks.
+    """``piarec ops <events-ready|snapshot-uri|validate>``: the DAGs' checks.
     Exit codes: 0 = done / ready / valid; 1 = not ready yet (events-ready, a sensor pokes
     again); 2 = an error or a failed validation."""
     sub = p.add_subparsers(dest="ops_command", required=True, metavar="OPS_COMMAND")
@@ -191,7 +192,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "report": (add_report_options, "collapse diagnostics, per-group metrics and latent t-SNE of a training run"),
     "score": (add_score_options, "Spark job (or --engine local): top-K recommendations for every user active at day D"),
     "demo": (add_demo_options, "the whole pipeline end to end on generated events"),
-    "ops": (add_ops_options, "the DAGs' checks: events-ready, snapshot-uri, validate, mark-done"),
+    "stack": (add_stack_options, "a Spark standalone cluster, an MLflow server and a loopback S3 server on 127.0.0.1"),
+    "ops": (add_ops_options, "the DAGs' checks: events-ready, snapshot-uri, validate"),
 }
 
 # Cross-option rules argparse cannot express; a message means a usage error (exit 2).

@@ -27,6 +27,12 @@ class StorageConfig(_Section):
     root: str = "piarec-work"
     # Where raw events live; defaults to <root>/events.
     events: str | None = None
+    # A partition's earlier versions stay readable this long after a newer commit (for
+    # readers that read the old pointer just before it), then the next run of it deletes them.
+    retain_versions_s: float = Field(3600.0, ge=0)
+    # An S3 partition's lease outlives its holder's last renewal by this much: a run killed on
+    # another host blocks the partition this long (on the same host, or locally, not at all).
+    lease_ttl_s: float = Field(120.0, gt=0)
 
 
 class EventsSchema(_Section):

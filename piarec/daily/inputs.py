@@ -1,4 +1,4 @@
-"""The input of a daily scoring run: the published histories partition ``<root>/dt=D/``
+"""The input of a daily scoring run: the committed histories partition ``<root>/dt=D/``
 (``user_id, history, seen``), its checks, and a streaming reader of its files."""
 
 from __future__ import annotations
@@ -13,21 +13,23 @@ import pyarrow.parquet as pq
 from piarec.config import ScoringConfig
 from piarec.data import layout
 from piarec.data.layout import MANIFEST
-from piarec.data.storage import SUCCESS, Location, exists, read_json, resolve
+from piarec.data.reader import open_committed
+from piarec.data.storage import SUCCESS
 from piarec.errors import InputDataError
 from piarec.scoring.arrow import HISTORY_SCHEMA
 
 
-def histories_partition(root: str, day: date) -> tuple[str, dict[str, Any] | None]:
-    """``<root>/dt=D`` and its manifest; the partition must be published (``_SUCCESS``)."""
+def histories_partition(root: str, day: date) -> tuple[str, dict[str, Any] | None, list[str]]:
+    """``<root>/dt=D``, its manifest and its committed files (paths on its filesystem);
+    the partition must be published (``_SUCCESS``)."""
     uri = layout.histories_uri(root, day)
-    loc = resolve(uri)
-    if not exists(loc.child(SUCCESS)):
+    got = open_committed(uri, legacy_manifest=MANIFEST)
+    if got is None:
         raise InputDataError(
             f"histories {uri!r} are not published (no {SUCCESS}); build them first "
             f"(piarec build-matrix --daily --date {day.isoformat()})"
         )
-    return uri, (read_json(loc.child(MANIFEST)) if exists(loc.child(MANIFEST)) else None)
+    return uri, got.manifest, got.files
 
 
 def check_history_columns(schema: pa.Schema, uri: str) -> None:
@@ -44,14 +46,6 @@ def check_history_columns(schema: pa.Schema, uri: str) -> None:
             problems.append(f"{want.name} ({want.type}; found {got or 'nothing'})")
     if problems:
         raise InputDataError(f"histories at {uri!r} need columns {', '.join(problems)}")
-
-
-def histories_files(loc: Location) -> list[str]:
-    """The Parquet files of a histories partition (names starting with ``_`` or ``.``,
-    such as ``_SUCCESS`` or ``_temporary/``, are not data)."""
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    hidden = lambda path: any(p.startswith(("_", ".")) for p in path[len(loc.path):].split("/") if p)  # noqa: E731
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and not hidden(i.path))
 
 
 def read_histories(fs: pafs.FileSystem, files: list[str], batch_size: int, uri: str) -> Iterator[pa.RecordBatch]:

@@ -6,11 +6,12 @@
 :func:`run_local` streams the histories dataset ``<histories root>/dt=D/`` (``user_id,
 history, seen``; published with ``_SUCCESS``) batch by batch and writes Parquet as it goes,
 so memory stays flat in the number of users. It never imports pyspark. ``threads`` workers
-each take whole batches from the reader and run them end to end (vocabulary mapping,
-encoder, decoder, exact top-K, Arrow, Parquet) with one torch thread and their own output
-files: every stage runs in parallel, with no hand-off between threads. The device comes
-from :func:`piarec.device.pick_device`. Arms, staging and publication are the Spark job's
-(:mod:`piarec.daily.arms`, :mod:`piarec.daily.inputs`, :mod:`piarec.daily.publish`), so both engines write the same output.
+each take whole batches from the reader and score them end to end (vocabulary mapping,
+encoder, decoder, exact top-K, Arrow) with one torch thread; the scored batches are written
+in input order (:class:`_OrderedSink`), so a rerun of the same inputs and model writes the
+same files byte for byte. The device comes from :func:`piarec.device.pick_device`. Arms,
+validation and the commit are the Spark job's (:mod:`piarec.daily.arms`,
+:mod:`piarec.daily.inputs`, :mod:`piarec.daily.publish`), so both engines write the same output.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import pyarrow as pa
 
 from piarec.config import PipelineConfig
 from piarec.errors import ConfigError
-from piarec.scoring.arrow import MODEL, POPULARITY
+from piarec.scoring.arrow import POPULARITY
 from piarec.daily.arms import ArmPlan
-from piarec.daily.inputs import histories_files, histories_partition, read_histories, window
-from piarec.daily.publish import ArmCounts, PartWriter, publish_run, staged
+from piarec.daily.inputs import histories_partition, read_histories, window
+from piarec.daily.validate import seen_in_histories
+from piarec.daily.publish import ArmCounts, PartWriter, open_day, publish_run
 from piarec.data import layout
-from piarec.data.storage import Location, resolve
+from piarec.data.storage import resolve
 
 
 def run_local(
@@ -56,71 +58,116 @@ def run_local(
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    uri, histories_manifest = histories_partition(histories_root, day)
+    uri, histories_manifest, files = histories_partition(histories_root, day)
     loc = resolve(uri)
-    files = histories_files(loc)
     dev = pick_device(device or cfg.scoring.device)
     prec = precision or cfg.scoring.precision
     n_workers = threads or cfg.scoring.threads or os.cpu_count() or 1
     scorers = [TopKScorer(a.bundle, k, cfg.scoring.batch_size, device=dev, precision=prec) for a in plan.arms]
     vocabs = [pa.array(a.bundle.item_ids.tolist(), pa.string()) for a in plan.arms]
-    batches = read_histories(loc.fs, files, cfg.scoring.batch_size, uri)
+    batches = enumerate(read_histories(loc.fs, files, cfg.scoring.batch_size, uri))
     lock, stop = threading.Lock(), threading.Event()
-    counts = {a.name: ArmCounts() for a in plan.arms}
 
-    def worker(wid: int, staging: Location) -> None:
-        writers = [PartWriter(staging.child(layout.arm_dir(a.name)), f"{wid:03d}", cfg.scoring.rows_per_file)
-                   for a in plan.arms]
-        local = {a.name: ArmCounts() for a in plan.arms}
+    def worker(sink: _OrderedSink) -> None:
         try:
             while not stop.is_set():
                 with lock:
-                    batch = next(batches, None)
-                if batch is None:
+                    item = next(batches, None)
+                if item is None:
                     break
-                _score_batch(batch, plan, scorers, vocabs, writers, local)
+                seq, batch = item
+                sink.wait_for_room(seq, stop)
+                sink.put(seq, _score_batch(batch, plan, scorers, vocabs))
                 if progress is not None:
                     progress(batch.num_rows)
         except BaseException:
             stop.set()
+            sink.wake()
             raise
+
+    with open_day(cfg.storage, out_root, day) as run, _torch_threads(torch, 1 if dev.type == "cpu" else None):
+        root = resolve(run.data_uri)
+        writers = [PartWriter(root.child(layout.arm_dir(a.name)), "local", cfg.scoring.rows_per_file)
+                   for a in plan.arms]
+        sink = _OrderedSink(plan, writers, window=4 * n_workers)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(n_workers, thread_name_prefix="piarec-score") as pool:
+                futures = [pool.submit(worker, sink) for _ in range(n_workers)]
+                for f in concurrent.futures.as_completed(futures):
+                    f.result()  # the first failure stops the others and propagates
         finally:
             for w in writers:
                 w.close()
-            with lock:
-                for name, c in local.items():
-                    counts[name].add(c.users[MODEL], c.users[POPULARITY], c.unknown_titles)
-
-    with staged(out_root, day) as staging, _torch_threads(torch, 1 if dev.type == "cpu" else None):
-        root = resolve(staging)
-        with concurrent.futures.ThreadPoolExecutor(n_workers, thread_name_prefix="piarec-score") as pool:
-            futures = [pool.submit(worker, w, root) for w in range(n_workers)]
-            for f in concurrent.futures.as_completed(futures):
-                f.result()  # the first failure stops the others and propagates
         return publish_run(
-            staging, out_root, day, plan, counts, k=k, window=window(cfg.scoring, day),
+            run, cfg, day, plan, sink.counts, k=k, window=window(cfg.scoring, day),
             source={"kind": "histories", "uri": uri, "manifest": histories_manifest},
             engine={"name": "local", "device": str(dev), "precision": scorers[0].precision, "threads": n_workers},
+            seen=lambda users: seen_in_histories(loc.fs, files, users),
         )
 
 
-def _score_batch(batch: pa.RecordBatch, plan: ArmPlan, scorers: list, vocabs: list[pa.Array],
-                 writers: list[PartWriter], counts: dict[str, ArmCounts]) -> None:
-    """Score one batch of histories: each user with their arm's model, each arm's rows
-    written by that arm's writer and counted."""
+class _OrderedSink:
+    """Writes the scored batches in input order, whichever worker finished them first, so
+    a rerun writes the same files byte for byte (the same rows in the same files under the
+    same names). The worker that completes the next batch in line writes it and every
+    waiting successor; the others go on scoring. A worker does not run more than
+    ``window`` batches ahead of the writer, which bounds the memory of waiting batches."""
+
+    def __init__(self, plan: ArmPlan, writers: list[PartWriter], window: int):
+        self.plan, self.writers, self.window = plan, writers, window
+        self.counts = {a.name: ArmCounts() for a in plan.arms}
+        self.next, self.waiting = 0, {}
+        self.cond = threading.Condition()
+        self.write_lock = threading.Lock()
+
+    def wait_for_room(self, seq: int, stop: threading.Event) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: seq - self.next < self.window or stop.is_set())
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def put(self, seq: int, scored: list) -> None:
+        with self.cond:
+            self.waiting[seq] = scored
+            if seq != self.next:
+                return
+        with self.write_lock:  # one writer at a time, in order
+            while True:
+                with self.cond:
+                    ready = self.waiting.pop(self.next, None)
+                    if ready is None:
+                        return
+                for a, (arm, out) in enumerate(zip(self.plan.arms, ready)):
+                    if out is not None:
+                        batch, n_pop, unknown = out
+                        self.writers[a].write(batch)
+                        self.counts[arm.name].add(batch.num_rows - n_pop, n_pop, unknown)
+                with self.cond:
+                    self.next += 1
+                    self.cond.notify_all()
+
+
+def _score_batch(batch: pa.RecordBatch, plan: ArmPlan, scorers: list, vocabs: list[pa.Array]) -> list:
+    """Score one batch of histories, each user with their arm's model: per arm, None when
+    no user of the batch is in it, else (rows dictionary-encoded for the writer, how many
+    got the popularity fallback, how many history and seen titles were unknown)."""
     from piarec.scoring.arrow import map_arrow_lists, to_record_batch
 
     arm_of = plan.assign(batch.column("user_id"))
+    out: list = []
     for a, arm in enumerate(plan.arms):
         part = batch if len(plan.arms) == 1 else batch.filter(pa.array(arm_of == a))
         if part.num_rows == 0:
+            out.append(None)
             continue
         history, unknown_h = map_arrow_lists(part.column("history"), vocabs[a])
         seen, unknown_s = map_arrow_lists(part.column("seen"), vocabs[a])
         scored = scorers[a].score(history, seen)
-        writers[a].write(to_record_batch(part.column("user_id"), scored, vocabs[a], arm.version, dictionary=True))
-        n_pop = int((scored.source == POPULARITY).sum())
-        counts[arm.name].add(part.num_rows - n_pop, n_pop, unknown_h.sum() + unknown_s.sum())
+        rows = to_record_batch(part.column("user_id"), scored, vocabs[a], arm.version, dictionary=True)
+        out.append((rows, int((scored.source == POPULARITY).sum()), int(unknown_h.sum() + unknown_s.sum())))
+    return out
 
 
 @contextlib.contextmanager

@@ -1,30 +1,40 @@
-"""The output of a daily scoring run, either engine: part files written under a private
-staging folder, the commit of the writers a run keeps, and the publication of every arm.
+"""The output of a daily scoring run, either engine: the part files, the commit of the
+writers a run keeps, validation, and the one commit of the day with every arm.
 
-Output: ``<out>/dt=D/arm=<arm>/part-*.parquet`` (zstd) with ``_manifest.json`` and
-``_SUCCESS``. Everything is written under ``<out>/_staging/<D>-<random>/`` first (a ``_``
-folder without ``=``, so Spark and pyarrow readers of ``<out>`` skip it) and each arm is
-published with :func:`piarec.data.storage.publish_dir` only when every arm is complete. A
-failed or killed run publishes nothing; the previous output of the day stays as it was.
+Output: one partition ``<out>/dt=D/`` committed with :class:`piarec.data.commit.PartitionCommit`.
+A run takes the day's lease, writes ``_versions/<version>/arm=<arm>/part-*.zstd.parquet``
+for every arm, validates every arm's files (:func:`piarec.daily.validate.validate_arm_files`),
+then replaces ``dt=D/_SUCCESS`` -- the commit pointer naming the files and holding the day's
+manifest -- in one step. A failed, refused or killed run commits nothing: the previous output
+of the day stays as it was, all arms of it, and the next run removes the leftovers. A rerun
+replaces the whole day: no arm of an earlier run survives it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
-from typing import Any
+from datetime import date
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from piarec.config import PipelineConfig, StorageConfig
 from piarec.daily.arms import ArmPlan
+from piarec.daily.validate import seen_on_sample, validate_arm_files
 from piarec.data import layout
-from piarec.data.layout import MANIFEST, VALIDATION
-from piarec.data.storage import SUCCESS, Location, exists, publish_dir, remove, resolve
+from piarec.data.commit import PartitionCommit, Pointer, fault_point
+from piarec.data.storage import Location, exists, resolve
 from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA
+
+WHAT = "recommendations day"
+
+
+def open_day(storage: StorageConfig, out_root: str, day: date) -> PartitionCommit:
+    """The run of ``<out_root>/dt=D`` (a context manager): write under ``run.data_uri``,
+    then :func:`publish_run`."""
+    return PartitionCommit.of(storage, layout.day_uri(out_root, day), WHAT)
 
 
 def write_empty_part(loc: Location) -> None:
@@ -50,8 +60,8 @@ class ArmCounts:
 
 
 def publish_run(
-    staging: str,
-    out_root: str,
+    run: PartitionCommit,
+    cfg: PipelineConfig,
     day: date,
     plan: ArmPlan,
     counts: dict[str, ArmCounts],
@@ -60,21 +70,26 @@ def publish_run(
     window: dict[str, str],
     source: dict[str, Any],
     engine: dict[str, Any],
+    seen: Callable[[list[str]], dict[str, set[str]]] | None = None,
+    sample: int = 1000,
 ) -> dict[str, dict[str, Any]]:
-    """Publish every arm of a finished staging folder; returns the manifests by arm.
+    """Validate every arm of a finished run and commit the day; returns the manifests by arm.
 
-    The day's validation marker (``dt=D/_SUCCESS``, ``_validation.json`` of the DAG)
-    describes the old contents, so it is removed first: readers waiting for it never see
-    the arms half replaced. Arms of an earlier run that this run lacks are removed; then
-    each arm replaces ``dt=D/arm=<name>/`` atomically.
+    The day's manifest (the pointer's ``manifest``) holds what the arms share and, under
+    ``arms``, each arm's model and counts; :func:`arm_manifests` gives the per-arm view.
+    Its ``validation`` is what the checks found; ``seen(users)`` gives sampled users' seen
+    titles as the scoring input had them (default: read from the event partitions). No
+    timestamp enters the manifest: the commit time is the pointer's ``committed_at``.
     """
-    root = resolve(staging)
+    if seen is None:
+        seen = lambda users: seen_on_sample(cfg, day, users)  # noqa: E731
+    root = resolve(run.data_uri)
     arms = {
         a.name: {"model": a.model_info(), "counts": counts[a.name].summary(),
                  "unknown_titles": counts[a.name].unknown_titles}
         for a in plan.arms
     }
-    common = {
+    manifest = {
         "date": day.isoformat(),
         "window": window,  # [start, end) in UTC
         "input": source,
@@ -83,45 +98,49 @@ def publish_run(
         "arms": arms,
         "engine": engine,
         "schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    manifests = {name: {**common, "arm": name, **arm} for name, arm in arms.items()}
     for a in plan.arms:  # an arm nobody fell into still gets a typed, empty table
         part = root.child(layout.arm_dir(a.name))
         if not any(i.base_name.endswith(".parquet") for i in _listing(part)):
             write_empty_part(part)
-    day_loc = resolve(layout.day_uri(out_root, day))
-    for marker in (SUCCESS, VALIDATION):
-        remove(day_loc.child(marker))
-    # A rerun replaces the whole day: an arm of an earlier run that this run does not have
-    # (yesterday's challenger, say) goes, so every user appears once in the day.
-    ours = {layout.arm_dir(a.name) for a in plan.arms}
-    for info in _listing(day_loc):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith(layout.ARM_PREFIX) and info.base_name not in ours:
-            remove(day_loc.child(info.base_name))
-    for a in plan.arms:
-        publish_dir(root.child(layout.arm_dir(a.name)).uri, layout.arm_uri(out_root, day, a.name), manifests[a.name],
-                    manifest_name=MANIFEST)
-    remove(root)
-    return manifests
+    views = arm_manifests(manifest)
+
+    def validate(paths: list[str]) -> dict[str, Any]:
+        by_arm = _by_arm(paths)
+        return {name: validate_arm_files(root.fs, by_arm.get(name, []), views[name], where=run.loc.uri, day=day,
+                                         arm=name, k=k, sample=sample, seen=seen)
+                for name in views}
+
+    pointer = run.commit(manifest, validate)
+    return {name: {**view, "version": pointer.version, "committed_at": pointer.committed_at}
+            for name, view in views.items()}
+
+
+def arm_manifests(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-arm view of a day's manifest: the shared fields (every arm's summary under
+    ``arms`` among them) plus ``arm`` and that arm's ``model``, ``counts`` and ``unknown_titles``."""
+    common = {k: v for k, v in manifest.items() if k != "validation"}
+    return {name: {**common, "arm": name, **arm} for name, arm in manifest.get("arms", {}).items()}
+
+
+def arm_files(pointer: Pointer, loc: Location) -> dict[str, list[str]]:
+    """The committed files of each arm of a day (paths on ``loc``'s filesystem)."""
+    return _by_arm([loc.child(f["path"]).path for f in pointer.files])
+
+
+def _by_arm(paths: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for path in sorted(paths):
+        arm = next((p[len(layout.ARM_PREFIX):] for p in path.split("/") if p.startswith(layout.ARM_PREFIX)), None)
+        if arm is not None:
+            out.setdefault(arm, []).append(path)
+    return out
 
 
 def _listing(loc: Location) -> list:
     if not exists(loc):
         return []
     return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-
-
-@contextlib.contextmanager
-def staged(out_root: str, day: date):
-    """Yield a fresh staging URI; remove it if the body fails (the old output stays)."""
-    uri = layout.staging_uri(out_root, day, uuid.uuid4().hex[:12])
-    try:
-        yield uri
-    except BaseException:
-        with contextlib.suppress(OSError):  # keep the original error if cleanup fails too
-            remove(resolve(uri))
-        raise
 
 
 def part_name(tag: str, n: int) -> str:
@@ -179,3 +198,4 @@ class PartWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer, self.rows = None, 0
+            fault_point("part-written")

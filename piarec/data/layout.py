@@ -4,14 +4,15 @@ Everything the pipeline writes sits under ``storage.root`` (a local folder or
 ``s3://bucket/prefix``)::
 
     <root>/events/dt=YYYY-MM-DD/                     raw events (default; storage.events)
-    <root>/snapshots/window_end=YYYY-MM-DD/          weekly snapshot   manifest.json, _SUCCESS
-    <root>/histories/dt=YYYY-MM-DD/                  daily histories   _manifest.json, _SUCCESS
-    <root>/recommendations/dt=YYYY-MM-DD/arm=<arm>/  daily top-K       _manifest.json, _SUCCESS
-    <root>/recommendations/_staging/<D>-<random>/    a scoring run's private staging
+    <root>/snapshots/window_end=YYYY-MM-DD/          weekly snapshot
+    <root>/histories/dt=YYYY-MM-DD/                  daily histories
+    <root>/recommendations/dt=YYYY-MM-DD/            daily top-K, every arm (arm=<arm>/ inside)
     <root>/checkpoints/<key>/                        training checkpoints (resume after a kill)
     <root>/mlflow.db, <root>/mlartifacts/            the embedded MLflow store (local root)
 
-Segments built from values (dates, arms, keys) go through
+Each of those partitions is committed as a whole (:mod:`piarec.data.commit`):
+``_SUCCESS`` is the pointer to its committed version ``_versions/<version>/`` and holds its
+manifest; :mod:`piarec.data.reader` is how to read one. Segments built from values (dates, arms, keys) go through
 :func:`piarec.data.storage.child_uri`, so they cannot leave the root. Files and folders
 whose names start with ``_`` are skipped by Parquet readers (Spark, pyarrow).
 """
@@ -28,16 +29,16 @@ from piarec.data.storage import SUCCESS, child_uri, is_s3, join_uri
 from piarec.errors import ConfigError
 
 __all__ = [
-    "SUCCESS", "MANIFEST", "SNAPSHOT_MANIFEST", "VALIDATION", "STAGING", "ARM_PREFIX", "day_dir", "arm_dir",
+    "SUCCESS", "MANIFEST", "SNAPSHOT_MANIFEST", "ARM_PREFIX", "day_dir", "arm_dir",
     "events_root", "snapshots_root", "histories_root", "recommendations_root", "checkpoints_root",
-    "snapshot_uri", "histories_uri", "day_uri", "arm_uri", "staging_uri", "checkpoint_uri",
+    "snapshot_uri", "histories_uri", "day_uri", "arm_uri", "checkpoint_uri",
     "tracking_uri", "artifact_location",
 ]
 
-MANIFEST = "_manifest.json"  # histories and recommendations partitions ("_": readers skip it)
-SNAPSHOT_MANIFEST = "manifest.json"  # a snapshot's manifest
-VALIDATION = "_validation.json"  # the DAG's validation report of a recommendations day
-STAGING = "_staging"  # a scoring run's private folder under the recommendations root
+# The manifest files of the unversioned layout (read for partitions written before
+# versioned commits; a commit keeps the manifest in its pointer).
+MANIFEST = "_manifest.json"  # histories and recommendations
+SNAPSHOT_MANIFEST = "manifest.json"  # snapshots
 
 
 # -- roots -------------------------------------------------------------------------------------
@@ -95,14 +96,9 @@ def day_uri(recommendations: str, day: date) -> str:
 
 
 def arm_uri(recommendations: str, day: date, arm: str) -> str:
-    """``<recommendations>/dt=D/arm=<arm>``; an arm name that is not a safe segment is refused."""
+    """``<recommendations>/dt=D/arm=<arm>``: an arm's name in messages and Hive paths (its
+    files live under the day's committed version); an arm that is not a safe segment is refused."""
     return child_uri(recommendations, day_dir(day), arm_dir(arm))
-
-
-def staging_uri(recommendations: str, day: date, token: str) -> str:
-    """``<recommendations>/_staging/<D>-<token>``: one run's private folder (no ``=`` in
-    its name, so partition discovery never mistakes it for data)."""
-    return child_uri(recommendations, STAGING, f"{day.isoformat()}-{token}")
 
 
 def checkpoint_uri(storage: StorageConfig, key: str) -> str:

@@ -2,25 +2,26 @@
 
 Snapshot, ``<root>/window_end=YYYY-MM-DD/``::
 
-    interactions/   user_idx int32, item_idx int32, part string (train | fold_in | held_out)
-    users/          user_idx int32, user_id string, split string (train | val | test)
-    items/          item_idx int32, item_id string, n_users int32
-    manifest.json   schema_version, window, input partitions read, config used, counts at
-                    every step (events read, dropped events by reason, positives, after each
-                    filter, dropped users / items / pairs by reason, users / items / nnz per
-                    split and part), code_version, created_at
-    _SUCCESS        written last; a prefix without it is not a snapshot
+    _versions/<version>/   the committed version (:mod:`piarec.data.commit`):
+        interactions/   user_idx int32, item_idx int32, part string (train | fold_in | held_out)
+        users/          user_idx int32, user_id string, split string (train | val | test)
+        items/          item_idx int32, item_id string, n_users int32
+    _SUCCESS        the commit pointer; its manifest: schema_version, window, input
+                    partitions read, config used, counts at every step (events read, dropped
+                    events by reason, positives, after each filter, dropped users / items /
+                    pairs by reason, users / items / nnz per split and part), code_version,
+                    created_at. A prefix without it is not a snapshot.
 
 ``item_idx`` ranks titles by users (descending) then item_id; ``user_idx`` ranks users by
 ``(zlib.crc32(user_id.encode()), user_id)``. Both are dense from 0.
 
 Daily histories for scoring, ``<root>/dt=YYYY-MM-DD/`` (:func:`piarec.data.layout.histories_uri`)::
 
-    *.parquet         user_id string, history list<string>, seen list<string>; one row per
-                      user active in [D - scoring.history_days, D + 1); lists sorted, distinct
-    _manifest.json    schema_version, date, window, input, config, counts (underscore: Parquet
-                      readers skip it)
-    _SUCCESS
+    _versions/<version>/*.parquet   user_id string, history list<string>, seen
+                      list<string>; one row per user active in [D - scoring.history_days,
+                      D + 1); lists sorted, distinct
+    _SUCCESS          the commit pointer; its manifest: schema_version, date, window,
+                      input, config, counts
 
 Plain pyarrow + numpy (no Spark), through :mod:`piarec.data.storage`, so local folders and
 ``s3://`` read the same way. The files are checked against the manifest's counts, so a
@@ -43,7 +44,8 @@ import pyarrow.dataset as ds
 from piarec.errors import InputDataError
 from piarec.data.csr import CSR
 from piarec.data.layout import SNAPSHOT_MANIFEST
-from piarec.data.storage import Location, exists, is_published, read_json, resolve
+from piarec.data.reader import open_committed
+from piarec.data.storage import Location, exists
 
 __all__ = [
     "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot",
@@ -161,13 +163,14 @@ def load_snapshot(uri: str) -> Snapshot:
     schema version is unknown, indices are not dense, parts contradict splits, or the
     files disagree with the manifest's counts.
     """
-    if not is_published(uri):
+    got = open_committed(uri, legacy_manifest=SNAPSHOT_MANIFEST)
+    if got is None:
         raise InputDataError(
             f"snapshot {uri!r} is not published (no _SUCCESS marker); "
             "build it with pipelines/build_matrix.py or pick a published window"
         )
-    loc = resolve(uri)
-    manifest = read_json(loc.child(SNAPSHOT_MANIFEST))
+    manifest = got.manifest or {}
+    loc = got.loc if got.version is None else got.loc.child("_versions", got.version)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise InputDataError(
             f"snapshot {uri!r} has schema_version {manifest.get('schema_version')!r}; "

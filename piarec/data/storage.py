@@ -1,8 +1,7 @@
 """Storage by URI: local paths and ``s3://bucket/prefix`` through one pyarrow filesystem API.
 
-Publishing is atomic for readers: a job writes into a temporary sibling prefix, and
-:func:`publish_dir` replaces the final prefix and writes ``_SUCCESS`` last. Readers
-treat a prefix without ``_SUCCESS`` as absent.
+A prefix without ``_SUCCESS`` is not published; how a partition is committed, and what
+``_SUCCESS`` then holds, is :mod:`piarec.data.commit`.
 """
 
 from __future__ import annotations
@@ -136,68 +135,9 @@ def read_json(loc: Location) -> Any:
     return json.loads(read_bytes(loc))
 
 
-def temp_sibling(final_uri: str) -> str:
-    """A fresh temporary prefix next to ``final_uri``, for write-then-publish."""
-    base = final_uri.rstrip("/")
-    parent, name = base.rsplit("/", 1)
-    # No "=" in the name: Spark skips "_" names only when they hold no "=", and would
-    # otherwise read "_tmp-arm=champion-…" as a partition of the parent dataset.
-    return f"{parent}/_tmp-{name.replace('=', '-')}-{uuid.uuid4().hex[:12]}"
-
-
 def remove(loc: Location) -> None:
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.Directory:
         loc.fs.delete_dir(loc.path)
     elif info.type == pafs.FileType.File:
         loc.fs.delete_file(loc.path)
-
-
-def publish_dir(
-    tmp_uri: str, final_uri: str, manifest: dict[str, Any] | None = None, manifest_name: str = "manifest.json"
-) -> None:
-    """Replace ``final_uri`` with the finished contents of ``tmp_uri``, ``_SUCCESS`` last.
-
-    The old contents are first marked unpublished (their ``_SUCCESS`` removed), so a
-    reader never mistakes a half-replaced prefix for a complete one; between that and
-    the new ``_SUCCESS`` the prefix reads as absent, never as partial.
-
-    Local filesystems move the whole folder with one rename (``_SUCCESS`` and the
-    manifest travel inside it). Object stores have no folder rename: there every object
-    is copied under the final prefix, the temporary prefix is deleted, and the manifest
-    and then ``_SUCCESS`` are written under the final prefix.
-    """
-    tmp, final = resolve(tmp_uri), resolve(final_uri)
-    renames = isinstance(final.fs, pafs.LocalFileSystem)
-    if renames:
-        if manifest is not None:
-            write_json(tmp.child(manifest_name), manifest)
-        write_bytes(tmp.child(SUCCESS), b"")
-    if exists(final):
-        remove(final.child(SUCCESS))
-        if renames:
-            old = resolve(temp_sibling(final_uri).replace("/_tmp-", "/_old-"))
-            final.fs.move(final.path, old.path)
-            final.fs.move(tmp.path, final.path)
-            remove(old)
-            return
-        remove(final)
-    if renames:
-        final.fs.create_dir(final.path.rsplit("/", 1)[0], recursive=True)
-        final.fs.move(tmp.path, final.path)
-        return
-    _copy_tree(tmp, final)
-    remove(tmp)
-    if manifest is not None:
-        write_json(final.child(manifest_name), manifest)
-    write_bytes(final.child(SUCCESS), b"")
-
-
-def _copy_tree(src: Location, dst: Location) -> None:
-    """Copy every file under ``src`` to the same relative path under ``dst`` (server-side
-    copies on S3: no bytes pass through this process)."""
-    selector = pafs.FileSelector(src.path, recursive=True)
-    for info in src.fs.get_file_info(selector):
-        if info.type == pafs.FileType.File:
-            rel = info.path[len(src.path):].lstrip("/")
-            src.fs.copy_file(info.path, dst.child(rel).path)
