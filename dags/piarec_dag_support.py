@@ -62,6 +62,14 @@ DEFAULT_ARGS = {
 }
 
 
+def run_day(param: str, days_back: int) -> str:
+    """A template for the day a run works on: ``param`` when given, else the run's logical
+    date (``ds``), else -- a run triggered without a logical date, where Airflow 3 leaves
+    ``ds`` out of the context -- the day of its ``run_after`` minus ``days_back``."""
+    fallback = "dag_run.run_after | ds" if days_back == 0 else f"macros.ds_add(dag_run.run_after | ds, -{days_back})"
+    return f"{{{{ {param} or (ds if ds is defined else {fallback}) }}}}"
+
+
 def ops(command: str) -> str:
     """A bash command running ``piarec ops <command>`` in the project venv."""
     return f"{PIAREC} ops {command}"

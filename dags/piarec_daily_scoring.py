@@ -6,8 +6,9 @@ hash of user_id (``--challenger``, ``challenger_share`` of the users; the job's 
 mode) and commits ``arm=champion`` and ``arm=challenger`` together.
 
 Partition: the run with logical date D commits ``recommendations/dt=D/`` (every arm, one
-commit; the job validates the day before it commits) from events before D+1 00:00 UTC. Scheduled daily (CronDataIntervalTimetable): the run of
-day D starts after D ends, at D+1 03:00 UTC; catch-up and backfill score each missed day
+commit; the job validates the day before it commits) from events before D+1 00:00 UTC.
+Scheduled daily (CronDataIntervalTimetable): the run of day D starts after D ends, at D+1 03:00 UTC; no catch-up (a first deploy must not re-score
+every past day with today's champion): ``airflow backfill create`` scores missed days, each
 into its own partition. ``@champion`` is resolved when the scoring task runs, so a
 person moving the alias in the MLflow UI is honoured by the next run.
 
@@ -24,9 +25,12 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
-from piarec_dag_support import DEFAULT_ARGS, REGISTERED_MODEL, BashOperator, events_sensor, ops, spark_submit
+from piarec_dag_support import DEFAULT_ARGS, REGISTERED_MODEL, BashOperator, events_sensor, ops, run_day, spark_submit
 
-DAY = "{{ params.date or ds }}"
+# The scoring day: the `date` param, else the logical date; a run triggered without one
+# (Airflow 3: manual and API runs may have none, and then `ds` is absent) scores the last
+# complete day, the one before the run's `run_after`.
+DAY = run_day("params.date", days_back=1)
 K_ARG = "{{ '--k=%d' % params.k if params.k else '' }}"
 # Optional arguments render to "" when their param is unset and are then dropped.
 MODEL_ARG = f"{{{{ '--model=models:/{REGISTERED_MODEL}/%s' % params.model_version if params.model_version else '' }}}}"
@@ -41,7 +45,10 @@ with DAG(
     description="day D's events -> score champion (+ challenger), validated and committed -> check",
     schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=True,
+    # Off: on first deploy (or after a pause) the scheduler would score every past day since
+    # start_date with today's champion. Missed days are scored on purpose with
+    # `airflow backfill create --dag-id piarec_daily_scoring --from-date ... --to-date ...`.
+    catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     params={

@@ -18,9 +18,12 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from piarec_dag_support import DEFAULT_ARGS, PIAREC, REFUSED, SKIP, BashOperator, events_sensor, ops, spark_submit, trainer
+from piarec_dag_support import (DEFAULT_ARGS, PIAREC, REFUSED, SKIP, BashOperator, events_sensor, ops, run_day,
+                                spark_submit, trainer)
 
-WINDOW_END = "{{ params.window_end or ds }}"
+# The window end: the `window_end` param, else the logical date, else (a run triggered
+# without one) the day of the run's `run_after`.
+WINDOW_END = run_day("params.window_end", days_back=0)
 
 with DAG(
     dag_id="piarec_weekly_training",

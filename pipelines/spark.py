@@ -31,15 +31,19 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     ``--driver-memory`` given there win, so ``cfg.master``, ``cfg.app_name`` and
     ``cfg.driver_memory`` are not set (a master set in code would silently override the
     cluster's). Outside spark-submit a ``cfg.master`` of None is not set either: the master
-    is the cluster's (whatever ``spark-defaults.conf`` sets). ``cfg.conf`` is applied last so
-    an operator can override any default.
+    is the cluster's (whatever ``spark-defaults.conf`` sets). ``spark.sql.shuffle.partitions``
+    from spark-submit wins over ``cfg.shuffle_partitions``'s default, not over a value set in
+    the configuration. ``cfg.conf`` is applied last so an operator can override anything.
     """
     builder = (
-        SparkSession.builder.config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        SparkSession.builder
         # Event timestamps are compared with UTC day boundaries; never the machine's zone.
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
     )
+    if not _launcher_sets("spark.sql.shuffle.partitions") or "shuffle_partitions" in cfg.model_fields_set:
+        # piarec's default yields to a spark-submit --conf; a value set in piarec's config wins.
+        builder = builder.config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
     if not _under_spark_submit():
         builder = builder.appName(cfg.app_name).config("spark.driver.memory", cfg.driver_memory)
         if cfg.master is not None:
@@ -60,6 +64,17 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         # a cluster that job costs more than listing them in the driver (~1.5 s per read).
         session.conf.set(_DISCOVERY, "1024")
     return session
+
+
+def _launcher_sets(key: str) -> bool:
+    """Whether spark-submit was given ``key`` (``--conf``, ``--properties-file`` or
+    spark-defaults.conf): the launcher passes them to the JVM as system properties."""
+    if not _under_spark_submit():
+        return False
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # attach to the launcher's JVM, whose properties SparkConf reads
+    return SparkConf().contains(key)
 
 
 def _under_spark_submit() -> bool:

@@ -167,7 +167,7 @@ def test_daily_structure(parsed):
     }
     assert d["types"]["score_users"] == "PiarecSparkSubmitOperator"
     assert d["params"] == ["challenger_arm", "challenger_share", "date", "k", "model_version"]
-    assert d["catchup"] is True and all(d["timeouts"].values())
+    assert d["catchup"] is False and all(d["timeouts"].values())  # no re-scoring of the past on deploy
 
 
 def test_spark_environment_has_no_pyspark_client():
@@ -295,3 +295,45 @@ def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
     assert "validate --date 2026-03-02 --arms champion,challenger --k ''" in got[3]
     assert got[4] == ["--window-end=2026-03-02"]
     assert got[5].endswith("events-ready --window-end 2026-01-05")
+
+
+RENDER = r"""
+import json, sys, types
+import pendulum
+sys.path.insert(0, sys.argv[1])
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk.execution_time import macros
+bag = DagBag(dag_folder=sys.argv[1])
+run_after = pendulum.datetime(2026, 4, 10, 9, 30, tz="UTC")
+out = {}
+for dag_id, task_id, field in (("piarec_daily_scoring", "wait_for_events", "bash_command"),
+                               ("piarec_daily_scoring", "score_users", "application_args"),
+                               ("piarec_weekly_training", "wait_for_events", "bash_command")):
+    dag = bag.dags[dag_id]
+    task = dag.get_task(task_id)
+    params = {k: dag.params[k] for k in dag.params}
+    for name, ctx in (("no logical date", {}), ("logical date", {"ds": "2026-04-01"}),
+                      ("param", {"ds": "2026-04-01", "params": {**params, "date": "2026-03-15",
+                                                                   "window_end": "2026-03-16"}})):
+        context = {"params": params, "dag_run": types.SimpleNamespace(run_after=run_after), "macros": macros, **ctx}
+        out[f"{dag_id}/{task_id}/{name}"] = str(task.render_template(getattr(task, field), context, dag.get_template_env()))
+print(json.dumps(out))
+"""
+
+
+def test_the_day_renders_with_and_without_a_logical_date(parsed, tmp_path):
+    """Airflow 3 runs triggered without a logical date have no ``ds``: the daily DAG then
+    scores the day before ``run_after``, the weekly one ends its window on ``run_after``'s
+    day; a logical date or a param wins over that (rendered by Airflow's own templating)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    got = json.loads(run([str(AIRFLOW_VENV / "bin" / "python"), "-c", RENDER, str(REPO / "dags")], env,
+                         timeout=300).stdout.strip().splitlines()[-1])
+    daily, weekly = "piarec_daily_scoring", "piarec_weekly_training"
+    assert "--day 2026-04-09" in got[f"{daily}/wait_for_events/no logical date"]
+    assert "--date=2026-04-09" in got[f"{daily}/score_users/no logical date"]
+    assert "--day 2026-04-01" in got[f"{daily}/wait_for_events/logical date"]
+    assert "--date=2026-03-15" in got[f"{daily}/score_users/param"]
+    assert "--window-end 2026-04-10" in got[f"{weekly}/wait_for_events/no logical date"]
+    assert "--window-end 2026-04-01" in got[f"{weekly}/wait_for_events/logical date"]
+    assert "--window-end 2026-03-16" in got[f"{weekly}/wait_for_events/param"]
