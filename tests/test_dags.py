@@ -297,7 +297,7 @@ def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
     assert got[5].endswith("events-ready --window-end 2026-01-05")
 
 
-RENDER = r"""
+RENDER_WITHOUT_LOGICAL_DATE = r"""
 import json, sys, types
 import pendulum
 sys.path.insert(0, sys.argv[1])
@@ -327,8 +327,9 @@ def test_the_day_renders_with_and_without_a_logical_date(parsed, tmp_path):
     day; a logical date or a param wins over that (rendered by Airflow's own templating)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
     env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
-    got = json.loads(run([str(AIRFLOW_VENV / "bin" / "python"), "-c", RENDER, str(REPO / "dags")], env,
-                         timeout=300).stdout.strip().splitlines()[-1])
+    proc = run([str(AIRFLOW_VENV / "bin" / "python"), "-c", RENDER_WITHOUT_LOGICAL_DATE, str(REPO / "dags")], env,
+               timeout=300)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
     daily, weekly = "piarec_daily_scoring", "piarec_weekly_training"
     assert "--day 2026-04-09" in got[f"{daily}/wait_for_events/no logical date"]
     assert "--date=2026-04-09" in got[f"{daily}/score_users/no logical date"]
