@@ -14,7 +14,7 @@ DEMO_DIR ?= piarec-demo
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed-stamp
 
-.PHONY: install airflow-env demo test test-fast bench clean stack stack-down
+.PHONY: install airflow-env demo test test-fast bench clean stack stack-down dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,15 +44,19 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not benchmark and not slow"
 
 # The production topology on 127.0.0.1 (piarec/stack.py): a Spark standalone cluster (a master,
-# two workers), an MLflow tracking server, a loopback S3 server. `source piarec-stack/stack.env`
-# points the pipeline at it.
+# two workers), an MLflow tracking server, a loopback S3 server and Airflow (api-server,
+# scheduler, dag-processor). `source piarec-stack/stack.env` points the pipeline at it.
 STACK_DIR ?= piarec-stack
 
-stack: $(STAMP)
+stack: $(STAMP) $(AIRFLOW_STAMP)
 	$(VENV)/bin/piarec stack up --dir $(STACK_DIR)
 
 stack-down: $(STAMP)
 	$(VENV)/bin/piarec stack down --dir $(STACK_DIR)
 
+# The code zip for spark-submit --py-files (piarec/ship.py): dist/piarec.zip.
+dist: $(STAMP)
+	$(VENV)/bin/piarec package --out dist
+
 clean:
-	rm -rf $(DEMO_DIR) piarec-work .pytest_cache
+	rm -rf $(DEMO_DIR) piarec-work .pytest_cache dist

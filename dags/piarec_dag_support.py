@@ -11,8 +11,12 @@ PIAREC_VENV                the project virtualenv (default: ``$PIAREC_HOME/.venv
 PIAREC_SPARK_SUBMIT        spark-submit of the Spark environment (default: the project
                            venv's; the provider refuses a path in the connection's
                            ``spark-binary`` extra, so it is passed to the operator)
-PIAREC_SPARK_PYTHON        Python of the Spark driver and executors
-                           (default: the project venv's python)
+PIAREC_SPARK_PYTHON        Python of the Spark executors (default: the project venv's
+                           python); on a cluster, the executors' own (the Spark image's)
+PIAREC_SPARK_DRIVER_PYTHON Python of the Spark driver, where spark-submit runs
+                           (default: ``PIAREC_SPARK_PYTHON``)
+PIAREC_PY_FILES            the code zip for ``--py-files`` (``piarec package``; default
+                           none: the driver's ``get_spark`` ships its own code)
 PIAREC_SPARK_CONN_ID       Airflow connection of the Spark master (default ``piarec_spark``;
                            ``local[*]`` by default, ``spark://host:7077`` on a cluster)
 PIAREC_REGISTERED_MODEL    MLflow registered model name (default ``piarec``)
@@ -21,7 +25,16 @@ PIAREC_TRAINER_IMAGE       trainer image for ``kubernetes``
 PIAREC_K8S_NAMESPACE       namespace of the trainer pod (default ``piarec``)
 PIAREC_K8S_CONFIGMAP       ConfigMap with the pipeline YAML, mounted at /etc/piarec
 PIAREC_DAG_RETRIES         task retries, exponential back-off from 5 minutes (default 2)
+PIAREC_POKE_INTERVAL_S     seconds between sensor pokes (default: each DAG's own, 10-15 min)
+PIAREC_SCHEDULES           ``on`` (default) or ``off``: the weekly and daily DAGs run only
+                           when triggered (a staging stack, a test)
 =========================  ===============================================================
+
+Assets: the weekly DAG updates :data:`SNAPSHOTS` (a window's snapshot committed) and
+:data:`MODELS` (a version registered as ``@challenger``), the daily DAG
+:data:`RECOMMENDATIONS` (a day committed and checked); each event's ``extra`` names the
+partition (``window_end`` / ``date``), so a downstream DAG scheduled on the asset knows what
+to read (:func:`asset_extra`).
 
 The pipeline configuration itself (storage root, MLflow URI, ...) reaches every task
 through the workers' ``PIAREC_CONFIG`` / ``PIAREC__*`` variables, as for the CLI.
@@ -35,7 +48,9 @@ from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.bash import BashOperator
+from airflow.providers.standard.operators.python import PythonOperator
 from airflow.providers.standard.sensors.bash import BashSensor
+from airflow.sdk import Asset
 
 PIAREC_HOME = os.environ.get("PIAREC_HOME") or str(Path(__file__).resolve().parents[1])
 PIAREC_VENV = os.environ.get("PIAREC_VENV") or os.path.join(PIAREC_HOME, ".venv")
@@ -43,10 +58,20 @@ PYTHON = os.path.join(PIAREC_VENV, "bin", "python")
 PIAREC = os.path.join(PIAREC_VENV, "bin", "piarec")
 SPARK_SUBMIT = os.environ.get("PIAREC_SPARK_SUBMIT") or os.path.join(PIAREC_VENV, "bin", "spark-submit")
 SPARK_PYTHON = os.environ.get("PIAREC_SPARK_PYTHON") or PYTHON
+SPARK_DRIVER_PYTHON = os.environ.get("PIAREC_SPARK_DRIVER_PYTHON") or SPARK_PYTHON
+PY_FILES = os.environ.get("PIAREC_PY_FILES") or None
+POKE_INTERVAL_S = os.environ.get("PIAREC_POKE_INTERVAL_S")
+SCHEDULES = os.environ.get("PIAREC_SCHEDULES", "on")
+if SCHEDULES not in ("on", "off"):
+    raise ValueError(f"PIAREC_SCHEDULES must be 'on' or 'off', got {SCHEDULES!r}")
 SPARK_CONN_ID = os.environ.get("PIAREC_SPARK_CONN_ID", "piarec_spark")
 REGISTERED_MODEL = os.environ.get("PIAREC_REGISTERED_MODEL", "piarec")
 TRAINER = os.environ.get("PIAREC_TRAINER", "local")
 PIPELINES = os.path.join(PIAREC_HOME, "pipelines")
+
+SNAPSHOTS = Asset(name="piarec_snapshots", uri="piarec://snapshots")
+MODELS = Asset(name="piarec_models", uri="piarec://models")
+RECOMMENDATIONS = Asset(name="piarec_recommendations", uri="piarec://recommendations")
 
 # Exit codes of the project commands (``piarec ...``, ``piarec ops ...``).
 NOT_READY = 1  # events-ready: poke again
@@ -70,6 +95,11 @@ def run_day(param: str, days_back: int) -> str:
     return f"{{{{ {param} or (ds if ds is defined else {fallback}) }}}}"
 
 
+def schedule(timetable):
+    """``timetable``, or None (triggered runs only) when ``PIAREC_SCHEDULES=off``."""
+    return timetable if SCHEDULES == "on" else None
+
+
 def ops(command: str) -> str:
     """A bash command running ``piarec ops <command>`` in the project venv."""
     return f"{PIAREC} ops {command}"
@@ -83,14 +113,14 @@ def events_sensor(ops_args: str, poke_every: timedelta) -> BashSensor:
         bash_command=ops(ops_args),
         retry_exit_code=NOT_READY,
         mode="reschedule",
-        poke_interval=poke_every.total_seconds(),
+        poke_interval=float(POKE_INTERVAL_S) if POKE_INTERVAL_S else poke_every.total_seconds(),
         timeout=timedelta(hours=12).total_seconds(),
     )
 
 
 def spark_conf() -> dict[str, str]:
-    """Driver and executors run Python in the Spark environment, never Airflow's."""
-    return {"spark.pyspark.python": SPARK_PYTHON, "spark.pyspark.driver.python": SPARK_PYTHON}
+    """Driver and executors run Python of the Spark environment, each its own, never Airflow's."""
+    return {"spark.pyspark.python": SPARK_PYTHON, "spark.pyspark.driver.python": SPARK_DRIVER_PYTHON}
 
 
 class PiarecSparkSubmitOperator(SparkSubmitOperator):
@@ -114,11 +144,37 @@ def spark_submit(task_id: str, job: str, args: list[str], **kwargs):
         conn_id=SPARK_CONN_ID,
         spark_binary=SPARK_SUBMIT,
         conf=spark_conf(),
-        # pip-installed spark-submit finds SPARK_HOME with this Python (not Airflow's).
-        env_vars={"PYSPARK_PYTHON": SPARK_PYTHON, "PYSPARK_DRIVER_PYTHON": SPARK_PYTHON},
+        py_files=PY_FILES,
+        # pip-installed spark-submit finds SPARK_HOME with the driver's Python (not Airflow's).
+        env_vars={"PYSPARK_PYTHON": SPARK_PYTHON, "PYSPARK_DRIVER_PYTHON": SPARK_DRIVER_PYTHON},
         name=f"piarec-{job}",
         **kwargs,
     )
+
+
+def _announce(outlet_events, name: str, uri: str, extra: dict[str, str]) -> None:
+    outlet_events[Asset(name=name, uri=uri)].extra = extra
+
+
+def announce(task_id: str, asset: Asset, **extra: str) -> PythonOperator:
+    """A task that updates ``asset`` with ``extra`` (templates, rendered per run) as the
+    event's extra: which partition is new. Stdlib only: Airflow never imports piarec."""
+    return PythonOperator(
+        task_id=task_id,
+        python_callable=_announce,
+        op_kwargs={"name": asset.name, "uri": asset.uri, "extra": extra},
+        outlets=[asset],
+        execution_timeout=timedelta(minutes=5),
+    )
+
+
+def asset_extra(triggering_asset_events, asset: Asset, key: str) -> str:
+    """``extra[key]`` of the newest event of ``asset`` that triggered this run (a macro:
+    ``{{ asset_extra(triggering_asset_events, RECOMMENDATIONS, 'date') }}``)."""
+    events = triggering_asset_events[asset]
+    if not events:
+        raise ValueError(f"this run was not triggered by {asset.name}")
+    return str(events[-1].extra[key])
 
 
 def trainer(task_id: str, command: str, **kwargs):

@@ -7,10 +7,12 @@ mode) and commits ``arm=champion`` and ``arm=challenger`` together.
 
 Partition: the run with logical date D commits ``recommendations/dt=D/`` (every arm, one
 commit; the job validates the day before it commits) from events before D+1 00:00 UTC.
-Scheduled daily (CronDataIntervalTimetable): the run of day D starts after D ends, at D+1 03:00 UTC; no catch-up (a first deploy must not re-score
-every past day with today's champion): ``airflow backfill create`` scores missed days, each
+Scheduled daily (CronDataIntervalTimetable): the run of day D starts after D ends, at D+1
+03:00 UTC; no catch-up (a first deploy must not re-score every past day with today's champion): ``airflow backfill create`` scores missed days, each
 into its own partition. ``@champion`` is resolved when the scoring task runs, so a
-person moving the alias in the MLflow UI is honoured by the next run.
+person moving the alias in the MLflow UI is honoured by the next run. Once the day is
+checked, ``announce_recommendations`` updates the asset ``piarec_recommendations`` (extra
+``date``, ``arms``): downstream DAGs (serving load, A/B analysis) schedule on it.
 
 Params: ``date`` (YYYY-MM-DD, overrides the logical date), ``model_version`` (score a
 fixed version instead of the champion), ``k`` (recommendations per user; default the
@@ -25,7 +27,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
-from piarec_dag_support import DEFAULT_ARGS, REGISTERED_MODEL, BashOperator, events_sensor, ops, run_day, spark_submit
+from piarec_dag_support import (DEFAULT_ARGS, RECOMMENDATIONS, REGISTERED_MODEL, BashOperator, announce, events_sensor,
+                                ops, run_day, schedule, spark_submit)
 
 # The scoring day: the `date` param, else the logical date; a run triggered without one
 # (Airflow 3: manual and API runs may have none, and then `ds` is absent) scores the last
@@ -43,7 +46,7 @@ ARMS = "{{ 'champion,challenger' if params.challenger_arm else 'champion' }}"
 with DAG(
     dag_id="piarec_daily_scoring",
     description="day D's events -> score champion (+ challenger), validated and committed -> check",
-    schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
+    schedule=schedule(CronDataIntervalTimetable("0 3 * * *", timezone="UTC")),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     # Off: on first deploy (or after a pause) the scheduler would score every past day since
     # start_date with today's champion. Missed days are scored on purpose with
@@ -75,4 +78,6 @@ with DAG(
         execution_timeout=timedelta(minutes=30),
     )
 
-    wait_for_events >> score >> validate
+    announce_day = announce("announce_recommendations", RECOMMENDATIONS, date=DAY, arms=ARMS)
+
+    wait_for_events >> score >> validate >> announce_day

@@ -9,6 +9,10 @@ and ``airflow backfill`` rebuild exactly their own week. Scheduled Mondays 04:00
 Params for ad-hoc runs: ``window_end`` (YYYY-MM-DD, overrides the logical date).
 A refused challenger leaves the gate task *skipped* with the report in its log and in
 MLflow (run "gate vN"); ``champion`` stays where it was.
+
+Assets: ``announce_snapshot`` updates ``piarec_snapshots`` (extra ``window_end``, ``uri``) once
+the snapshot is committed; ``announce_model`` updates ``piarec_models`` (extra
+``window_end``) once a version is registered as ``@challenger``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from piarec_dag_support import (DEFAULT_ARGS, PIAREC, REFUSED, SKIP, BashOperator, events_sensor, ops, run_day,
-                                spark_submit, trainer)
+from piarec_dag_support import (DEFAULT_ARGS, MODELS, PIAREC, REFUSED, SKIP, SNAPSHOTS, BashOperator, announce,
+                                events_sensor, ops, run_day, schedule, spark_submit, trainer)
 
 # The window end: the `window_end` param, else the logical date, else (a run triggered
 # without one) the day of the run's `run_after`.
@@ -28,7 +32,7 @@ WINDOW_END = run_day("params.window_end", days_back=0)
 with DAG(
     dag_id="piarec_weekly_training",
     description="events -> snapshot -> train + register challenger -> gate -> champion",
-    schedule=CronTriggerTimetable("0 4 * * 1", timezone="UTC"),
+    schedule=schedule(CronTriggerTimetable("0 4 * * 1", timezone="UTC")),
     start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
     catchup=False,  # only the newest model matters; `airflow backfill create` rebuilds old weeks
     max_active_runs=1,  # the challenger alias is shared: one training at a time
@@ -62,4 +66,10 @@ with DAG(
         execution_timeout=timedelta(minutes=30),
     )
 
+    announce_snapshot = announce("announce_snapshot", SNAPSHOTS, window_end=WINDOW_END,
+                                 uri="{{ ti.xcom_pull(task_ids='locate_snapshot') }}")
+    announce_model = announce("announce_model", MODELS, window_end=WINDOW_END)
+
     wait_for_events >> build_snapshot >> locate_snapshot >> train >> gate
+    locate_snapshot >> announce_snapshot
+    train >> announce_model

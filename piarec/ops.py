@@ -3,6 +3,7 @@
     piarec ops events-ready --window-end 2026-04-06   (or --day D, or --start S --end E)
     piarec ops snapshot-uri --window-end 2026-04-06 [--require-published]
     piarec ops validate --date 2026-04-09 --arms champion,challenger [--k 100] [--sample N]
+    piarec ops files --date 2026-04-09 [--arm champion]
 
 Airflow itself never imports piarec (its environment has no torch or pyspark); these
 commands read the pipeline configuration exactly as the jobs do (``PIAREC_CONFIG``,
@@ -29,7 +30,7 @@ from piarec.data.commit import read_pointer
 from piarec.data.storage import SUCCESS, exists, is_published, resolve
 from piarec.errors import PiarecError, ValidationFailed
 
-__all__ = ["NOT_READY", "PiarecError", "ValidationFailed", "days", "events_ready", "missing_partitions",
+__all__ = ["NOT_READY", "PiarecError", "ValidationFailed", "days", "events_ready", "files", "missing_partitions",
            "recs_uri", "snapshot_uri", "validate", "validate_day"]
 
 NOT_READY = 1  # events-ready: a sensor pokes again
@@ -109,4 +110,22 @@ def validate(cfg: PipelineConfig, day: dt.date, arms: Sequence[str], *, k: int |
     """Check the committed recommendations of ``day`` (:func:`validate_day`) and print the
     report; writes nothing (the scoring job validated before it committed)."""
     print(json.dumps(validate_day(cfg, day, arms, k, sample)))
+    return 0
+
+
+def files(storage: StorageConfig, day: dt.date, arm: str | None = None) -> int:
+    """Print the committed files of the recommendations of ``day`` (one arm's, or every
+    arm's), one URI a line: exactly what a downstream loader reads (the reader contract,
+    :mod:`piarec.data.reader`)."""
+    from piarec.data import reader
+
+    uri = recs_uri(storage, day)
+    if reader.open_committed(uri) is None:
+        raise PiarecError(f"{uri} is not committed (no {SUCCESS} commit pointer)")
+    listed = reader.uris(uri)
+    if arm is not None:
+        listed = [f for f in listed if f"/{layout.arm_dir(arm)}/" in f]
+        if not listed:
+            raise PiarecError(f"{uri} has no committed files of arm {arm!r}")
+    print("\n".join(listed))
     return 0

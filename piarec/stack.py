@@ -1,23 +1,37 @@
 """The production topology on one machine, as real processes: ``piarec stack up|down|status``.
 
-    piarec stack up [--dir piarec-stack] [--workers 2]     (make stack)
-    piarec stack down [--dir piarec-stack]                  (make stack-down)
+    piarec stack up [--dir piarec-stack] [--workers 2] [--no-airflow]   (make stack)
+    piarec stack down [--dir piarec-stack]                               (make stack-down)
 
 ``up`` starts, every one bound to 127.0.0.1 and on free ports:
 
 - a Spark standalone cluster from the pyspark distribution: a master and ``--workers``
   workers (1 core, 2 GB each; ``spark-class org.apache.spark.deploy.master.Master`` /
-  ``...worker.Worker``), whose Python workers run this virtualenv's interpreter;
+  ``...worker.Worker``). Their executors run a Python that has the third-party libraries
+  but **not** piarec (``<dir>/executor-python``: a bare virtualenv that sees this
+  environment's site-packages, where an editable piarec is not on the path), as on a real
+  cluster: the code travels as ``<dir>/dist/piarec.zip`` on ``--py-files``, or is added by
+  :func:`pipelines.spark.get_spark` (:mod:`piarec.ship`);
 - the loopback S3 server (moto's server mode) with the bucket ``piarec``;
 - an MLflow tracking server (``mlflow server``: SQLite backend store, artifacts proxied
-  to ``s3://piarec/mlartifacts`` on the loopback S3 server).
+  to ``s3://piarec/mlartifacts`` on the loopback S3 server);
+- Airflow 3 from ``.venv-airflow`` (``make airflow-env``): api-server, scheduler (the
+  LocalExecutor) and dag-processor on a SQLite metadata DB, with the project's DAGs, the
+  connection ``piarec_spark`` pointing at the master, and the DAGs' settings
+  (``PIAREC_SPARK_PYTHON`` the executors', ``PIAREC_SPARK_DRIVER_PYTHON`` this one,
+  ``PIAREC_PY_FILES`` the zip). Loopback only: every request is an admin (the simple auth
+  manager's ``all_admins``), so there is no login. DAGs are paused at creation, as Airflow's
+  default; unpause them in the UI.
 
-It waits until each answers (the workers registered with the master), then writes
-``<dir>/stack.yaml``, a pipeline configuration pointing at them (``PIAREC_CONFIG``), and
-``<dir>/stack.env``, the environment for clients (the AWS settings of the loopback S3
-server and ``PIAREC_CONFIG``). The storage root stays on the shared local disk,
-``<dir>/data``: Spark's own DataFrame I/O on ``s3://`` needs the ``s3a`` jars, which only
-the Spark image ships; piarec's own S3 paths run against the loopback server in the tests.
+It waits until each answers (the workers registered with the master, the scheduler and
+dag-processor healthy), prints every UI's URL and writes ``<dir>/stack.yaml``, a pipeline
+configuration pointing at them (``PIAREC_CONFIG``), ``<dir>/stack.env``, the environment for
+clients (the loopback S3 server's AWS settings and ``PIAREC_CONFIG``), and
+``<dir>/airflow.env`` for the ``airflow`` command (``airflow backfill create ...``).
+Recommendations are committed to ``s3://piarec/recommendations`` on the loopback S3 server
+(the scoring job writes them task-side with pyarrow). Everything Spark reads or writes with
+its own DataFrame I/O (events, snapshots, histories) stays on the shared local disk,
+``<dir>/data``: Spark's ``s3://`` needs the ``s3a`` jars, which only the Spark image ships.
 ``down`` stops every process ``up`` started (their pids are in ``<dir>/stack.json``).
 """
 
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -105,20 +120,65 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def up(directory: str, workers: int = 2, worker_memory: str = "2g") -> dict[str, Any]:
-    """Start the stack under ``directory``; returns its state (also in ``stack.json``)."""
+def _repo() -> Path:
+    """The checkout (or install) holding ``dags/`` and ``pipelines/``."""
+    import piarec
+
+    return Path(piarec.__file__).resolve().parents[1]
+
+
+def _airflow_venv() -> Path:
+    venv = Path(os.environ.get("PIAREC_AIRFLOW_VENV") or _repo() / ".venv-airflow")
+    if not (venv / "bin" / "airflow").exists():
+        raise PiarecError(f"no Airflow in {venv}: build it with `make airflow-env` (or start with --no-airflow)")
+    return venv
+
+
+def executor_python(root: Path) -> str:
+    """A Python for executors: this environment's third-party packages, not piarec.
+
+    A virtualenv without pip whose one ``.pth`` line adds this environment's site-packages
+    to its path. Lines of a ``.pth`` file are plain paths: the ``.pth`` files *inside* that
+    folder (an editable install's import hook among them) are not run, so ``import piarec``
+    fails there unless the code is shipped.
+    """
+    import site
+    import sysconfig
+
+    env = root / "executor-python"
+    python = env / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  check=True, capture_output=True, text=True).stdout.strip())
+    ours = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    (purelib / "piarec-deps.pth").write_text("".join(f"{p}\n" for p in dict.fromkeys(ours)))
+    return str(python)
+
+
+def up(directory: str, workers: int = 2, worker_memory: str = "2g", airflow: bool = True,
+       env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start the stack under ``directory``; returns its state (also in ``stack.json``).
+    ``env``: extra environment for every process (the jobs, the DAGs' tasks)."""
+    from piarec.ship import build_zip
+
     root = Path(directory).resolve()
     if (root / STATE).exists() and status(directory)["running"]:
         raise PiarecError(f"a stack is already running from {root} (piarec stack down --dir {directory})")
+    airflow_venv = _airflow_venv() if airflow else None
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    ports = {k: _free_port() for k in ("s3", "mlflow", "spark", "spark_ui")}
+    code = str(build_zip(root / "dist"))
+    executors = executor_python(root)
+    ports = {k: _free_port() for k in ("s3", "mlflow", "spark", "spark_ui", *(["airflow"] if airflow else []))}
     s3 = f"http://{HOST}:{ports['s3']}"
-    env = {**os.environ, **AWS, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
-           "SPARK_LOCAL_IP": HOST, "PYSPARK_PYTHON": sys.executable}
+    env = {**os.environ, **(env or {}), **AWS, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
+           "SPARK_LOCAL_IP": HOST, "PYSPARK_PYTHON": executors}
     procs: list[dict[str, Any]] = []
-    state = {"dir": str(root), "ports": ports, "processes": procs}
+    state = {"dir": str(root), "ports": ports, "processes": procs, "executor_python": executors, "code_zip": code}
+    master = f"spark://{HOST}:{ports['spark']}"
+    tracking = f"http://{HOST}:{ports['mlflow']}"
     try:
         procs.append(_start("s3", [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])], logs, env))
         _wait("loopback S3", lambda: _get(f"{s3}/moto-api/"), 30, procs)
@@ -133,7 +193,6 @@ def up(directory: str, workers: int = 2, worker_memory: str = "2g") -> dict[str,
         procs.append(_start("spark-master", [
             _spark_class(), "org.apache.spark.deploy.master.Master", "--host", HOST,
             "--port", str(ports["spark"]), "--webui-port", str(ports["spark_ui"])], logs, env))
-        master = f"spark://{HOST}:{ports['spark']}"
         _wait("Spark master", lambda: _get(f"http://{HOST}:{ports['spark_ui']}/json/"), 60, procs)
         for i in range(workers):
             work = root / f"spark-worker-{i}"
@@ -143,33 +202,90 @@ def up(directory: str, workers: int = 2, worker_memory: str = "2g") -> dict[str,
                 "--cores", "1", "--memory", worker_memory, "--webui-port", "0", "--work-dir", str(work)], logs, env))
         _wait(f"{workers} Spark workers", lambda: json.loads(_get(f"http://{HOST}:{ports['spark_ui']}/json/"))
               .get("aliveworkers", 0) >= workers, 90, procs)
-        tracking = f"http://{HOST}:{ports['mlflow']}"
         _wait("MLflow server", lambda: _get(f"{tracking}/health") == b"OK", 90, procs)
+        clients = _write_clients(root, master, tracking, s3, worker_memory, executors)
+        urls = {"Spark master": f"http://{HOST}:{ports['spark_ui']}", "MLflow": tracking, "S3 (moto)": s3}
+        if airflow_venv is not None:
+            api = _start_airflow(root, airflow_venv, ports, master, {**env, **clients}, code, executors, logs, procs)
+            urls["Airflow"] = api
+            state["airflow_api"] = api
     except BaseException:
         _stop(procs)
         raise
-    _write_clients(root, master, tracking, s3, worker_memory)
-    state.update(master=master, tracking_uri=tracking, s3_endpoint=s3, config=str(root / "stack.yaml"))
+    state.update(master=master, tracking_uri=tracking, s3_endpoint=s3, config=str(root / "stack.yaml"), urls=urls)
     (root / STATE).write_text(json.dumps(state, indent=2))
     return state
 
 
-def _write_clients(root: Path, master: str, tracking: str, s3: str, worker_memory: str) -> None:
-    """``stack.yaml`` (the pipeline configuration) and ``stack.env`` (client environment)."""
+def _write_clients(root: Path, master: str, tracking: str, s3: str, worker_memory: str,
+                   executors: str) -> dict[str, str]:
+    """``stack.yaml`` (the pipeline configuration) and ``stack.env`` (client environment);
+    returns that environment."""
     import yaml
 
     config = {
-        "storage": {"root": str(root / "data")},
+        "storage": {"root": str(root / "data"),
+                    # Written task-side with pyarrow, so on the loopback S3 server (no s3a needed).
+                    "recommendations": f"s3://{BUCKET}/recommendations"},
         # Artifacts through the server's proxy, which stores them on the loopback S3 server.
         "mlflow": {"tracking_uri": tracking, "artifact_location": "mlflow-artifacts:/piarec"},
         "spark": {"master": master, "conf": {
-            "spark.pyspark.python": sys.executable, "spark.pyspark.driver.python": sys.executable,
+            "spark.pyspark.python": executors, "spark.pyspark.driver.python": sys.executable,
             "spark.executor.memory": "1g" if worker_memory == "2g" else worker_memory,
             "spark.driver.host": HOST, "spark.ui.enabled": "false"}},
     }
     (root / "stack.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**AWS, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3, "PIAREC_CONFIG": str(root / "stack.yaml")}
     (root / "stack.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    return env
+
+
+def _start_airflow(root: Path, venv: Path, ports: dict[str, int], master: str, env: dict[str, str], code: str,
+                   executors: str, logs: Path, procs: list[dict[str, Any]]) -> str:
+    """Migrate Airflow's metadata DB, start api-server, scheduler and dag-processor; returns
+    the API's URL once the scheduler and dag-processor report healthy."""
+    api = f"http://{HOST}:{ports['airflow']}"
+    home = root / "airflow"
+    home.mkdir(exist_ok=True)
+    settings = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(_repo() / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        # One secret for every component: the API server signs the tasks' tokens with it.
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW__API__BASE_URL": api,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+        "AIRFLOW_CONN_PIAREC_SPARK": json.dumps({"conn_type": "spark", "host": master.rsplit(":", 1)[0],
+                                                 "port": int(master.rsplit(":", 1)[1])}),
+        "PIAREC_HOME": str(_repo()),
+        "PIAREC_VENV": sys.prefix,
+        "PIAREC_SPARK_PYTHON": executors,
+        "PIAREC_SPARK_DRIVER_PYTHON": sys.executable,
+        "PIAREC_PY_FILES": code,
+        "PIAREC_POKE_INTERVAL_S": env.get("PIAREC_POKE_INTERVAL_S", "30"),
+    }
+    (root / "airflow.env").write_text("".join(f"export {k}='{v}'\n" for k, v in settings.items()))
+    env = {**env, **settings}
+    airflow = str(venv / "bin" / "airflow")
+    with open(logs / "airflow-db-migrate.log", "ab") as log:
+        done = subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    if done.returncode != 0:
+        raise PiarecError(f"stack: airflow db migrate exited {done.returncode}; see {logs / 'airflow-db-migrate.log'}")
+    procs.append(_start("airflow-api-server", [airflow, "api-server", "-H", HOST, "-p", str(ports["airflow"]),
+                                               "-w", "1"], logs, env))
+    procs.append(_start("airflow-scheduler", [airflow, "scheduler"], logs, env))
+    procs.append(_start("airflow-dag-processor", [airflow, "dag-processor"], logs, env))
+
+    def healthy():
+        health = json.loads(_get(f"{api}/api/v2/monitor/health"))
+        return all(health.get(part, {}).get("status") == "healthy" for part in ("scheduler", "dag_processor"))
+
+    _wait("Airflow (scheduler and dag-processor healthy)", healthy, 240, procs)
+    return api
 
 
 def _stop(procs: list[dict[str, Any]]) -> None:

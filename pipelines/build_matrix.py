@@ -32,30 +32,24 @@ import argparse
 import logging
 import sys
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script (spark-submit pipelines/build_matrix.py from a checkout): make the
-    # checkout's packages importable without installing them.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
 
-from pyspark.sql import DataFrame, Observation, SparkSession  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
-
-from piarec.cli.errors import run_command  # noqa: E402
-from piarec.cli.options import parse_job_args  # noqa: E402
-from piarec.config import PipelineConfig, PositiveRule, load_config  # noqa: E402
-from piarec.data.snapshot import HISTORIES_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
-from piarec.data.commit import PartitionCommit  # noqa: E402
-from piarec.data.storage import resolve  # noqa: E402
-from piarec.data import layout  # noqa: E402
-from piarec.errors import InputDataError  # noqa: E402
-from pipelines.events import DROP_REASONS, histories, input_errors, positive_condition  # noqa: E402
-from pipelines.matrix_transforms import bucket_bits, user_item_sets  # noqa: E402
-from pipelines import build_common as common  # noqa: E402
-from pipelines import snapshot_steps as steps  # noqa: E402
-from pipelines.spark import get_spark, spark_path  # noqa: E402
+from piarec.cli.errors import run_command
+from piarec.cli.options import parse_job_args
+from piarec.config import PipelineConfig, PositiveRule, load_config
+from piarec.data.snapshot import HISTORIES_SCHEMA_VERSION, SCHEMA_VERSION
+from piarec.data.commit import PartitionCommit
+from piarec.data.storage import resolve
+from piarec.data import layout
+from piarec.errors import InputDataError
+from pipelines.events import DROP_REASONS, histories, input_errors, positive_condition
+from pipelines.matrix_transforms import bucket_bits, user_item_sets
+from pipelines import build_common as common
+from pipelines import snapshot_steps as steps
+from pipelines.spark import get_spark, spark_path
 
 log = logging.getLogger("piarec.build_matrix")
 

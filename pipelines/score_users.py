@@ -41,7 +41,6 @@ import functools
 import sys
 import uuid
 from datetime import date
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -332,10 +331,8 @@ def _run_spark(cfg, args, out, k, arm, model, challenger, histories) -> dict[str
 
 
 if __name__ == "__main__":
-    if not __package__:
-        # spark-submit from a checkout: make the checkout's packages importable.
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    # Go through the importable module rather than __main__ so the worker function is
+    # piarec and pipelines come from the installed project or the code zip on --py-files
+    # (piarec package; see piarec/ship.py). Go through the importable module rather than __main__ so the worker function is
     # pickled by reference and its model cache lives in pipelines.score_users on workers.
     from pipelines.score_users import main as _main
 

@@ -16,7 +16,7 @@ from pyspark.sql import SparkSession
 from piarec.config import SparkConfig
 from piarec.data.storage import is_s3
 
-__all__ = ["get_spark", "spark_path"]
+__all__ = ["get_spark", "ship_code", "spark_path"]
 
 _DISCOVERY = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 
@@ -59,11 +59,30 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
-    if session.sparkContext.master.startswith("local") and _DISCOVERY not in cfg.conf:
-        # Spark lists more than 32 folders (a 90-day window) with a distributed job; without
-        # a cluster that job costs more than listing them in the driver (~1.5 s per read).
-        session.conf.set(_DISCOVERY, "1024")
+    if session.sparkContext.master.startswith("local"):
+        if _DISCOVERY not in cfg.conf:
+            # Spark lists more than 32 folders (a 90-day window) with a distributed job; without
+            # a cluster that job costs more than listing them in the driver (~1.5 s per read).
+            session.conf.set(_DISCOVERY, "1024")
+    else:
+        ship_code(session)
     return session
+
+
+def ship_code(session: SparkSession) -> None:
+    """Put this process's piarec code on the executors' Python path, unless the launcher
+    already ships it (``--py-files .../piarec*.zip``): a cluster's executors have the
+    third-party libraries but not the project (:mod:`piarec.ship`)."""
+    context = session.sparkContext
+    shipped = [f for f in context.getConf().get("spark.submit.pyFiles", "").split(",") if f]
+    if any(os.path.basename(f).startswith("piarec") and f.endswith(".zip") for f in shipped):
+        return
+    from piarec.ship import code_zip
+
+    zipped = code_zip()
+    if zipped not in getattr(context, "_piarec_shipped", ()):
+        context.addPyFile(zipped)
+        context._piarec_shipped = (zipped,)
 
 
 def _launcher_sets(key: str) -> bool:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # sideways (the cycle check still applies there).
 LAYERS: list[set[str]] = [
     {"piarec", "piarec.errors"},  # the version and the error types
-    {"piarec.config", "piarec.device"},  # the typed configuration; the CPU/GPU choice
+    {"piarec.config", "piarec.device", "piarec.ship"},  # the typed configuration; the CPU/GPU choice; the code zip
     {"piarec.data"},  # storage, layout, snapshots, CSR, synthetic events
     {"piarec.models"},  # the model contract, Multi-VAE, RecVAE, flows, EASE, bundles
     {"piarec.scoring"},  # the top-K kernel, the batch scorer, Arrow conversion

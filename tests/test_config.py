@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import get_args
 
 import numpy as np
@@ -137,6 +138,7 @@ def test_no_file_no_environment_gives_todays_values():
     want = {**_flat(LOCAL_YAML_BEFORE), **NOT_IN_LOCAL_YAML_BEFORE}
     added_since = {"events.done_marker": "_SUCCESS",  # keys added after the layout change
                    "storage.retain_versions_s": 3600.0, "storage.lease_ttl_s": 120.0}
+    added_since["storage.recommendations"] = None  # defaults to <root>/recommendations
     assert len(got) == 93 + len(added_since)
     assert got == {**want, **added_since}
 
@@ -171,9 +173,19 @@ def test_get_spark_sets_no_master_when_none(monkeypatch):
 
     calls = []
 
+    class FakeContext:
+        def __init__(self, master):
+            self.master = master
+
+        def getConf(self):  # noqa: N802 - the PySpark name
+            return {"spark.submit.pyFiles": ""}
+
+        def addPyFile(self, path):  # noqa: N802
+            calls.append(("addPyFile", path))
+
     class FakeSession:
-        class sparkContext:  # noqa: N801 - mimics the attribute
-            master = "spark://cluster:7077"
+        def __init__(self, master):
+            self.sparkContext = FakeContext(master)
 
         class conf:  # noqa: N801
             @staticmethod
@@ -181,12 +193,15 @@ def test_get_spark_sets_no_master_when_none(monkeypatch):
                 calls.append(("conf.set", key))
 
     class FakeBuilder:
+        chosen = "spark://cluster:7077"  # the cluster's, from spark-defaults.conf
+
         def config(self, key, value):
             calls.append(("config", key))
             return self
 
         def master(self, m):
             calls.append(("master", m))
+            self.chosen = m
             return self
 
         def appName(self, name):  # noqa: N802 - the PySpark name
@@ -194,7 +209,7 @@ def test_get_spark_sets_no_master_when_none(monkeypatch):
             return self
 
         def getOrCreate(self):  # noqa: N802
-            return FakeSession()
+            return FakeSession(self.chosen)
 
     class FakeSparkSession:
         builder = FakeBuilder()
@@ -204,9 +219,13 @@ def test_get_spark_sets_no_master_when_none(monkeypatch):
     spark_mod.get_spark(SparkConfig())
     assert not [c for c in calls if c[0] == "master"]
     assert ("appName", "piarec") in calls and ("config", "spark.ui.enabled") not in calls
+    # On a cluster the session ships this process's code to the executors.
+    (shipped,) = [c[1] for c in calls if c[0] == "addPyFile"]
+    assert shipped.endswith("piarec.zip") and Path(shipped).is_file()
     calls.clear()
     spark_mod.get_spark(SparkConfig(master="local[2]"))
     assert ("master", "local[2]") in calls and ("config", "spark.ui.enabled") in calls
+    assert not [c for c in calls if c[0] == "addPyFile"]  # local executors share the driver's Python
 
 
 # -- environment overrides --------------------------------------------------------------------

@@ -77,6 +77,27 @@ def test_valid_day_passes_and_nothing_is_written(cfg, piarec_ops, capsys):
     assert sorted(str(p) for p in day.rglob("*")) == before
 
 
+def test_files_lists_exactly_the_committed_files(cfg, piarec_ops, capsys):
+    part = publish(cfg, {"u1": ["t3", "t5"]}, extra=None)
+    stray = part.parent.parent / "_versions" / "killed-run" / "arm=champion"  # a dead run's leftovers
+    stray.mkdir(parents=True)
+    (stray / "part-9.parquet").write_bytes(b"not committed")
+    assert piarec_ops("files", "--date", str(DAY)) == 0
+    assert capsys.readouterr().out.split() == [str(part / "part-0.parquet")]
+    assert piarec_ops("files", "--date", str(DAY), "--arm", "champion") == 0
+    assert capsys.readouterr().out.split() == [str(part / "part-0.parquet")]
+    assert piarec_ops("files", "--date", str(DAY), "--arm", "challenger") == 2
+    assert "no committed files of arm 'challenger'" in capsys.readouterr().err
+    assert piarec_ops("files", "--date", "2026-04-10") == 2
+    assert "not committed" in capsys.readouterr().err
+
+
+def test_the_recommendations_root_can_live_apart_from_the_storage_root(cfg, tmp_path):
+    assert ops.recs_uri(cfg.storage, DAY) == str(Path(cfg.storage.root) / "recommendations" / f"dt={DAY}")
+    cfg.storage.recommendations = "s3://bucket/recs"
+    assert ops.recs_uri(cfg.storage, DAY) == f"s3://bucket/recs/dt={DAY}"
+
+
 def test_the_committed_arms_must_be_the_expected_ones(cfg, piarec_ops, capsys):
     publish(cfg, {"u1": ["t3", "t5"], "u2": ["t1", "t6"]})
     assert piarec_ops("validate", "--date", str(DAY), "--arms", "champion,challenger") == 2

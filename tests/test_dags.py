@@ -125,25 +125,35 @@ print(json.dumps({
                         "params": sorted(d.params.keys()),
                         "retries": {t.task_id: t.retries for t in d.tasks},
                         "timeouts": {t.task_id: bool(t.execution_timeout or getattr(t, "timeout", None)) for t in d.tasks},
+                        "outlets": {t.task_id: sorted(a.name for a in t.outlets) for t in d.tasks if t.outlets},
+                        "timetable": type(d.timetable).__name__,
+                        "assets": sorted(a.name for a in getattr(d.timetable.asset_condition, "objects", [])),
                         "catchup": d.catchup, "max_active_runs": d.max_active_runs}
              for d in bag.dags.values()},
 }))
 """
 
 
-@pytest.fixture(scope="module")
-def parsed(tmp_path_factory):
+def parse_dags(tmp_path_factory, **settings: str) -> dict:
     _require_airflow()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
     env.update({"AIRFLOW_HOME": str(tmp_path_factory.mktemp("airflow-parse")), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")})  # Airflow puts it on sys.path
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), **settings})  # Airflow puts it on sys.path
     proc = run([str(AIRFLOW_VENV / "bin" / "python"), "-c", PARSE, str(REPO / "dags")], env, timeout=300)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    return parse_dags(tmp_path_factory)
+
+
+DAG_IDS = {"piarec_weekly_training", "piarec_daily_scoring", "piarec_recommendations_files"}
+
+
 def test_dagbag_imports_without_errors_or_heavy_modules(parsed):
     assert parsed["errors"] == {}
-    assert set(parsed["dags"]) == {"piarec_weekly_training", "piarec_daily_scoring"}
+    assert set(parsed["dags"]) == DAG_IDS
     assert parsed["heavy"] == []  # DAG files only wire tasks
     assert parsed["seconds"] < 30
 
@@ -153,21 +163,40 @@ def test_weekly_structure(parsed):
     assert d["upstream"] == {
         "wait_for_events": [], "build_snapshot": ["wait_for_events"], "locate_snapshot": ["build_snapshot"],
         "train_and_register": ["locate_snapshot"], "promotion_gate": ["train_and_register"],
+        "announce_snapshot": ["locate_snapshot"], "announce_model": ["train_and_register"],
     }
+    assert d["outlets"] == {"announce_snapshot": ["piarec_snapshots"], "announce_model": ["piarec_models"]}
     assert d["types"]["build_snapshot"] == "PiarecSparkSubmitOperator"
     assert d["types"]["wait_for_events"] == "BashSensor"
-    assert d["params"] == ["window_end"] and d["max_active_runs"] == 1
+    assert d["params"] == ["window_end"] and d["max_active_runs"] == 1 and d["timetable"] == "CronTriggerTimetable"
     assert all(d["timeouts"].values()) and all(r == 2 for r in d["retries"].values())
 
 
 def test_daily_structure(parsed):
     d = parsed["dags"]["piarec_daily_scoring"]
-    assert d["upstream"] == {  # the scoring job validates and commits; the last task only checks
+    assert d["upstream"] == {  # the scoring job validates and commits; the last tasks only check and announce
         "wait_for_events": [], "score_users": ["wait_for_events"], "validate_output": ["score_users"],
+        "announce_recommendations": ["validate_output"],
     }
+    assert d["outlets"] == {"announce_recommendations": ["piarec_recommendations"]}
     assert d["types"]["score_users"] == "PiarecSparkSubmitOperator"
     assert d["params"] == ["challenger_arm", "challenger_share", "date", "k", "model_version"]
     assert d["catchup"] is False and all(d["timeouts"].values())  # no re-scoring of the past on deploy
+    assert d["timetable"] == "CronDataIntervalTimetable"
+
+
+def test_the_downstream_dag_is_scheduled_on_the_recommendations_asset(parsed):
+    d = parsed["dags"]["piarec_recommendations_files"]
+    assert d["timetable"] == "AssetTriggeredTimetable" and d["assets"] == ["piarec_recommendations"]
+    assert d["upstream"] == {"list_committed_files": []} and d["catchup"] is False
+
+
+def test_schedules_off_leaves_only_triggered_runs(tmp_path_factory):
+    off = parse_dags(tmp_path_factory, PIAREC_SCHEDULES="off")
+    assert off["errors"] == {}
+    assert {k: d["timetable"] for k, d in off["dags"].items()} == {
+        "piarec_weekly_training": "NullTimetable", "piarec_daily_scoring": "NullTimetable",
+        "piarec_recommendations_files": "AssetTriggeredTimetable"}  # downstream still follows the asset
 
 
 def test_spark_environment_has_no_pyspark_client():

@@ -93,9 +93,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from piarec import stack
 
     if args.action == "up":
-        state = stack.up(args.dir, workers=args.workers)
-        print(f"stack up: Spark {state['master']}, MLflow {state['tracking_uri']}, S3 {state['s3_endpoint']}; "
-              f"clients: source {Path(state['dir']) / 'stack.env'}")
+        state = stack.up(args.dir, workers=args.workers, airflow=args.airflow)
+        for name, url in state["urls"].items():
+            print(f"{name:<14} {url}")
+        print(f"clients: source {Path(state['dir']) / 'stack.env'}")
     elif args.action == "down":
         state = stack.down(args.dir)
         print(f"stack down: stopped {len(state['processes'])} processes from {state['dir']}")
@@ -103,6 +104,13 @@ def cmd_stack(args: argparse.Namespace) -> int:
         state = stack.status(args.dir)
         print(json.dumps({p["name"]: p["alive"] for p in state["processes"]} | {"running": state["running"]}))
         return 0 if state["running"] else 1
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from piarec.ship import build_zip
+
+    print(build_zip(args.out))
     return 0
 
 
@@ -116,6 +124,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
         return ops.snapshot_uri(cfg, args.window_end, require_published=args.require_published)
     if args.ops_command == "validate":
         return ops.validate(cfg, args.date, args.arms, k=args.k, sample=args.sample)
+    if args.ops_command == "files":
+        return ops.files(cfg.storage, args.date, args.arm)
     raise AssertionError(f"unknown ops command {args.ops_command!r}")
 
 
@@ -123,7 +133,7 @@ def _handlers() -> dict:
     # Looked up when the parser is built, so a test can replace a module-level handler.
     return {"generate-events": cmd_generate_events, "build-matrix": cmd_build_matrix, "train": cmd_train,
             "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "demo": cmd_demo, "ops": cmd_ops,
-            "stack": cmd_stack}
+            "stack": cmd_stack, "package": cmd_package}
 
 
 # --------------------------------------------------------------------------- parser and main

@@ -135,6 +135,12 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"], help="start, stop or show the local stack")
     p.add_argument("--dir", default="piarec-stack", help="state, logs and data of the stack (default ./piarec-stack)")
     p.add_argument("--workers", type=int, default=2, help="Spark workers, 1 core and 2 GB each (default 2)")
+    p.add_argument("--no-airflow", dest="airflow", action="store_false",
+                   help="leave Airflow out (default: api-server, scheduler and dag-processor from .venv-airflow)")
+
+
+def add_package_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="dist", help="folder (or .zip path) of the code zip (default ./dist)")
 
 
 # --------------------------------------------------------------------------- piarec ops
@@ -148,6 +154,11 @@ def add_ops_events_ready_options(p: argparse.ArgumentParser) -> None:
 def add_ops_snapshot_uri_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-end", type=iso_date, required=True, help="the snapshot's window end, YYYY-MM-DD")
     p.add_argument("--require-published", action="store_true", help="fail unless the snapshot is published")
+
+
+def add_ops_files_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--date", type=iso_date, required=True, help="the recommendations day, YYYY-MM-DD")
+    p.add_argument("--arm", default=None, help="only this arm (default: every committed arm)")
 
 
 def _add_day_and_arms(p: argparse.ArgumentParser) -> None:
@@ -168,11 +179,12 @@ OPS_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] =
                      "exit 0 when every dt partition of [start, end) exists, 1 while some are missing"),
     "snapshot-uri": (add_ops_snapshot_uri_options, "print the snapshot URI of a window end"),
     "validate": (add_ops_validate_options, "check the committed arms of a day (read-only)"),
+    "files": (add_ops_files_options, "print the committed files of a recommendations day, one URI a line"),
 }
 
 
 def add_ops_options(p: argparse.ArgumentParser) -> None:
-    """``piarec ops <events-ready|snapshot-uri|validate>``: the DAGs' checks.
+    """``piarec ops <events-ready|snapshot-uri|validate|files>``: the DAGs' checks and lookups.
     Exit codes: 0 = done / ready / valid; 1 = not ready yet (events-ready, a sensor pokes
     again); 2 = an error or a failed validation."""
     sub = p.add_subparsers(dest="ops_command", required=True, metavar="OPS_COMMAND")
@@ -192,8 +204,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "report": (add_report_options, "collapse diagnostics, per-group metrics and latent t-SNE of a training run"),
     "score": (add_score_options, "Spark job (or --engine local): top-K recommendations for every user active at day D"),
     "demo": (add_demo_options, "the whole pipeline end to end on generated events"),
-    "stack": (add_stack_options, "a Spark standalone cluster, an MLflow server and a loopback S3 server on 127.0.0.1"),
-    "ops": (add_ops_options, "the DAGs' checks: events-ready, snapshot-uri, validate"),
+    "stack": (add_stack_options, "the production topology on 127.0.0.1: Spark standalone, MLflow, S3, Airflow"),
+    "package": (add_package_options, "zip piarec's code for Spark's --py-files (executors without piarec)"),
+    "ops": (add_ops_options, "the DAGs' checks and lookups: events-ready, snapshot-uri, validate, files"),
 }
 
 # Cross-option rules argparse cannot express; a message means a usage error (exit 2).

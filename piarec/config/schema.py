@@ -27,6 +27,9 @@ class StorageConfig(_Section):
     root: str = "piarec-work"
     # Where raw events live; defaults to <root>/events.
     events: str | None = None
+    # Where the daily recommendations are committed; defaults to <root>/recommendations.
+    # Written task-side with pyarrow, so an s3:// root here needs no s3a on the cluster.
+    recommendations: str | None = None
     # A partition's earlier versions stay readable this long after a newer commit (for
     # readers that read the old pointer just before it), then the next run of it deletes them.
     retain_versions_s: float = Field(3600.0, ge=0)

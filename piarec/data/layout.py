@@ -57,7 +57,8 @@ def histories_root(storage: StorageConfig) -> str:
 
 
 def recommendations_root(storage: StorageConfig) -> str:
-    return join_uri(storage.root, "recommendations")
+    """The daily recommendations: ``storage.recommendations``, else ``<root>/recommendations``."""
+    return storage.recommendations or join_uri(storage.root, "recommendations")
 
 
 def checkpoints_root(storage: StorageConfig) -> str:
