@@ -4,7 +4,6 @@ Each arm's model travels to executors as the bytes of its bundle files."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -16,13 +15,13 @@ import pyarrow as pa
 
 from piarec.config import PipelineConfig
 from piarec.errors import ConfigError
-from piarec.models.bundle import CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE, ModelBundle, load_bundle
+from piarec.models.bundle import (BUNDLE_FILES, ModelBundle, files_digest, load_bundle, local_version,
+                                  read_bundle_files)
 from piarec.registry.client import ModelRef, load_model
 from piarec.scoring.arrow import in_share
 
 ASSIGNMENT = 'arm = challenger when fmix64(fnv1a64(salt + "\\0" + user_id)) < share * 2^64'
 _ARM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE)
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Arm:
     @property
     def version(self) -> str:
         """What the rows' ``model_version`` says: the registry version, else a digest."""
-        return self.ref.version or f"local-{self.digest[:12]}"
+        return self.ref.version or local_version(self.digest)
 
     def model_info(self) -> dict[str, Any]:
         return {**self.ref.info(), "version": self.version, "digest": self.digest, "n_items": self.bundle.n_items}
@@ -69,11 +68,8 @@ class ArmPlan:
 
 def bundle_files(ref: ModelRef) -> tuple[dict[str, bytes], str]:
     """The bytes of a resolved model's bundle files and their sha256 digest."""
-    files = {name: Path(ref.local_dir, name).read_bytes() for name in BUNDLE_FILES}
-    h = hashlib.sha256()
-    for name in BUNDLE_FILES:
-        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    return files, h.hexdigest()
+    files = read_bundle_files(ref.local_dir)
+    return files, files_digest(files)
 
 
 def bundle_from_files(files: dict[str, bytes], info: dict[str, Any] | None = None) -> ModelBundle:

@@ -11,10 +11,11 @@ A bundle directory holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ from piarec.models.factory import build_model
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE = "config.json", "weights.pt", "items.parquet"
+BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE)
 
 
 @dataclass
@@ -103,3 +105,23 @@ def load_bundle(directory: str | Path, info: dict[str, Any] | None = None) -> Mo
         )
     popularity = items.column("popularity").to_numpy().astype(np.float32)
     return ModelBundle(model, item_ids, popularity, dict(info or {}))
+
+
+def read_bundle_files(directory: str | Path) -> dict[str, bytes]:
+    """The bytes of a bundle's files (:data:`BUNDLE_FILES`), by file name."""
+    return {name: Path(directory, name).read_bytes() for name in BUNDLE_FILES}
+
+
+def files_digest(files: Mapping[str, bytes]) -> str:
+    """sha256 (hex) over a bundle's files: each name, then the sha256 of its bytes, in
+    :data:`BUNDLE_FILES` order. The same files give the same digest wherever they lie."""
+    h = hashlib.sha256()
+    for name in BUNDLE_FILES:
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return h.hexdigest()
+
+
+def local_version(digest: str) -> str:
+    """The ``model_version`` label of a model that is not a registered version:
+    ``local-<first 12 hex of its files' digest>`` (the daily job and the pyfunc model alike)."""
+    return f"local-{digest[:12]}"

@@ -3,8 +3,9 @@
 The training loop itself (:mod:`piarec.train.trainer`) knows nothing of MLflow; this module
 does the wiring: parameters, per-epoch metrics, the evaluation report and a validation
 curve (PNG), the bundle logged as a pyfunc model defined from code
-(:mod:`piarec.registry.pyfunc`, with a signature), registration with a description and
-tags (data window, snapshot manifest digest, metrics) and the ``challenger`` alias.
+(:mod:`piarec.registry.pyfunc`, with a signature, an input example, the piarec package and
+pinned third-party requirements), registration with a description and tags (data window,
+snapshot manifest digest, metrics) and the ``challenger`` alias.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from piarec.registry import client as registry
-from piarec.models.bundle import save_bundle
+from piarec.models.bundle import ITEMS_FILE, save_bundle
 from piarec.registry.client import BUNDLE_ARTIFACT
 from piarec.config import PipelineConfig
 from piarec.evaluate.protocol import evaluate_model, evaluate_popularity
@@ -94,6 +95,26 @@ def _validation_curve(history: list[dict[str, float]]):
     return fig
 
 
+# The distributions the pyfunc model imports when MLflow loads it and it predicts: its own file
+# (mlflow, pandas, pyyaml), piarec.models.bundle and piarec.scoring.* (torch, numpy, pyarrow) and
+# piarec.config (pydantic, pyyaml). mlflow-skinny is the part of MLflow that loads and serves a pyfunc
+# model (tracking client, artifact download, `mlflow models serve`'s uvicorn server). The model's
+# requirements.txt is exactly these, pinned to this environment; piarec itself travels in the model
+# (code_paths). tests/test_model_env.py loads a registered model in a virtualenv holding only them.
+PYFUNC_DISTRIBUTIONS = ("mlflow-skinny", "torch", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
+
+
+def pyfunc_requirements() -> list[str]:
+    """``name==version`` of every :data:`PYFUNC_DISTRIBUTIONS` as installed here (local version
+    labels such as torch's ``+cpu`` dropped: pip matches ``torch==2.13.0`` to either build)."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    pins = {"mlflow-skinny": mlflow.__version__}  # mlflow or mlflow-skinny, whichever provides it here
+    return [f"{name}=={pins.get(name) or version(name).split('+')[0]}" for name in PYFUNC_DISTRIBUTIONS]
+
+
 def _signature(k: int):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
@@ -102,30 +123,44 @@ def _signature(k: int):
         inputs=Schema([ColSpec("string", "user_id", required=False), ColSpec(Array("string"), "history"),
                        ColSpec(Array("string"), "seen", required=False)]),
         outputs=Schema([ColSpec("string", "user_id"), ColSpec(Array("string"), "item_ids"),
-                        ColSpec(Array("float"), "scores"), ColSpec("string", "source")]),
+                        ColSpec(Array("float"), "scores"), ColSpec("string", "source"),
+                        ColSpec("string", "model_version")]),
         params=ParamSchema([ParamSpec("k", "long", k)]),
     )
 
 
+def _input_example(item_ids, k: int):
+    """Two users made of the model's own titles, and ``k``: what ``mlflow models serve`` shows as
+    the example request (``serving_input_example.json``), checked against the signature at logging."""
+    import pandas as pd
+
+    ids = [str(x) for x in item_ids[:6]]
+    frame = pd.DataFrame({"user_id": ["example-1", "example-2"], "history": [ids[:3], ids[3:5]],
+                          "seen": [ids[5:6], []]})
+    return frame, {"k": min(k, 10)}
+
+
 def _log_pyfunc(cfg: PipelineConfig, bundle_dir: Path):
-    """Log the bundle as an MLflow pyfunc model defined from code (piarec/registry/pyfunc.py)."""
+    """Log the bundle as an MLflow pyfunc model defined from code (piarec/registry/pyfunc.py),
+    carrying the piarec package and exactly the third-party requirements it needs."""
     import mlflow
-    import torch
+    import pyarrow.parquet as pq
 
     import piarec
 
-    requirements = [
-        f"piarec=={piarec.__version__}" if getattr(piarec, "__version__", None) else "piarec",
-        f"mlflow=={mlflow.__version__}",
-        f"torch=={torch.__version__.split('+')[0]}",
-        "pyarrow", "pandas", "numpy",
-    ]
+    item_ids = pq.read_table(Path(bundle_dir, ITEMS_FILE), columns=["item_id"]).column("item_id").to_pylist()
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
         python_model=str(Path(__file__).parents[1] / "registry" / "pyfunc.py"),
         artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        code_paths=[str(Path(piarec.__file__).parent)],  # -> code/piarec/, on sys.path at load
         signature=_signature(cfg.scoring.k),
-        pip_requirements=requirements,  # explicit: no inference (slow, needs the network)
+        input_example=_input_example(item_ids, cfg.scoring.k),
+        pip_requirements=pyfunc_requirements(),  # explicit: no inference (slow, needs the network)
+        # The keys a loader may set (MLflow drops model_config keys not logged): None = the
+        # pyfunc's own (model_version: the registered version it was loaded as; batch_size: 4096).
+        model_config={"model_version": None, "batch_size": None},
+        metadata={"piarec_version": piarec.__version__},
     )
 
 
