@@ -3,7 +3,7 @@ job vs Spark ALS, on the same synthetic day, in one run.
 
     flock /tmp/piarec-bench.lock python benchmarks/score.py [--users 200000] [--items 4000]
         [--seen 40] [--k 100] [--als-users 20000] [--memory 1000000,4000000]
-        [--workdir DIR] [--skip spark,als,memory] [--out docs/_bench_score.md]
+        [--workdir DIR] [--skip spark,cluster,als,memory] [--out docs/_bench_score.md]
 
 Synthetic inputs (cached in ``--workdir``): a random Multi-VAE (the default shape: 600
 hidden, 200 latent, decoder 200 -> I) saved as a bundle, and a published histories
@@ -18,6 +18,9 @@ the popularity fallback). Every arm reads those Parquet files and writes Parquet
   thread per core, and again with one worker thread.
 - spark: ``piarec score --histories`` (:func:`pipelines.score_users.run`), local[cores],
   timed after a warm-up run on a smaller day in the same session.
+- cluster: the same job on the Spark standalone cluster of ``piarec stack up --no-airflow``
+  (2 workers x 1 core, executors 1 GB, their Python without piarec: the code is shipped),
+  started for this arm and stopped after it; same warm-up.
 - als: Spark ALS (rank 200, implicit, 1 iteration) ``recommendForAllUsers(100)`` and a
   Parquet write, on ``--als-users`` users of the same histories.
 - memory: the local engine on ``--memory`` users each; peak RSS of its process.
@@ -109,18 +112,42 @@ def _lists(codes: np.ndarray, lengths: np.ndarray, vocab: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def write_config(work: Path, threads: int | None = None) -> Path:
+def write_config(work: Path, threads: int | None = None, cluster: dict | None = None) -> Path:
+    """The benchmark's configuration: local[cores], or the stack's cluster (``stack.up``'s state)."""
     import yaml
 
+    spark = {"master": f"local[{os.cpu_count()}]", "shuffle_partitions": os.cpu_count(),
+             "driver_memory": "6g", "conf": {"spark.ui.enabled": "false"}}
+    if cluster is not None:
+        spark = {"master": cluster["master"], "shuffle_partitions": 2, "driver_memory": "2g",
+                 "conf": {"spark.ui.enabled": "false", "spark.executor.memory": "1g", "spark.driver.host": "127.0.0.1",
+                          "spark.pyspark.python": cluster["executor_python"]}}
     cfg = {
         "storage": {"root": str(work)},
         "scoring": {"k": 100, "model_uri": str(work / "model"), "threads": threads},
-        "spark": {"master": f"local[{os.cpu_count()}]", "shuffle_partitions": os.cpu_count(),
-                  "driver_memory": "6g", "conf": {"spark.ui.enabled": "false"}},
+        "spark": spark,
     }
-    path = work / "bench.yaml"
+    path = work / ("bench-cluster.yaml" if cluster else "bench.yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def on_cluster(work: Path, run):
+    """``run(config)`` with a configuration for a fresh stack's cluster (no Airflow)."""
+    from piarec import stack
+
+    state = stack.up(str(work / "stack"), airflow=False)
+    try:
+        return run(write_config(work, cluster=state))
+    finally:
+        stack.down(str(work / "stack"))
+
+
+def prepare(args: argparse.Namespace) -> tuple[set[str], Path, Path, Path]:
+    """The arms to skip, the work folder, the model bundle and the local configuration."""
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    return {s for s in args.skip.split(",") if s}, work, make_model(work / "model", args.items), write_config(work)
 
 
 # -- arms (each in its own process) -----------------------------------------------------------
@@ -291,17 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--als-users", type=int, default=20_000)
     p.add_argument("--memory", default="1000000,4000000", help="user counts for the memory arm")
     p.add_argument("--workdir", default="/tmp/piarec-bench-score")
-    p.add_argument("--skip", default="", help="comma list of arms to skip: spark, als, memory")
+    p.add_argument("--skip", default="", help="comma list of arms to skip: spark, cluster, als, memory")
     p.add_argument("--out", help="write the Markdown report here")
     p.add_argument("--baseline-tree", type=Path,
                    help="a checkout of an earlier revision (git worktree add DIR REV): its local engine "
                         "runs too, on the same day, for a ratio measured in the same run")
     args = p.parse_args(argv)
-    skip = {s for s in args.skip.split(",") if s}
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model = make_model(work / "model", args.items)
-    config = write_config(work)
+    skip, work, model, config = prepare(args)
     hist = make_histories(work / f"histories-{args.users}", DAY, args.users, args.items, args.seen)
     make_histories(work / f"histories-{args.users}", WARM_DAY, max(args.users // 10, 1000), args.items, args.seen)
     common = {"config": config, "model": model, "histories": hist, "k": args.k}
@@ -316,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
                                                              skip_validation=1, **common)
     if "spark" not in skip:
         results["spark"] = run_arm("spark", out_dir=work / "out-spark", **common)
+    if "cluster" not in skip:
+        results["cluster"] = on_cluster(work, lambda cfg: run_arm("spark", out_dir=work / "out-cluster",
+                                                                  **{**common, "config": cfg}))
     if "als" not in skip:
         results["als"] = run_arm("als", out_dir=work / "out-als", als_users=args.als_users, **common)
     memory = {}
@@ -337,7 +363,7 @@ def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int,
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
-        rss = "JVM" if name in ("spark", "als") else f"{r['peak_rss_mb']:,.0f}"  # the JVM is another process
+        rss = "JVM" if name in ("spark", "cluster", "als") else f"{r['peak_rss_mb']:,.0f}"  # the JVM is another process
         lines.append(f"| {name} | {r['users']:,} | {r['seconds']:.1f} | {rate[name]:,.0f} | "
                      f"{rate[name] / plain:.2f}x | {rss} |")
     notes = []
@@ -345,6 +371,9 @@ def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int,
         for name in ("local", "spark"):
             if name in rate:
                 notes.append(f"- {name} / ALS: {rate[name] / rate['als']:.1f}x")
+    if "cluster" in rate and "spark" in rate:
+        notes.append(f"- cluster (2 workers x 1 core) / local[{os.cpu_count()}]: {rate['cluster'] / rate['spark']:.2f}x; "
+                     f"cluster / local engine: {rate['cluster'] / rate['local']:.2f}x")
     if "local, baseline tree" in rate:
         notes.append(f"- local / local from the baseline tree ({args.baseline_tree}): "
                      f"{rate['local'] / rate['local, baseline tree']:.2f}x; without the pre-commit "

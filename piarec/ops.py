@@ -43,10 +43,9 @@ def missing_partitions(storage: StorageConfig, events: EventsSchema, start: dt.d
     return [layout.day_dir(d) for d in days(start, end) if not exists(root.child(layout.day_dir(d), events.done_marker))]
 
 
-def recs_uri(storage: StorageConfig, day: dt.date, arm: str | None = None) -> str:
-    """The recommendations of ``day``: one arm's folder, or the day's."""
-    root = layout.recommendations_root(storage)
-    return layout.arm_uri(root, day, arm) if arm else layout.day_uri(root, day)
+def recs_uri(storage: StorageConfig, day: dt.date) -> str:
+    """The recommendations partition of ``day`` (every arm)."""
+    return layout.day_uri(layout.recommendations_root(storage), day)
 
 
 # --------------------------------------------------------------------------- validation

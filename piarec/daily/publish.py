@@ -25,7 +25,7 @@ from piarec.daily.arms import ArmPlan
 from piarec.daily.validate import seen_on_sample, validate_arm_files
 from piarec.data import layout
 from piarec.data.commit import PartitionCommit, Pointer, fault_point
-from piarec.data.storage import Location, exists, resolve
+from piarec.data.storage import Location, list_dir, resolve
 from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA
 
 WHAT = "recommendations day"
@@ -101,7 +101,7 @@ def publish_run(
     }
     for a in plan.arms:  # an arm nobody fell into still gets a typed, empty table
         part = root.child(layout.arm_dir(a.name))
-        if not any(i.base_name.endswith(".parquet") for i in _listing(part)):
+        if not any(i.base_name.endswith(".parquet") for i in list_dir(part)):
             write_empty_part(part)
     views = arm_manifests(manifest)
 
@@ -137,12 +137,6 @@ def _by_arm(paths: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _listing(loc: Location) -> list:
-    if not exists(loc):
-        return []
-    return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-
-
 def part_name(tag: str, n: int) -> str:
     return f"part-{tag}-{n:05d}.zstd.parquet"
 
@@ -159,7 +153,7 @@ def keep_committed_parts(staging: str, arms: list[str], committed: set[str]) -> 
     ``committed`` (failed or duplicate task attempts); returns how many were deleted."""
     root, dropped = resolve(staging), 0
     for name in arms:
-        for info in _listing(root.child(layout.arm_dir(name))):
+        for info in list_dir(root.child(layout.arm_dir(name))):
             if info.type == pafs.FileType.File and part_tag(info.base_name) not in committed:
                 root.fs.delete_file(info.path)
                 dropped += 1

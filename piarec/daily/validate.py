@@ -149,15 +149,15 @@ def _duplicate_users(stats: _DayStats, batches) -> int:
     return len(ids) - len(set(ids))
 
 
-def _row_groups(fs: pafs.FileSystem, path: str, where: str) -> list[tuple[str, int, int]]:
-    """``(path, row group, rows)`` of each row group of an output file, whose schema must be
-    the output contract."""
+def _row_groups(fs: pafs.FileSystem, path: str, where: str) -> list[tuple[str, int, int, pq.FileMetaData]]:
+    """``(path, row group, rows, footer)`` of each row group of an output file, whose schema
+    must be the output contract. The footer is read once here and handed to the scans."""
     with fs.open_input_file(path) as handle:
         meta = pq.ParquetFile(handle)
         schema = meta.schema_arrow.remove_metadata()
         if not schema.equals(OUTPUT_SCHEMA, check_metadata=False):
             raise ValidationFailed(f"{where}: {path} has schema {schema}, not {OUTPUT_SCHEMA}")
-        return [(path, g, meta.metadata.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        return [(path, g, meta.metadata.row_group(g).num_rows, meta.metadata) for g in range(meta.num_row_groups)]
 
 
 def validate_arm_files(fs: pafs.FileSystem, files: list[str], manifest: dict[str, Any], *, where: str,
@@ -170,23 +170,23 @@ def validate_arm_files(fs: pafs.FileSystem, files: list[str], manifest: dict[str
     if not files:
         raise ValidationFailed(f"{where}: arm {arm} has no data files")
 
-    def group_batches(path: str, group: int):
+    def group_batches(path: str, group: int, footer: pq.FileMetaData):
         # With the Parquet reader, no pre-buffering: it decodes a row group page by page
         # as batches are taken, so memory does not grow with row-group size. Titles stay
         # dictionary-encoded as written: lengths and the sample need no strings (and such
-        # lists cannot be read across row groups).
+        # lists cannot be read across row groups). The footer is _row_groups' (no re-read).
         with fs.open_input_file(path) as handle:
-            reader = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20,
+            reader = pq.ParquetFile(handle, metadata=footer, pre_buffer=False, buffer_size=1 << 20,
                                     read_dictionary=["item_ids.list.element"])
             yield from reader.iter_batches(BATCH_ROWS, row_groups=[group], use_threads=False)
 
     def batches():
-        for path, group, _ in units:
-            yield from group_batches(path, group)
+        for path, group, _, footer in units:
+            yield from group_batches(path, group, footer)
 
     want_k = int(k if k is not None else manifest.get("k", 0))
     n_items = int(manifest.get("model", {}).get("n_items", 0))
-    units = [unit for path in files for unit in _row_groups(fs, path, where)]  # (path, group, rows)
+    units = [unit for path in files for unit in _row_groups(fs, path, where)]  # (path, group, rows, footer)
     starts = np.concatenate([[0], np.cumsum([u[2] for u in units])]).astype(np.int64)
     n = int(starts[-1])
     rng = np.random.default_rng(int(day.strftime("%Y%m%d")))
@@ -199,7 +199,8 @@ def validate_arm_files(fs: pafs.FileSystem, files: list[str], manifest: dict[str
         lo, hi = starts[i], starts[i + 1]
         part = _DayStats(hashes=hashes[lo:hi])
         mine = rows[(rows >= lo) & (rows < hi)] - lo
-        for batch in group_batches(*units[i][:2]):
+        path, group, _, footer = units[i]
+        for batch in group_batches(path, group, footer):
             at = part.rows
             _scan_batch(part, batch, floor, mine[(mine >= at) & (mine < at + batch.num_rows)] - at)
         return part

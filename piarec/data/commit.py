@@ -44,11 +44,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import pyarrow.fs as pafs
 
 from piarec.config import StorageConfig
 from piarec.data import storage
-from piarec.data.storage import SUCCESS, Location, exists, is_s3, read_bytes, remove, resolve
+from piarec.data.storage import SUCCESS, Location, data_files, exists, is_s3, list_dir, read_bytes, remove, resolve
 from piarec.errors import PiarecError
 
 __all__ = ["FAULT_ENV", "FORMAT", "LEASE", "STEPS", "VERSIONS", "CommitConflict", "PartitionBusy",
@@ -387,7 +386,7 @@ class PartitionCommit:
         """A first run that committed nothing leaves no folder behind (none that is empty;
         a racing run's files are never touched)."""
         for loc in (self.loc.child(VERSIONS), self.loc):
-            if exists(loc) and not _listing(loc):
+            if exists(loc) and not list_dir(loc):
                 try:
                     loc.fs.delete_dir(loc.path)
                 except OSError:  # another run created something meanwhile: it stays
@@ -396,16 +395,9 @@ class PartitionCommit:
     def files(self) -> list[dict[str, Any]]:
         """This run's data files (relative to ``P``, sorted), Spark's markers and
         ``_``/``.`` names under the version excluded."""
-        if not exists(self.data):
-            return []
-        infos = self.data.fs.get_file_info(pafs.FileSelector(self.data.path, recursive=True))
         base = self.loc.path.rstrip("/") + "/"
-        out = []
-        for i in infos:
-            rel = i.path[len(self.data.path):].lstrip("/")
-            if i.type == pafs.FileType.File and not any(p.startswith(("_", ".")) for p in rel.split("/")):
-                out.append({"path": i.path[len(base):], "size": int(i.size)})
-        return sorted(out, key=lambda f: f["path"])
+        return sorted(({"path": i.path[len(base):], "size": int(i.size)} for i in data_files(self.data)),
+                      key=lambda f: f["path"])
 
     def commit(self, manifest: dict[str, Any], validate: Callable[[list[str]], Any] | None = None) -> Pointer:
         """Validate this run's files (``validate(paths)`` raises to refuse them; what it
@@ -441,19 +433,15 @@ class PartitionCommit:
         of a killed commit, and -- once a versioned commit is in force -- the data of the
         earlier unversioned layout."""
         legacy = self.pointer is not None and self.pointer.version is None
-        for info in _listing(self.loc):
+        for info in list_dir(self.loc):
             name = info.base_name
             if name in (SUCCESS, LEASE) or (legacy and name != VERSIONS and not name.startswith(f"{SUCCESS}.tmp-")):
                 continue
             if name == VERSIONS:
-                for v in _listing(self.loc.child(VERSIONS)):
+                for v in list_dir(self.loc.child(VERSIONS)):
                     if v.base_name not in keep and v.base_name != self.version:
                         remove(self.loc.child(VERSIONS, v.base_name))
                 continue
             remove(self.loc.child(name))
 
 
-def _listing(loc: Location) -> list[pafs.FileInfo]:
-    if not exists(loc):
-        return []
-    return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))

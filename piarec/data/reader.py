@@ -25,11 +25,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 
 from piarec.data.commit import read_pointer
 from piarec.data.layout import ARM_PREFIX
-from piarec.data.storage import Location, exists, is_s3, read_json, resolve
+from piarec.data.storage import Location, data_files, exists, is_s3, read_json, resolve
 
 __all__ = ["Committed", "dataset", "open_committed", "read_arm", "read_table", "uris"]
 
@@ -60,10 +59,7 @@ def open_committed(uri: str, legacy_manifest: str | None = None) -> Committed | 
     if pointer.version is not None:
         return Committed(loc, pointer.version, sorted(loc.child(f["path"]).path for f in pointer.files),
                          pointer.manifest, pointer.committed_at)
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                   and not any(p.startswith(("_", ".")) for p in i.path[len(loc.path):].split("/") if p)
-                   and i.path.endswith(".parquet"))
+    files = sorted(i.path for i in data_files(loc) if i.path.endswith(".parquet"))
     legacy = loc.child(legacy_manifest) if legacy_manifest else None
     manifest = read_json(legacy) if legacy is not None and exists(legacy) else None
     return Committed(loc, None, files, manifest, None)

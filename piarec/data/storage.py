@@ -97,6 +97,24 @@ def exists(loc: Location) -> bool:
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 
 
+def list_dir(loc: Location) -> list[pafs.FileInfo]:
+    """The entries directly under ``loc`` (none when it does not exist)."""
+    if not exists(loc):
+        return []
+    return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+
+
+def data_files(loc: Location) -> list[pafs.FileInfo]:
+    """The files under ``loc``, recursively, except those with a ``_`` or ``.`` name on
+    their path below ``loc`` (markers, manifests, Spark's and writers' temporaries)."""
+    if not exists(loc):
+        return []
+    base = loc.path.rstrip("/") + "/"
+    return [i for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+            if i.type == pafs.FileType.File
+            and not any(part.startswith(("_", ".")) for part in i.path[len(base):].split("/"))]
+
+
 def is_published(uri: str) -> bool:
     """True when the prefix at ``uri`` holds a ``_SUCCESS`` marker."""
     return exists(resolve(uri).child(SUCCESS))
