@@ -32,7 +32,8 @@ Recommendations are committed to ``s3://piarec/recommendations`` on the loopback
 (the scoring job writes them task-side with pyarrow). Everything Spark reads or writes with
 its own DataFrame I/O (events, snapshots, histories) stays on the shared local disk,
 ``<dir>/data``: Spark's ``s3://`` needs the ``s3a`` jars, which only the Spark image ships.
-``down`` stops every process ``up`` started (their pids are in ``<dir>/stack.json``).
+``down`` stops every process ``up`` started (their pids are in ``<dir>/stack.json`` and
+``<dir>/run/<name>.pid``; each was started in a session of its own, so its children go too).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ __all__ = ["down", "status", "up"]
 BUCKET = "piarec"
 HOST = "127.0.0.1"
 STATE = "stack.json"
+PIDS = "run"  # <dir>/run/<process>.pid
 # Loopback credentials of the local S3 server (moto accepts any); nothing real.
 AWS = {"AWS_ACCESS_KEY_ID": "piarec-local", "AWS_SECRET_ACCESS_KEY": "piarec-local", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -83,8 +85,13 @@ def _spark_class() -> str:
 
 
 def _start(name: str, cmd: list[str], logs: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Start ``cmd`` in a session of its own (``down`` stops its whole process group); its
+    output goes to ``logs/<name>.log``, its pid to ``run/<name>.pid``."""
     log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    pids = logs.parent / PIDS
+    pids.mkdir(exist_ok=True)
+    (pids / f"{name}.pid").write_text(f"{proc.pid}\n")
     return {"name": name, "pid": proc.pid, "log": str(logs / f"{name}.log")}
 
 
@@ -321,7 +328,9 @@ def down(directory: str) -> dict[str, Any]:
     """Stop every process of the stack under ``directory``; its data and logs stay."""
     state = status(directory)
     _stop(state["processes"])
-    path = Path(directory).resolve() / STATE
-    if path.exists():
-        path.unlink()
+    root = Path(directory).resolve()
+    for p in state["processes"]:
+        (root / PIDS / f"{p['name']}.pid").unlink(missing_ok=True)
+    if (root / STATE).exists():
+        (root / STATE).unlink()
     return state

@@ -53,6 +53,7 @@ def running(tmp_path_factory):
     finally:
         stack.down(str(where / "stack"))
     assert not any(stack._alive(p["pid"]) for p in state["processes"])  # everything stopped
+    assert not list((where / "stack" / stack.PIDS).glob("*.pid"))
 
 
 def client_env(state) -> dict[str, str]:
@@ -101,6 +102,10 @@ def state_env(running):
 def test_the_pipeline_runs_on_the_cluster_against_the_servers(running, on_stack_s3):
     state = running
     assert stack.status(state["dir"])["running"]
+    pids = {p.stem: int(p.read_text()) for p in Path(state["dir"], stack.PIDS).glob("*.pid")}
+    assert pids == {p["name"]: p["pid"] for p in state["processes"]}
+    assert {"s3", "mlflow", "spark-master", "spark-worker-0", "spark-worker-1", "airflow-api-server",
+            "airflow-scheduler", "airflow-dag-processor"} == set(pids)
     cfg = yaml.safe_load(Path(state["config"]).read_text())
     assert cfg["spark"]["master"] == state["master"] and cfg["mlflow"]["tracking_uri"] == state["tracking_uri"]
     # The executors' Python has the libraries but not piarec: the code must travel.
