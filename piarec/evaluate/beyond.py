@@ -1,0 +1,96 @@
+"""Beyond-accuracy metrics of a set of top-K lists: what a person promoting a model asks
+after NDCG.
+
+Every function takes ``topk`` (int [U, K], best first; ``-1`` pads a short list) and the
+catalogue's training popularity (``popularity[i]``: users with a positive on title ``i``):
+
+- :func:`coverage`: the share of the catalogue that appears in at least one list;
+- :func:`novelty`: the mean self-information ``-log2(p_i)`` of the recommended titles, with
+  ``p_i = popularity[i] / n_users`` (a title seen by everyone carries 0 bits);
+- :func:`popularity_bias`: the share of recommended slots taken by the *head*, the most
+  popular ``head_share`` of titles (default the top 10 %);
+- :func:`intra_list_similarity`: the mean cosine similarity of the pairs of titles inside a
+  list, averaged over lists, for any item vectors (rows of ``item_vectors``; e.g. the
+  decoder's item weights). With unit vectors ``v``, a list's pairwise sum is
+  ``|sum v|^2 - K``, so each list costs ``K * d``, not ``K^2 * d``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["beyond_accuracy", "coverage", "intra_list_similarity", "novelty", "popularity_bias"]
+
+
+def _valid(topk) -> tuple[np.ndarray, np.ndarray]:
+    topk = np.asarray(topk, dtype=np.int64)
+    if topk.ndim != 2:
+        raise ValueError(f"topk must be [users, K], got shape {topk.shape}")
+    return topk, topk >= 0
+
+
+def coverage(topk, n_items: int) -> float:
+    """Distinct titles recommended to anyone, over the catalogue size."""
+    topk, ok = _valid(topk)
+    if n_items <= 0:
+        raise ValueError(f"n_items must be positive, got {n_items}")
+    return float(len(np.unique(topk[ok])) / n_items)
+
+
+def novelty(topk, popularity, n_users: int) -> float:
+    """Mean self-information (bits) of the recommended titles; titles nobody had in
+    training count as seen by one user (the largest finite surprise)."""
+    topk, ok = _valid(topk)
+    if n_users <= 0:
+        raise ValueError(f"n_users must be positive, got {n_users}")
+    p = np.clip(np.asarray(popularity, dtype=np.float64), 1.0, None) / n_users
+    items = topk[ok]
+    return float(-np.log2(p[items]).mean()) if len(items) else float("nan")
+
+
+def popularity_bias(topk, popularity, head_share: float = 0.1) -> float:
+    """Share of the recommended slots that hold a head title (the ``ceil(head_share * n)``
+    most popular titles; ties broken by the lower index, as the ranking kernel does)."""
+    topk, ok = _valid(topk)
+    if not 0 < head_share <= 1:
+        raise ValueError(f"head_share must lie in (0, 1], got {head_share}")
+    popularity = np.asarray(popularity, dtype=np.float64)
+    n_head = int(np.ceil(head_share * len(popularity)))
+    order = np.lexsort((np.arange(len(popularity)), -popularity))
+    head = np.zeros(len(popularity), bool)
+    head[order[:n_head]] = True
+    items = topk[ok]
+    return float(head[items].mean()) if len(items) else float("nan")
+
+
+def intra_list_similarity(topk, item_vectors) -> float:
+    """Mean over lists of the mean pairwise cosine similarity of the list's titles (lists
+    with fewer than two titles are left out). Zero vectors count as similar to nothing."""
+    topk, ok = _valid(topk)
+    vectors = np.asarray(item_vectors, dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    sizes = ok.sum(axis=1)
+    # Padding slots add a zero vector: they change neither the sum nor the squared norms.
+    padded = np.where(ok[..., None], unit[np.where(ok, topk, 0)], 0.0)  # [U, K, d]
+    summed = padded.sum(axis=1)
+    self_terms = (padded ** 2).sum(axis=(1, 2))  # 1 per non-zero title
+    pairs = sizes * (sizes - 1)
+    keep = pairs > 0
+    if not keep.any():
+        return float("nan")
+    ils = ((summed ** 2).sum(axis=1) - self_terms)[keep] / pairs[keep]
+    return float(ils.mean())
+
+
+def beyond_accuracy(topk, popularity, n_users: int, item_vectors=None, head_share: float = 0.1) -> dict[str, float]:
+    """All four (intra-list similarity only when ``item_vectors`` is given), as a dict for
+    MLflow metrics or the gate's report."""
+    out = {
+        "coverage": coverage(topk, len(popularity)),
+        "novelty_bits": novelty(topk, popularity, n_users),
+        "popularity_bias": popularity_bias(topk, popularity, head_share),
+    }
+    if item_vectors is not None:
+        out["intra_list_similarity"] = intra_list_similarity(topk, item_vectors)
+    return out
