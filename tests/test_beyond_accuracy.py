@@ -56,6 +56,7 @@ def test_intra_list_similarity_equals_the_pairwise_mean():
         sims = unit[items] @ unit[items].T
         brute.append((sims.sum() - len(items)) / (len(items) * (len(items) - 1)))
     assert intra_list_similarity(topk, vectors) == pytest.approx(float(np.mean(brute)))
+    assert intra_list_similarity(topk, vectors, batch_size=7) == pytest.approx(float(np.mean(brute)))  # batches
 
 
 def test_beyond_accuracy_collects_them():

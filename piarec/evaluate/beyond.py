@@ -63,24 +63,27 @@ def popularity_bias(topk, popularity, head_share: float = 0.1) -> float:
     return float(head[items].mean()) if len(items) else float("nan")
 
 
-def intra_list_similarity(topk, item_vectors) -> float:
+def intra_list_similarity(topk, item_vectors, batch_size: int = 1024) -> float:
     """Mean over lists of the mean pairwise cosine similarity of the list's titles (lists
-    with fewer than two titles are left out). Zero vectors count as similar to nothing."""
+    with fewer than two titles are left out). Zero vectors count as similar to nothing.
+    Lists are taken ``batch_size`` at a time: memory is ``batch_size * K * d`` floats."""
     topk, ok = _valid(topk)
     vectors = np.asarray(item_vectors, dtype=np.float64)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-    sizes = ok.sum(axis=1)
-    # Padding slots add a zero vector: they change neither the sum nor the squared norms.
-    padded = np.where(ok[..., None], unit[np.where(ok, topk, 0)], 0.0)  # [U, K, d]
-    summed = padded.sum(axis=1)
-    self_terms = (padded ** 2).sum(axis=(1, 2))  # 1 per non-zero title
-    pairs = sizes * (sizes - 1)
-    keep = pairs > 0
-    if not keep.any():
-        return float("nan")
-    ils = ((summed ** 2).sum(axis=1) - self_terms)[keep] / pairs[keep]
-    return float(ils.mean())
+    total, lists = 0.0, 0
+    for lo in range(0, len(topk), batch_size):
+        rows, valid = topk[lo:lo + batch_size], ok[lo:lo + batch_size]
+        # Padding slots add a zero vector: they change neither the sum nor the squared norms.
+        padded = np.where(valid[..., None], unit[np.where(valid, rows, 0)], 0.0)  # [B, K, d]
+        sizes = valid.sum(axis=1)
+        pairs = sizes * (sizes - 1)
+        keep = pairs > 0
+        summed = padded.sum(axis=1)
+        pairwise = (summed ** 2).sum(axis=1) - (padded ** 2).sum(axis=(1, 2))  # minus 1 per non-zero title
+        total += float((pairwise[keep] / pairs[keep]).sum())
+        lists += int(keep.sum())
+    return total / lists if lists else float("nan")
 
 
 def beyond_accuracy(topk, popularity, n_users: int, item_vectors=None, head_share: float = 0.1) -> dict[str, float]:
