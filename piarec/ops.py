@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from piarec.config import EventsSchema, PipelineConfig, StorageConfig
 from piarec.daily.publish import arm_files, arm_manifests
 from piarec.daily.validate import days, seen_on_sample, validate_arm_files
-from piarec.data import layout
+from piarec.data import layout, reader
 from piarec.data.commit import read_pointer
 from piarec.data.storage import SUCCESS, exists, is_published, resolve
 from piarec.errors import PiarecError, ValidationFailed
@@ -116,15 +116,12 @@ def files(storage: StorageConfig, day: dt.date, arm: str | None = None) -> int:
     """Print the committed files of the recommendations of ``day`` (one arm's, or every
     arm's), one URI a line: exactly what a downstream loader reads (the reader contract,
     :mod:`piarec.data.reader`)."""
-    from piarec.data import reader
-
     uri = recs_uri(storage, day)
-    if reader.open_committed(uri) is None:
-        raise PiarecError(f"{uri} is not committed (no {SUCCESS} commit pointer)")
-    listed = reader.uris(uri)
-    if arm is not None:
-        listed = [f for f in listed if f"/{layout.arm_dir(arm)}/" in f]
-        if not listed:
-            raise PiarecError(f"{uri} has no committed files of arm {arm!r}")
+    try:
+        listed = reader.uris(uri, arm)
+    except FileNotFoundError:  # no commit pointer
+        raise PiarecError(f"{uri} is not committed (no {SUCCESS} commit pointer)") from None
+    if arm is not None and not listed:
+        raise PiarecError(f"{uri} has no committed files of arm {arm!r}")
     print("\n".join(listed))
     return 0

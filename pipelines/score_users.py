@@ -332,8 +332,9 @@ def _run_spark(cfg, args, out, k, arm, model, challenger, histories) -> dict[str
 
 if __name__ == "__main__":
     # piarec and pipelines come from the installed project or the code zip on --py-files
-    # (piarec package; see piarec/ship.py). Go through the importable module rather than __main__ so the worker function is
-    # pickled by reference and its model cache lives in pipelines.score_users on workers.
+    # (piarec package; see piarec/ship.py). Go through the importable module rather than
+    # __main__ so the worker function is pickled by reference and its model cache lives in
+    # pipelines.score_users on workers.
     from pipelines.score_users import main as _main
 
     sys.exit(_main())

@@ -44,7 +44,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-
 from piarec.config import StorageConfig
 from piarec.data import storage
 from piarec.data.storage import SUCCESS, Location, data_files, exists, is_s3, list_dir, read_bytes, remove, resolve
@@ -443,5 +442,3 @@ class PartitionCommit:
                         remove(self.loc.child(VERSIONS, v.base_name))
                 continue
             remove(self.loc.child(name))
-
-

@@ -37,8 +37,6 @@ __all__ = [
 
 # The manifest files of the unversioned layout (read for partitions written before
 # versioned commits; a commit keeps the manifest in its pointer).
-# Where the manifest lay in the unversioned layout (before commit pointers), read only to
-# open such old partitions (reader.open_committed); a commit keeps it in _SUCCESS.
 MANIFEST = "_manifest.json"  # histories and recommendations
 SNAPSHOT_MANIFEST = "manifest.json"  # snapshots
 

@@ -89,13 +89,20 @@ def read_arm(day_uri: str, arm: str, columns: list[str] | None = None) -> pa.Tab
     """One arm's committed rows of a recommendations day ``day_uri`` (``.../dt=D``),
     without the ``arm`` column."""
     got = _require(day_uri)
+    return ds.dataset(_arm_files(got, arm), filesystem=got.loc.fs, format="parquet",
+                      schema=None).to_table(columns=columns)
+
+
+def _arm_files(got: Committed, arm: str) -> list[str]:
+    """The committed files of one arm: those under ``arm=<arm>/`` inside the version."""
     folder = f"/{ARM_PREFIX}{arm}/"
-    files = [f for f in got.files if folder in f[len(got.base):] + "/"]
-    return ds.dataset(files, filesystem=got.loc.fs, format="parquet", schema=None).to_table(columns=columns)
+    return [f for f in got.files if folder in f[len(got.base):] + "/"]
 
 
-def uris(uri: str) -> list[str]:
-    """The committed files of ``uri`` as URIs other engines open (``s3://...`` or local
-    paths): for DuckDB's ``read_parquet([...])`` or Spark's ``read.parquet(*files)``."""
+def uris(uri: str, arm: str | None = None) -> list[str]:
+    """The committed files of ``uri`` (of one ``arm`` of a recommendations day, when given)
+    as URIs other engines open (``s3://...`` or local paths): for DuckDB's
+    ``read_parquet([...])`` or Spark's ``read.parquet(*files)``."""
     got = _require(uri)
-    return [f"s3://{p}" if is_s3(uri) else p for p in got.files]
+    files = got.files if arm is None else _arm_files(got, arm)
+    return [f"s3://{p}" if is_s3(uri) else p for p in files]

@@ -41,9 +41,6 @@ class RatioEstimate:
     n_users: int
     confidence: float
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Uplift:
@@ -59,9 +56,6 @@ class Uplift:
     rel_high: float
     p_value: float  # two-sided, of diff = 0
     confidence: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
