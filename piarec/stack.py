@@ -213,7 +213,7 @@ def up(directory: str, workers: int = 2, worker_memory: str = "2g", airflow: boo
         clients = _write_clients(root, master, tracking, s3, worker_memory, executors)
         urls = {"Spark master": f"http://{HOST}:{ports['spark_ui']}", "MLflow": tracking, "S3 (moto)": s3}
         if airflow_venv is not None:
-            api = _start_airflow(root, airflow_venv, ports, master, {**env, **clients}, code, executors, logs, procs)
+            api = _start_airflow(root, airflow_venv, ports, {**env, **clients}, code, executors, logs, procs)
             urls["Airflow"] = api
             state["airflow_api"] = api
     except BaseException:
@@ -247,7 +247,7 @@ def _write_clients(root: Path, master: str, tracking: str, s3: str, worker_memor
     return env
 
 
-def _start_airflow(root: Path, venv: Path, ports: dict[str, int], master: str, env: dict[str, str], code: str,
+def _start_airflow(root: Path, venv: Path, ports: dict[str, int], env: dict[str, str], code: str,
                    executors: str, logs: Path, procs: list[dict[str, Any]]) -> str:
     """Migrate Airflow's metadata DB, start api-server, scheduler and dag-processor; returns
     the API's URL once the scheduler and dag-processor report healthy."""
@@ -266,8 +266,8 @@ def _start_airflow(root: Path, venv: Path, ports: dict[str, int], master: str, e
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
         "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
-        "AIRFLOW_CONN_PIAREC_SPARK": json.dumps({"conn_type": "spark", "host": master.rsplit(":", 1)[0],
-                                                 "port": int(master.rsplit(":", 1)[1])}),
+        "AIRFLOW_CONN_PIAREC_SPARK": json.dumps({"conn_type": "spark", "host": f"spark://{HOST}",
+                                                 "port": ports["spark"]}),
         "PIAREC_HOME": str(_repo()),
         "PIAREC_VENV": sys.prefix,
         "PIAREC_SPARK_PYTHON": executors,
