@@ -1,5 +1,6 @@
-"""Beyond-accuracy metrics (piarec/evaluate/beyond.py) on hand-computed cases, and the
-intra-list similarity's |sum v|^2 identity against the brute-force pairwise mean."""
+"""Beyond-accuracy metrics (piarec/evaluate/beyond.py) on hand-computed cases, the
+intra-list similarity's |sum v|^2 identity against the brute-force pairwise mean, and which
+item vectors a model gives it. (Their wiring into training and the gate: tests/test_gate.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from piarec.evaluate.beyond import beyond_accuracy, coverage, intra_list_similarity, novelty, popularity_bias
+from piarec.evaluate.beyond import (
+    as_metrics, beyond_accuracy, coverage, describe, intra_list_similarity, item_vectors, novelty, popularity_bias,
+)
 
 TOPK = np.array([[0, 1, 2], [0, 3, -1]])  # user 2 has a short list (padding -1)
 POP = np.array([8.0, 4.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # 10 titles, 8 users
@@ -63,4 +66,31 @@ def test_beyond_accuracy_collects_them():
     got = beyond_accuracy(TOPK, POP, n_users=8, item_vectors=np.eye(10))
     assert got == pytest.approx({"coverage": 0.4, "novelty_bits": 1.2, "popularity_bias": 0.4,
                                  "intra_list_similarity": 0.0})
-    assert "intra_list_similarity" not in beyond_accuracy(TOPK, POP, n_users=8)
+    assert beyond_accuracy(TOPK, POP, n_users=8)["intra_list_similarity"] is None
+
+
+def test_metric_names_and_the_report_line():
+    figures = {"coverage": 0.4123, "novelty_bits": 9.314, "popularity_bias": 0.381, "intra_list_similarity": 0.1234}
+    assert as_metrics(figures, 100, "val_") == {"val_coverage_at_100": 0.4123, "val_novelty_at_100": 9.314,
+                                                "val_popularity_bias_at_100": 0.381, "val_ils_at_100": 0.1234}
+    assert describe(figures) == "coverage 0.412, novelty 9.31 bits, head share 0.38, ILS 0.12"
+    figures["intra_list_similarity"] = None  # no item vectors: no metric, and the line says so
+    assert "val_ils_at_100" not in as_metrics(figures, 100, "val_")
+    assert describe(figures).endswith("ILS n/a")
+
+
+def test_item_vectors_prefer_trained_anchors_then_the_affine_decoder():
+    import torch
+
+    from piarec.config import ModelConfig
+    from piarec.models.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model(30, ModelConfig(hidden_dim=8, latent_dim=4))
+    vectors, source = item_vectors(model)
+    assert source == "pia_anchors" and np.array_equal(vectors, model.item_anchors().detach().numpy())
+    vectors, source = item_vectors(model, anchors_trained=False)  # untrained anchors are noise
+    assert source == "decoder" and vectors.shape == (30, 4)
+    assert np.array_equal(vectors, model.affine_decoder().weight.detach().numpy())
+    deep = build_model(30, ModelConfig(hidden_dim=8, latent_dim=4, decoder_hidden=[6]))  # not affine
+    assert item_vectors(deep, anchors_trained=False) == (None, None)

@@ -22,6 +22,9 @@ import pytest
 import torch
 
 from piarec.registry import client as registry
+from piarec.evaluate.beyond import beyond_accuracy, coverage, describe, novelty, popularity_bias
+from piarec.evaluate.protocol import model_topk, popularity_topk
+from piarec.models.baselines import train_popularity
 from piarec.models.bundle import save_bundle
 from piarec.config import load_config
 from piarec.registry.gate import CHALLENGER, CHAMPION, promote
@@ -151,6 +154,36 @@ def _failed(decision) -> set[str]:
     return {re.sub(r" v\d+$", "", c.name) for c in decision.checks if not c.passed}
 
 
+def test_training_reports_beyond_accuracy_on_validation_users(trained):
+    """evaluation.json's ``beyond`` block, the run's metrics and the version's tags hold the
+    beyond-accuracy figures of the model's and popularity's validation top-100."""
+    cfg, uri, out = trained
+    snap, bundle = load_snapshot(uri), _bundle(cfg, "1")
+    beyond = out["beyond"]
+    assert beyond["k"] == 100 and beyond["item_vectors"] == "pia_anchors"  # PIA on: lambda_A > 0
+    popularity = train_popularity(snap.train)
+    lists = {"model": model_topk(bundle.model, snap.val.fold_in), "popularity": popularity_topk(popularity, snap.val.fold_in)}
+    anchors = bundle.model.item_anchors().detach().numpy()
+    for who, topk in lists.items():
+        assert beyond["val"][who] == pytest.approx(beyond_accuracy(topk, popularity, snap.train.n_rows, anchors))
+    pop, model = beyond["val"]["popularity"], beyond["val"]["model"]
+    # Popularity's lists are its top 100 less each user's 6 fold-in titles, refilled from
+    # ranks 101-106: at least 100 and at most 106 of the 200 titles; 14-20 head titles
+    # (the top 20) in every list. The model spreads over the planted blocks.
+    assert 100 / 200 <= pop["coverage"] <= 106 / 200 < model["coverage"]
+    assert 0.14 <= pop["popularity_bias"] <= 0.20
+    # Popularity picks each user's least surprising unseen titles: nothing is less novel.
+    assert model["novelty_bits"] > pop["novelty_bits"]
+    c = registry.client(cfg)
+    mv = c.get_model_version("piarec", "1")
+    metrics = c.get_run(mv.run_id).data.metrics
+    for key, name in (("coverage", "coverage"), ("novelty_bits", "novelty"), ("popularity_bias", "popularity_bias"),
+                      ("intra_list_similarity", "ils")):
+        assert mv.tags[f"val_{name}_at_100"] == f"{model[key]:.6f}"
+        assert metrics[f"val_{name}_at_100"] == pytest.approx(model[key])
+    assert describe(model) in mv.description
+
+
 def test_first_model_is_promoted_when_it_beats_popularity(trained):
     cfg, uri, out = trained
     decision = promote(cfg)
@@ -160,6 +193,22 @@ def test_first_model_is_promoted_when_it_beats_popularity(trained):
     assert decision.metrics["challenger_ndcg_at_100"] > decision.metrics["popularity_ndcg_at_100"]
     assert decision.metrics["challenger_active_units"] >= 3
     assert "promoted to champion" in decision.summary().splitlines()[0]
+    # Beyond accuracy, for the record: the gate ranks the same model on the same users as
+    # training did, so its figures are training's; popularity's are beyond.py's on its lists.
+    snap = load_snapshot(uri)
+    popularity = train_popularity(snap.train)
+    pop_topk = popularity_topk(popularity, snap.val.fold_in)
+    assert list(decision.beyond) == ["challenger", "popularity"]
+    assert decision.item_vectors == "challenger's pia_anchors"
+    assert decision.beyond["challenger"] == pytest.approx(out["beyond"]["val"]["model"])
+    assert decision.beyond["popularity"] == pytest.approx(out["beyond"]["val"]["popularity"])
+    assert decision.beyond["popularity"]["coverage"] == pytest.approx(coverage(pop_topk, snap.n_items))
+    assert decision.beyond["popularity"]["novelty_bits"] == pytest.approx(novelty(pop_topk, popularity, snap.train.n_rows))
+    assert decision.beyond["popularity"]["popularity_bias"] == pytest.approx(popularity_bias(pop_topk, popularity))
+    lines = decision.summary().splitlines()
+    for who in ("challenger", "popularity"):
+        assert f"  beyond-accuracy@100 {who}: {describe(decision.beyond[who])}" in lines
+    assert all(c.passed for c in decision.checks)  # informational: no check of its own
     # The decision is in MLflow: tags on the version and a gate run with its report.
     c = registry.client(cfg)
     mv = c.get_model_version("piarec", "1")
@@ -167,13 +216,15 @@ def test_first_model_is_promoted_when_it_beats_popularity(trained):
     gate_run = c.get_run(mv.tags["gate_run_id"])
     assert gate_run.data.tags["decision"] == "promoted"
     assert gate_run.data.metrics["challenger_ndcg_at_100"] == pytest.approx(decision.metrics["challenger_ndcg_at_100"])
+    assert gate_run.data.metrics["popularity_coverage_at_100"] == pytest.approx(decision.beyond["popularity"]["coverage"])
     report = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=gate_run.info.run_id, artifact_path="gate_decision.json", tracking_uri=layout.tracking_uri(cfg.mlflow, cfg.storage))).read_text())
     assert report["promoted"] is True
+    assert report["beyond"]["challenger"] == pytest.approx(decision.beyond["challenger"])
 
 
 def test_regression_is_refused_and_champion_stays(trained):
-    cfg, uri, _ = trained
+    cfg, uri, out = trained
     good = _bundle(cfg, "1")
     worse = good.model
     torch.manual_seed(1)
@@ -184,6 +235,15 @@ def test_regression_is_refused_and_champion_stays(trained):
     decision = promote(cfg)
     assert not decision.promoted
     assert {"ndcg_at_100 vs champion", "recall_at_20 vs champion"} <= _failed(decision), decision.summary()
+    # The champion (version 1) has the figures it was trained with: ILS is measured in the
+    # challenger's anchors, which scrambling the decoder left as version 1's.
+    assert list(decision.beyond) == ["challenger", "champion", "popularity"]
+    assert decision.beyond["champion"] == pytest.approx(out["beyond"]["val"]["model"])
+    # Version 1 ranks each user's planted block first, titles PIA placed together; the
+    # scrambled decoder's lists are closer to arbitrary.
+    ils = {who: f["intra_list_similarity"] for who, f in decision.beyond.items()}
+    assert ils["champion"] > ils["challenger"]
+    assert f"  beyond-accuracy@100 champion: {describe(decision.beyond['champion'])}" in decision.summary().splitlines()
     assert registry.alias_version(cfg, CHAMPION) == "1"
     assert registry.client(cfg).get_model_version("piarec", version).tags["gate_decision"].startswith("refused")
 

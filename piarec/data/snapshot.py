@@ -30,6 +30,8 @@ damaged or hand-edited snapshot fails here rather than as a silently worse model
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -93,6 +95,10 @@ class Snapshot:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    def manifest_digest(self) -> str:
+        """sha256 of the manifest (canonical JSON): which data a model was fitted on."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def code_version() -> dict[str, str | None]:

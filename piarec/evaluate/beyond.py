@@ -13,13 +13,19 @@ catalogue's training popularity (``popularity[i]``: users with a positive on tit
   list, averaged over lists, for any item vectors (rows of ``item_vectors``; e.g. the
   decoder's item weights). With unit vectors ``v``, a list's pairwise sum is
   ``|sum v|^2 - K``, so each list costs ``K * d``, not ``K^2 * d``.
+
+:func:`beyond_accuracy` gives all four as one dict (the ``beyond`` block of a training run's
+``evaluation.json`` and the gate's report), :func:`item_vectors` the vectors of a model that
+the intra-list similarity uses, :func:`as_metrics` and :func:`describe` the dict's MLflow
+names and its one-line rendering.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["beyond_accuracy", "coverage", "intra_list_similarity", "novelty", "popularity_bias"]
+__all__ = ["as_metrics", "beyond_accuracy", "coverage", "describe", "intra_list_similarity", "item_vectors",
+           "novelty", "popularity_bias"]
 
 
 def _valid(topk) -> tuple[np.ndarray, np.ndarray]:
@@ -86,14 +92,48 @@ def intra_list_similarity(topk, item_vectors, batch_size: int = 1024) -> float:
     return total / lists if lists else float("nan")
 
 
-def beyond_accuracy(topk, popularity, n_users: int, item_vectors=None, head_share: float = 0.1) -> dict[str, float]:
-    """All four (intra-list similarity only when ``item_vectors`` is given), as a dict for
-    MLflow metrics or the gate's report."""
-    out = {
+def beyond_accuracy(topk, popularity, n_users: int, item_vectors=None,
+                    head_share: float = 0.1) -> dict[str, float | None]:
+    """All four, as a dict for ``evaluation.json`` and the gate's report: ``coverage``,
+    ``novelty_bits``, ``popularity_bias`` and ``intra_list_similarity`` (None without
+    ``item_vectors``)."""
+    return {
         "coverage": coverage(topk, len(popularity)),
         "novelty_bits": novelty(topk, popularity, n_users),
         "popularity_bias": popularity_bias(topk, popularity, head_share),
+        "intra_list_similarity": None if item_vectors is None else intra_list_similarity(topk, item_vectors),
     }
-    if item_vectors is not None:
-        out["intra_list_similarity"] = intra_list_similarity(topk, item_vectors)
-    return out
+
+
+def item_vectors(model, anchors_trained: bool = True) -> tuple[np.ndarray | None, str | None]:
+    """float32 [I, d] item vectors of a model (see :class:`~piarec.models.contract.RecommenderModel`)
+    and what they are: its PIA anchors (``"pia_anchors"``) when it has them and
+    ``anchors_trained``, else the item rows of its affine decoder (``"decoder"``), else
+    ``(None, None)``. A model trained without PIA still holds anchors, at their random
+    initialisation: pass ``anchors_trained=False`` for it."""
+    anchors = model.item_anchors() if anchors_trained else None
+    if anchors is not None:
+        return anchors.detach().float().cpu().numpy(), "pia_anchors"
+    decoder = model.affine_decoder()
+    if decoder is not None:
+        return decoder.weight.detach().float().cpu().numpy(), "decoder"  # nn.Linear(d, I).weight: [I, d]
+    return None, None
+
+
+# beyond_accuracy's keys -> MLflow metric stems (<prefix><stem>_at_<k>)
+_METRIC_STEMS = {"coverage": "coverage", "novelty_bits": "novelty", "popularity_bias": "popularity_bias",
+                 "intra_list_similarity": "ils"}
+
+
+def as_metrics(figures: dict[str, float | None], k: int, prefix: str = "") -> dict[str, float]:
+    """``figures`` (from :func:`beyond_accuracy`) as MLflow metrics, e.g. ``val_coverage_at_100``;
+    figures that are None are left out."""
+    return {f"{prefix}{_METRIC_STEMS[key]}_at_{k}": float(v) for key, v in figures.items() if v is not None}
+
+
+def describe(figures: dict[str, float | None]) -> str:
+    """One line: ``coverage 0.412, novelty 9.31 bits, head share 0.38, ILS 0.12`` (``ILS n/a``
+    without item vectors)."""
+    ils = figures.get("intra_list_similarity")
+    return (f"coverage {figures['coverage']:.3f}, novelty {figures['novelty_bits']:.2f} bits, "
+            f"head share {figures['popularity_bias']:.2f}, ILS {'n/a' if ils is None else f'{ils:.2f}'}")

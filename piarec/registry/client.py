@@ -15,6 +15,7 @@ from piarec.config import PipelineConfig
 from piarec.errors import ModelNotFoundError
 from piarec.data import layout
 
+SNAPSHOT_TAG = "snapshot_uri"  # set on every version by `piarec train`: its training snapshot
 BUNDLE_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle (piarec/registry/pyfunc.py)
 CHALLENGER, CHAMPION = "challenger", "champion"  # the aliases: set by training / by the gate or a person
 
@@ -162,3 +163,18 @@ def resolve_model(cfg: PipelineConfig, uri: str) -> ModelRef:
 def load_model(cfg: PipelineConfig, uri: str) -> tuple[ModelBundle, ModelRef]:
     ref = resolve_model(cfg, uri)
     return load_bundle(ref.local_dir, ref.info()), ref
+
+
+def training_snapshot(cfg: PipelineConfig, name: str, version: str | None, run_id: str | None = None) -> str | None:
+    """The snapshot a model was trained on: version ``version`` of ``name``'s
+    :data:`SNAPSHOT_TAG` tag, else its run's ``snapshot`` tag; None when neither names one
+    (or neither exists: a bundle folder has no version and no run)."""
+    c = client(cfg)
+    if version is not None:
+        mv = c.get_model_version(name, version)
+        if mv.tags.get(SNAPSHOT_TAG):
+            return mv.tags[SNAPSHOT_TAG]
+        run_id = run_id or mv.run_id
+    if run_id:
+        return c.get_run(run_id).data.tags.get("snapshot") or None
+    return None

@@ -24,6 +24,11 @@ The decision and its reasons are recorded in MLflow (a ``gate`` run with metrics
 ``gate_decision.json``, plus a ``gate_decision`` tag on the version and its training
 run); ``champion`` moves only when the challenger passes. A person may still move the
 alias in the MLflow UI: scoring resolves ``@champion`` at run time.
+
+Beside the checks, for the record only, the report gives the beyond-accuracy figures
+(:mod:`piarec.evaluate.beyond`) of the challenger's, the champion's and popularity's
+top-100 lists on the same users: coverage, novelty, head share and intra-list similarity,
+the last in the challenger's item vectors for all three so that they are comparable.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,16 +45,17 @@ import numpy as np
 from piarec.config import GateConfig, PipelineConfig
 from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.errors import InputDataError, ModelNotFoundError
-from piarec.evaluate.bundle import bundle_rows, evaluate_bundle, health, item_mapping
+from piarec.evaluate.beyond import as_metrics, beyond_accuracy, describe, item_vectors
+from piarec.evaluate.bundle import bundle_rows, bundle_topk, health, item_mapping
 from piarec.evaluate.diagnostics import collapse_metrics, diagnosable
-from piarec.evaluate.protocol import evaluate_popularity
+from piarec.evaluate.metrics import EVAL_K, summarize
+from piarec.evaluate.protocol import popularity_topk
 from piarec.models.baselines import train_popularity
 from piarec.models.bundle import ModelBundle
 from piarec.registry import client as registry
-from piarec.registry.client import CHALLENGER, CHAMPION
+from piarec.registry.client import CHALLENGER, CHAMPION, SNAPSHOT_TAG
 
 log = logging.getLogger(__name__)
-SNAPSHOT_TAG = "snapshot_uri"  # set on every version by `piarec train`
 COMPARED = ("ndcg_at_100", "recall_at_20")
 
 
@@ -71,6 +78,9 @@ class GateDecision:
     checks: list[Check] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     snapshot: str | None = None
+    # challenger / champion / popularity -> beyond_accuracy() of its top-EVAL_K (no check)
+    beyond: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    item_vectors: str | None = None  # what the intra-list similarity was measured in
 
     def summary(self) -> str:
         """A readable multi-line report; its first line is the verdict."""
@@ -82,7 +92,8 @@ class GateDecision:
             kept = f"version {self.champion_before}" if self.champion_before else "none"
             verdict = f"version {self.challenger} refused; {CHAMPION} stays {kept}"
         head = f"gate: {verdict} — validation users of {self.snapshot}"
-        return "\n".join([head, *[c.line() for c in self.checks], *self._notes()])
+        beyond = [f"  beyond-accuracy@{EVAL_K} {who}: {describe(figures)}" for who, figures in self.beyond.items()]
+        return "\n".join([head, *[c.line() for c in self.checks], *beyond, *self._notes()])
 
     def _notes(self) -> list[str]:
         return [f"  note: {r}" for r in self.reasons if not any(r == c.line() for c in self.checks)]
@@ -93,11 +104,7 @@ class GateDecision:
 
 # --------------------------------------------------------------------------- the gate
 def _snapshot_of(cfg: PipelineConfig, version: str) -> str:
-    c = registry.client(cfg)
-    mv = c.get_model_version(cfg.mlflow.registered_model, version)
-    uri = mv.tags.get(SNAPSHOT_TAG)
-    if not uri and mv.run_id:
-        uri = c.get_run(mv.run_id).data.tags.get("snapshot")
+    uri = registry.training_snapshot(cfg, cfg.mlflow.registered_model, version)
     if not uri:
         raise ModelNotFoundError(
             f"model version {version} names no training snapshot (tag {SNAPSHOT_TAG!r}); "
@@ -121,19 +128,25 @@ def promote(cfg: PipelineConfig, snapshot: str | None = None) -> GateDecision:
     if snap.val.n_users == 0:
         raise InputDataError(f"snapshot {snapshot!r} has no validation users; the gate cannot compare models")
 
-    cand, _ = registry.load_model(cfg, f"models:/{name}/{challenger}")
+    cand, cand_ref = registry.load_model(cfg, f"models:/{name}/{challenger}")
     decision = GateDecision(promoted=False, challenger=challenger, champion_before=champion, snapshot=snap.uri)
     batch = cfg.training.eval_batch_size
+    popularity = train_popularity(snap.train)
+    # Each top-EVAL_K is ranked once: the checks and the beyond-accuracy figures share it.
+    lists = {"challenger": bundle_topk(cand, snap, snap.val, batch),
+             "popularity": popularity_topk(popularity, snap.val.fold_in, EVAL_K)}
     _check_vocabulary(cfg.gate, decision, cand, snap)  # first: it explains every other figure
-    ours = _check_popularity(cfg.gate, decision, cand, snap, batch)
+    ours = _check_popularity(cfg.gate, decision, lists, snap.val.held_out)
     if champion is not None and champion != challenger:
         champ, _ = registry.load_model(cfg, f"models:/{name}/{champion}")
-        _check_champion(cfg.gate, decision, ours, evaluate_bundle(champ, snap, snap.val, batch), champion)
+        lists["champion"] = bundle_topk(champ, snap, snap.val, batch)
+        _check_champion(cfg.gate, decision, ours, summarize(lists["champion"], snap.val.held_out), champion)
     elif champion == challenger:
         decision.reasons.append("the challenger is already champion; nothing to compare against")
     else:
         decision.reasons.append("no champion yet: a first model is promoted when it beats popularity")
     _check_health(cfg, decision, cand, snap)
+    _beyond(decision, lists, popularity, snap, cand, _anchors_trained(cand_ref.local_dir))
 
     decision.promoted = all(c.passed for c in decision.checks)
     decision.reasons[:0] = [c.line() for c in decision.checks]
@@ -154,11 +167,12 @@ def _check_vocabulary(g: GateConfig, decision: GateDecision, cand: ModelBundle, 
         f"of {cand.n_items} (at least {g.min_vocabulary_overlap:.0%})"))
 
 
-def _check_popularity(g: GateConfig, decision: GateDecision, cand: ModelBundle, snap: Snapshot,
-                      batch_size: int) -> dict[str, float]:
-    """1. Against popularity, on the same validation users. Returns the challenger's metrics."""
-    ours = evaluate_bundle(cand, snap, snap.val, batch_size)
-    pop = evaluate_popularity(train_popularity(snap.train), snap.val)
+def _check_popularity(g: GateConfig, decision: GateDecision, lists: dict[str, np.ndarray],
+                      held_out) -> dict[str, float]:
+    """1. Against popularity, on the same validation users (``lists``: the challenger's and
+    popularity's top-K of them; ``held_out``: their held-out titles). Returns the
+    challenger's metrics."""
+    ours, pop = summarize(lists["challenger"], held_out), summarize(lists["popularity"], held_out)
     decision.metrics.update({f"challenger_{k}": v for k, v in ours.items()})
     decision.metrics.update({f"popularity_{k}": v for k, v in pop.items()})
     m = g.metric
@@ -203,6 +217,35 @@ def _check_health(cfg: PipelineConfig, decision: GateDecision, cand: ModelBundle
     decision.checks.append(Check(f"top-{cfg.scoring.k} equal to popularity's", share_ok,
                                  f"{h['popularity_share']:.1%} of {snap.val.n_users} users "
                                  f"(at most {g.max_popularity_share:.0%})"))
+
+
+def _anchors_trained(bundle_dir: str) -> bool:
+    """Whether PIA trained a bundle's item anchors: the final lambda_A in the ``evaluation.json``
+    that `piarec train` puts in the bundle is above 0 (assumed so for a bundle without one)."""
+    path = Path(bundle_dir, "evaluation.json")
+    if not path.is_file():
+        return True
+    try:
+        return float(json.loads(path.read_text())["lambda_a_final"]) > 0
+    except (KeyError, TypeError, ValueError):  # not the report `piarec train` writes
+        return True
+
+
+def _beyond(decision: GateDecision, lists: dict[str, np.ndarray], popularity: np.ndarray, snap: Snapshot,
+            cand: ModelBundle, anchors_trained: bool) -> None:
+    """The beyond-accuracy figures of every top-K in ``lists`` (snapshot item space), for the
+    record: in ``decision.beyond`` and as ``<who>_coverage_at_100``-style metrics. The intra-list
+    similarity of all of them is measured in the challenger's item vectors; snapshot titles
+    the challenger does not know get a zero vector (similar to nothing)."""
+    vectors, source = item_vectors(cand.model, anchors_trained)
+    if vectors is not None:
+        to_cand = item_mapping(snap.item_ids, cand.item_ids)
+        vectors = np.where((to_cand >= 0)[:, None], vectors[np.clip(to_cand, 0, None)], 0.0)
+    decision.item_vectors = f"challenger's {source}" if source else None
+    for who in ("challenger", "champion", "popularity"):
+        if who in lists:
+            decision.beyond[who] = beyond_accuracy(lists[who], popularity, snap.train.n_rows, vectors)
+            decision.metrics.update(as_metrics(decision.beyond[who], EVAL_K, f"{who}_"))
 
 
 def _record(cfg: PipelineConfig, decision: GateDecision) -> None:

@@ -21,7 +21,9 @@ from piarec.registry import client as registry
 from piarec.models.bundle import ITEMS_FILE, save_bundle
 from piarec.registry.client import BUNDLE_ARTIFACT
 from piarec.config import PipelineConfig
-from piarec.evaluate.protocol import evaluate_model, evaluate_popularity
+from piarec.evaluate.beyond import as_metrics, beyond_accuracy, describe, item_vectors
+from piarec.evaluate.metrics import EVAL_K, summarize
+from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, model_topk, popularity_topk
 from piarec.models.baselines import train_popularity
 from piarec.errors import TrainingError
 from piarec.data.snapshot import Snapshot, load_snapshot
@@ -42,11 +44,6 @@ def _params(cfg: PipelineConfig) -> dict[str, Any]:
             flat[f"{section}.{key}"] = value
     flat["window_days"] = cfg.window_days
     return flat
-
-
-def _manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the snapshot manifest (canonical JSON): which data a version was trained on."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def checkpoint_dir(cfg: PipelineConfig, manifest_digest: str) -> str:
@@ -174,22 +171,34 @@ def _log_epoch(row: dict[str, float]) -> None:
 
 
 def _evaluation(result: TrainResult, snap: Snapshot, popularity, snapshot_uri: str) -> dict[str, Any]:
-    """``evaluation.json``: the best epoch's model and popularity on validation and test users."""
+    """``evaluation.json``: the best epoch's model and popularity on validation and test users,
+    and ``beyond``: the beyond-accuracy figures of both top-EVAL_K lists on validation users
+    (:func:`piarec.evaluate.beyond.beyond_accuracy`; intra-list similarity in the model's item
+    vectors for both, named in ``item_vectors``; None when the model has none)."""
     def both(split):
         return {"model": evaluate_model(result.model, split), "popularity": evaluate_popularity(popularity, split)}
 
+    lists = {"model": model_topk(result.model, snap.val.fold_in, EVAL_K),
+             "popularity": popularity_topk(popularity, snap.val.fold_in, EVAL_K)}
+    # lambda_A never falls to 0 once above it: 0 at the end means PIA never trained the anchors.
+    vectors, source = item_vectors(result.model, anchors_trained=result.lambda_a > 0)
+    head_share = 0.1
     return {
         "best_epoch": result.best_epoch,
         "lambda_a_final": result.lambda_a,
-        "val": both(snap.val),
+        "val": {who: summarize(topk, snap.val.held_out) for who, topk in lists.items()},
         "test": both(snap.test) if snap.test.fold_in.n_rows else {},
+        "beyond": {"k": EVAL_K, "head_share": head_share, "item_vectors": source, "val": {
+            who: beyond_accuracy(topk, popularity, snap.train.n_rows, vectors, head_share)
+            for who, topk in lists.items()}},
         "snapshot": {"uri": snapshot_uri, "window": snap.manifest.get("window", {}),
                      "counts": snap.manifest.get("counts", {})},
     }
 
 
 def _version_tags(report: dict[str, Any], snapshot_uri: str, digest: str) -> dict[str, str]:
-    """The registered version's tags: its snapshot and its validation and test figures."""
+    """The registered version's tags: its snapshot, its validation and test figures and its
+    validation beyond-accuracy figures (``val_coverage_at_100``, ...)."""
     window = report["snapshot"]["window"]
     tags = {
         "window_start": str(window.get("start", "")), "window_end": str(window.get("end", "")),
@@ -200,17 +209,22 @@ def _version_tags(report: dict[str, Any], snapshot_uri: str, digest: str) -> dic
         tags.update({f"{prefix}{k}": f"{v:.6f}" for k, v in report["val"][who].items()})
     for k, v in report["test"].get("model", {}).items():
         tags[f"test_{k}"] = f"{v:.6f}"
+    beyond = report["beyond"]
+    tags.update({k: f"{v:.6f}" for k, v in as_metrics(beyond["val"]["model"], beyond["k"], "val_").items()})
     return tags
 
 
 def _description(cfg: PipelineConfig, report: dict[str, Any], tags: dict[str, str], digest: str) -> str:
     """The registered version's description, as a person reads it in the MLflow UI."""
     val, pop = report["val"]["model"], report["val"]["popularity"]
+    beyond = report["beyond"]["val"]
     return (
         f"{_BACKBONES.get(cfg.model.backbone, 'Multi-VAE')}{' + PIA' if cfg.pia.enabled else ''} trained on window "
         f"[{tags['window_start']}, {tags['window_end']}) (snapshot {tags['snapshot_uri']}, manifest sha256 "
         f"{digest[:12]}); best epoch {report['best_epoch']}; validation NDCG@100 {val['ndcg_at_100']:.4f}, "
-        f"Recall@20 {val['recall_at_20']:.4f} (popularity {pop['ndcg_at_100']:.4f} / {pop['recall_at_20']:.4f}). "
+        f"Recall@20 {val['recall_at_20']:.4f} (popularity {pop['ndcg_at_100']:.4f} / {pop['recall_at_20']:.4f}); "
+        f"beyond-accuracy@{report['beyond']['k']} {describe(beyond['model'])} "
+        f"(popularity coverage {beyond['popularity']['coverage']:.3f}). "
         f"Load with mlflow.pyfunc.load_model('models:/{cfg.mlflow.registered_model}/<version>')."
     )
 
@@ -227,7 +241,7 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
     popularity = train_popularity(snap.train)
     experiment_id = registry.ensure_experiment(cfg)
     window = snap.manifest.get("window", {})
-    digest = _manifest_digest(snap.manifest)
+    digest = snap.manifest_digest()
     ck_dir = checkpoint_dir(cfg, digest)
     ck_uri, attempt = child_uri(ck_dir, "checkpoint.pt"), resolve(child_uri(ck_dir, "attempt.json"))
     interrupted = _close_interrupted_run(registry.client(cfg), attempt)
@@ -252,6 +266,7 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         for split in ("val", "test"):
             for who, metrics in report[split].items():
                 mlflow.log_metrics({f"final_{split}_{who}_{k}": v for k, v in metrics.items()})
+        mlflow.log_metrics(as_metrics(report["beyond"]["val"]["model"], report["beyond"]["k"], "val_"))
         mlflow.log_dict(report, "evaluation.json")
         mlflow.log_dict({"epochs": result.history}, "history.json")
 
