@@ -214,7 +214,7 @@ def arm_plain(args: argparse.Namespace) -> dict:
 def arm_local(args: argparse.Namespace) -> dict:
     from piarec.config import load_config
     from piarec.daily.local_engine import run_local
-    from piarec.daily.arms import plan_arms
+    from piarec.daily.arms import plan_models
 
     if args.skip_validation:  # measure the commit alone: the pre-commit checks replaced by a no-op
         from piarec.daily import publish
@@ -222,7 +222,7 @@ def arm_local(args: argparse.Namespace) -> dict:
         publish.validate_arm_files = lambda *a, **kw: {}
 
     cfg = load_config(args.config, environ={})
-    plan = plan_arms(cfg, args.model, "champion")
+    plan = plan_models(cfg, args.model)
     t = time.perf_counter()
     manifests = run_local(cfg, DAY, args.histories, args.out_dir, plan, args.k, device="cpu",
                           threads=args.threads)
@@ -233,17 +233,19 @@ def arm_local(args: argparse.Namespace) -> dict:
 
 def arm_spark(args: argparse.Namespace) -> dict:
     from piarec.config import load_config
+    from piarec.daily.arms import plan_models
     from pipelines import score_users
     from pipelines.spark import get_spark
 
     cfg = load_config(args.config, environ={})
     spark = get_spark(cfg.spark)
     try:
-        score_users.run(spark, cfg, "", WARM_DAY, args.out_dir, args.model, args.k, "champion",
+        plan = plan_models(cfg, args.model)
+        score_users.run(spark, cfg, "", WARM_DAY, args.out_dir, plan, args.k,
                         histories_uri=args.histories)  # JVM and Python workers warm
         t = time.perf_counter()
-        manifest = score_users.run(spark, cfg, "", DAY, args.out_dir, args.model, args.k, "champion",
-                                   histories_uri=args.histories)
+        manifest = score_users.run(spark, cfg, "", DAY, args.out_dir, plan, args.k,
+                                   histories_uri=args.histories)["champion"]
         seconds = time.perf_counter() - t
     finally:
         spark.stop()

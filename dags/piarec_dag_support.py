@@ -95,6 +95,14 @@ def run_day(param: str, days_back: int) -> str:
     return f"{{{{ {param} or (ds if ds is defined else {fallback}) }}}}"
 
 
+def arm_names(arms: str | None, challenger: bool = False) -> str:
+    """The arm names of the daily DAG's ``arms`` param (``NAME=MODEL:SHARE,...``), comma
+    separated; without it, ``champion`` (and ``challenger`` with ``challenger``)."""
+    if arms:
+        return ",".join(e.split("=", 1)[0].strip() for e in arms.split(",") if e.strip())
+    return "champion,challenger" if challenger else "champion"
+
+
 def schedule(timetable):
     """``timetable``, or None (triggered runs only) when ``PIAREC_SCHEDULES=off``."""
     return timetable if SCHEDULES == "on" else None

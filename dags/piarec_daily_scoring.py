@@ -1,9 +1,12 @@
 """piarec_daily_scoring: day D's events -> score every active user with ``champion``
-(and ``challenger`` as a second arm when asked) -> check the committed day.
+(or with the arms asked for) -> check the committed day.
 
 With ``challenger_arm`` the scoring job splits users between the two models by a salted
 hash of user_id (``--challenger``, ``challenger_share`` of the users; the job's A/B
-mode) and commits ``arm=champion`` and ``arm=challenger`` together.
+mode) and commits ``arm=champion`` and ``arm=challenger`` together. With ``arms``
+(``NAME=MODEL:SHARE,...``, e.g. ``champion=models:/piarec@champion:0.9,control=popularity:0.1``)
+any number of arms, registered models or baselines (``popularity``, ``ease``), are scored
+in the same pass and committed together; it replaces ``challenger_arm``.
 
 Partition: the run with logical date D commits ``recommendations/dt=D/`` (every arm, one
 commit; the job validates the day before it commits) from events before D+1 00:00 UTC.
@@ -17,7 +20,8 @@ checked, ``announce_recommendations`` updates the asset ``piarec_recommendations
 Params: ``date`` (YYYY-MM-DD, overrides the logical date), ``model_version`` (score a
 fixed version instead of the champion), ``k`` (recommendations per user; default the
 config's ``scoring.k``), ``challenger_arm`` (A/B: also score ``@challenger`` as
-arm=challenger), ``challenger_share`` (its share of users; default the config's).
+arm=challenger), ``challenger_share`` (its share of users; default the config's), ``arms``
+(the arms and their shares; default the config's ``scoring.arms``, else the two above).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
-from piarec_dag_support import (DEFAULT_ARGS, RECOMMENDATIONS, REGISTERED_MODEL, BashOperator, announce, events_sensor,
-                                ops, run_day, schedule, spark_submit)
+from piarec_dag_support import (DEFAULT_ARGS, RECOMMENDATIONS, REGISTERED_MODEL, BashOperator, announce, arm_names,
+                                events_sensor, ops, run_day, schedule, spark_submit)
 
 # The scoring day: the `date` param, else the logical date; a run triggered without one
 # (Airflow 3: manual and API runs may have none, and then `ds` is absent) scores the last
@@ -41,7 +45,17 @@ CHALLENGER_ARGS = (
     f"{{{{ '--challenger=models:/{REGISTERED_MODEL}@challenger' if params.challenger_arm else '' }}}}",
     "{{ '--challenger-share=%s' % params.challenger_share if params.challenger_arm and params.challenger_share else '' }}",
 )
-ARMS = "{{ 'champion,challenger' if params.challenger_arm else 'champion' }}"
+ARMS_ARG = "{{ '--arms=%s' % params.arms if params.arms else '' }}"
+
+
+def without_arms(*args: str) -> list[str]:
+    """``args`` rendered only when the ``arms`` param is unset: it replaces them (the job
+    refuses both at once)."""
+    return [f"{{% if not params.arms %}}{a}{{% endif %}}" for a in args]
+
+
+
+ARMS = "{{ arm_names(params.arms, params.challenger_arm) }}"  # the arms the day must hold
 
 with DAG(
     dag_id="piarec_daily_scoring",
@@ -63,13 +77,18 @@ with DAG(
         "challenger_arm": Param(False, type="boolean", description="A/B: also score @challenger as arm=challenger"),
         "challenger_share": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
                                   description="share of users in the challenger arm"),
+        "arms": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9_-]+=[^,]+:[0-9.eE+-]+(,[A-Za-z0-9_-]+=[^,]+:[0-9.eE+-]+)*$",
+                      description="NAME=MODEL:SHARE,... (models:/piarec@champion, popularity, ease); "
+                                  "replaces challenger_arm"),
     },
+    user_defined_macros={"arm_names": arm_names},
     tags=["piarec"],
     doc_md=__doc__,
 ) as dag:
     wait_for_events = events_sensor(f"events-ready --day {DAY}", timedelta(minutes=10))
     score = spark_submit(
-        "score_users", "score_users", [f"--date={DAY}", "--arm=champion", MODEL_ARG, K_ARG, *CHALLENGER_ARGS],
+        "score_users", "score_users", [f"--date={DAY}", ARMS_ARG, *without_arms("--arm=champion", MODEL_ARG), K_ARG,
+                                     *without_arms(*CHALLENGER_ARGS)],
         execution_timeout=timedelta(hours=4),
     )
     validate = BashOperator(

@@ -35,6 +35,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage and return (and write to ``<workdir>/demo-summary.json``) a summary."""
     from pipelines import build_matrix, score_users
+    from piarec.daily.arms import arm_specs, plan_arms
     from pipelines.spark import get_spark
     from piarec.registry.gate import promote
     from piarec.data.synthetic import generate_events
@@ -78,9 +79,11 @@ def run_demo(
         done("promote")
 
         stage("score")
-        scored = score_users.run(spark, cfg, layout.events_root(cfg.storage), score_date,
-                                 layout.recommendations_root(cfg.storage), cfg.scoring.model_uri,
-                                 cfg.scoring.k, cfg.scoring.arm) if decision.promoted else None
+        scored = None
+        if decision.promoted:
+            plan = plan_arms(cfg, arm_specs(cfg))
+            scored = score_users.run(spark, cfg, layout.events_root(cfg.storage), score_date,
+                                     layout.recommendations_root(cfg.storage), plan, cfg.scoring.k)[plan.arms[0].name]
         done("score")
     finally:
         spark.stop()

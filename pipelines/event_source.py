@@ -25,6 +25,9 @@ from piarec.errors import InputDataError
 from pipelines.spark import spark_path
 
 CANONICAL_COLUMNS = ("user_id", "item_id", "event_type", "ts", "watch_seconds")
+# Where a recommendation was shown or acted on (docs/ab-logging.md): read only when asked
+# (A/B analysis), null when the source has no such column; the weekly and daily builds never need them.
+EXPOSURE_COLUMNS = ("surface", "slot")
 PARTITION_COL = "dt"
 
 _INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
@@ -95,6 +98,8 @@ def _check_columns(raw: DataFrame, uri: str, wanted: dict[str, str]) -> None:
         "event_type": ((T.StringType,), "a string"),
         "ts": (_TIMESTAMP, "a timestamp"),
         "watch_seconds": (_NUMERIC, "a number"),
+        "surface": ((T.StringType,), "a string"),
+        "slot": (_INTEGRAL, "an integer"),
     }
     wrong = []
     for canon, src in wanted.items():
@@ -114,6 +119,7 @@ def open_events(
     end: date,
     *,
     require_watch: bool = True,
+    exposure: bool = False,
 ) -> EventsInput:
     """Events of the partitions ``dt`` in ``[start, end)``, with canonical column names.
 
@@ -123,6 +129,8 @@ def open_events(
 
     ``require_watch=False`` lets a source without a watch-time column through (its
     ``watch_seconds`` is null); callers pass it when the positive rule ignores watch time.
+    ``exposure=True`` adds :data:`EXPOSURE_COLUMNS` (``surface`` string, ``slot`` int; from
+    ``events.surface_col`` / ``events.slot_col``, null when the source lacks them).
 
     Raises :class:`InputDataError` when the path does not exist, is not partitioned by
     ``dt``, or when configured columns are missing or mistyped (all are named). Corrupt files
@@ -131,6 +139,8 @@ def open_events(
     parts = _list_partitions(spark, uri)
     chosen = sorted(d for d in parts if start <= d < end)
     reader = spark.read.option("ignoreCorruptFiles", "false")  # never skip data silently
+    if exposure:  # partitions written before the exposure columns existed lack them
+        reader = reader.option("mergeSchema", "true")
     with input_errors(uri):
         if chosen:
             raw = reader.option("basePath", spark_path(uri)).parquet(*[parts[d] for d in chosen])
@@ -146,7 +156,10 @@ def open_events(
     }
     if require_watch:
         wanted["watch_seconds"] = schema.watch_col
-    _check_columns(raw, uri, wanted)
+    optional = {"surface": schema.surface_col, "slot": schema.slot_col} if exposure else {}
+    _check_columns(raw, uri, {**wanted, **{c: src for c, src in optional.items() if src in raw.columns}})
+    extra = [(F.col(src) if src in raw.columns else F.lit(None)).cast("string" if c == "surface" else "int").alias(c)
+             for c, src in optional.items()]
 
     watch = (
         F.col(schema.watch_col).try_cast("int")  # an absurd value becomes null, not an error
@@ -160,6 +173,7 @@ def open_events(
         # A timestamp without zone is read as UTC wall-clock time (session zone is UTC).
         F.col(schema.ts_col).cast("timestamp").alias("ts"),
         watch.alias("watch_seconds"),
+        *extra,
     )
     days = sorted(parts)
     return EventsInput(

@@ -1,17 +1,17 @@
 """Daily scoring: top-K recommendations for every user active at day D.
 
     spark-submit pipelines/score_users.py --date 2026-03-10 [--config conf.yaml]
-        [--events URI | --histories [ROOT]] [--out URI] [--model URI] [--k N] [--arm NAME]
-        [--challenger URI [--challenger-share F]] [--engine spark|local]
+        [--events URI | --histories [ROOT]] [--out URI] [--k N] [--engine spark|local]
+        [--arms NAME=MODEL:SHARE,... | --model URI [--arm NAME] [--challenger URI [--challenger-share F]]]
 
 Extract: the histories of day D (``user_id, history, seen``, one row per user active in
 ``[D - scoring.history_days, D + 1)`` UTC): built here from the events with the shared
 daily transform :func:`pipelines.events.daily_histories`, or read from the published
 histories dataset ``<ROOT>/dt=D/`` (``--histories``; ROOT defaults to
 ``<storage.root>/histories``). Transform: ``mapInArrow`` with
-:class:`piarec.scoring.scorer.TopKScorer` in every Python worker; with a challenger
-(``--challenger`` or ``scoring.challenger_uri``) each user is scored by the model of the
-arm a salted hash of their id assigns them. Load: each task writes its rows as Parquet
+:class:`piarec.scoring.scorer.TopKScorer` in every Python worker; with several arms
+(``--arms``, ``scoring.arms``, or a challenger: :func:`piarec.daily.arms.arm_specs`) each
+user is scored by the model of the arm a salted hash of their id assigns them. Load: each task writes its rows as Parquet
 (zstd) under the run's version folder (``<out>/dt=D/_versions/<version>/arm=<arm>/``) itself, with pyarrow through :mod:`piarec.data.storage`
 (local or S3, the same writer as the single-node engine), and returns one summary row per
 arm. The driver keeps the files of the task attempts whose summaries it collected (Spark
@@ -50,11 +50,12 @@ from piarec.cli.errors import run_command
 from piarec.cli.options import HISTORIES_DEFAULT, parse_job_args
 from piarec.config import PipelineConfig, load_config
 from piarec.errors import ConfigError
-from piarec.daily.arms import ArmPlan, bundle_from_files, plan_arms
+from piarec.daily.arms import ArmPlan, Assignment, arm_specs, bundle_from_files, parse_arms, plan_arms
+from piarec.daily.availability import withheld_by_arm
 from piarec.daily.inputs import check_history_columns, histories_partition, window
 from piarec.daily.validate import seen_in_histories
 from piarec.daily.publish import ArmCounts, PartWriter, keep_committed_parts, open_day, publish_run
-from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA, in_share
+from piarec.scoring.arrow import MODEL, OUTPUT_SCHEMA, POPULARITY, WRITE_SCHEMA
 from piarec.data import reader
 from piarec.data.storage import resolve
 from piarec.data import layout
@@ -91,8 +92,7 @@ def score_partition(
     batches: Iterator[pa.RecordBatch],
     *,
     arms: list[dict[str, Any]],
-    salt: str,
-    challenger_share: float,
+    assignment: Assignment,
     k: int,
     batch_size: int,
     dictionary: bool = False,
@@ -101,8 +101,9 @@ def score_partition(
     :data:`WORKER_SCHEMA` out (item ids dictionary-encoded with ``dictionary``), one row
     per input row; every output batch holds one arm.
 
-    ``arms``: ``{"name", "version", "digest", "broadcast"}`` per arm, the control first;
-    with two arms a user goes to the second when :func:`piarec.scoring.arrow.in_share` says so.
+    ``arms``: ``{"name", "version", "digest", "broadcast", "exclude"}`` per arm, in the order
+    of ``assignment``, which says each user's arm (``exclude``: the item indices the arm
+    must not serve, :mod:`piarec.daily.availability`).
     """
     import torch
 
@@ -112,10 +113,9 @@ def score_partition(
     # Spark runs one task per core; torch threads on top would oversubscribe the executor.
     torch.set_num_threads(1)
     models = _worker_models(arms)
-    scorers = [TopKScorer(bundle, k, batch_size) for bundle, _ in models]
+    scorers = [TopKScorer(bundle, k, batch_size, exclude=arm["exclude"]) for (bundle, _), arm in zip(models, arms)]
     for batch in batches:
-        arm_of = (in_share(batch.column("user_id"), salt, challenger_share) if len(arms) > 1
-                  else np.zeros(batch.num_rows, bool)).astype(np.int8)
+        arm_of = assignment.assign(batch.column("user_id"))
         for a, arm in enumerate(arms):
             part = batch if len(arms) == 1 else batch.filter(pa.array(arm_of == a))
             if part.num_rows == 0:
@@ -160,17 +160,17 @@ def write_partition(
 
 
 def score_to_staging(histories, plan: ArmPlan, broadcasts: list[Any], k: int, batch_size: int,
-                     staging: str, rows_per_file: int) -> dict[str, ArmCounts]:
+                     staging: str, rows_per_file: int, withheld: dict[str, np.ndarray]) -> dict[str, ArmCounts]:
     """Score every row of ``histories`` (``user_id, history, seen``) into ``staging`` and
     commit: only the files of the task attempts Spark returned stay. Returns the counts."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    arms = [{"name": a.name, "version": a.version, "digest": a.digest, "broadcast": b}
+    arms = [{"name": a.name, "version": a.version, "digest": a.digest, "broadcast": b, "exclude": withheld[a.name]}
             for a, b in zip(plan.arms, broadcasts)]
     # A partial of a module-level function pickles by reference: workers import this
     # module, so _WORKER_MODELS is the same dict for every task of a worker process.
     fn = functools.partial(write_partition, staging=staging, rows_per_file=rows_per_file, arms=arms,
-                           salt=plan.salt, challenger_share=plan.challenger_share, k=k, batch_size=batch_size)
+                           assignment=plan.assignment, k=k, batch_size=batch_size)
     rows = histories.select("user_id", "history", "seen").mapInArrow(fn, from_arrow_schema(SUMMARY_SCHEMA)).collect()
     keep_committed_parts(staging, [a.name for a in plan.arms], {r["task"] for r in rows})
     counts = {a.name: ArmCounts() for a in plan.arms}
@@ -185,25 +185,20 @@ def run(
     events_uri: str,
     date: date,
     out_root: str,
-    model_uri: str,
+    plan: ArmPlan,
     k: int,
-    arm: str,
     *,
     histories_uri: str | None = None,
-    challenger_uri: str | None = None,
-    challenger_share: float | None = None,
-) -> dict[str, Any]:
-    """Score every user active at ``date`` and publish ``<out_root>/dt=D/arm=<arm>/``
-    (and the challenger's arm with ``challenger_uri``). Histories come from the events at
-    ``events_uri``, or from the published histories dataset rooted at ``histories_uri``.
-
-    Returns the manifest of the control arm ``arm``; it summarises every arm under "arms".
+) -> dict[str, dict[str, Any]]:
+    """Score every user active at ``date`` with their arm of ``plan``
+    (:func:`piarec.daily.arms.plan_arms`) and commit ``<out_root>/dt=D/`` with every arm.
+    Histories come from the events at ``events_uri``, or from the published histories
+    dataset rooted at ``histories_uri``. Returns the manifests by arm.
     """
     from pipelines.spark import spark_path
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    plan = plan_arms(cfg, model_uri, arm, challenger_uri, challenger_share)
     if histories_uri is not None:
         uri, histories_manifest, files = histories_partition(histories_uri, date)
         fs = resolve(uri).fs
@@ -222,11 +217,12 @@ def run(
         histories = histories.sortWithinPartitions("user_id")  # reruns write the same files
         source = {"kind": "events", "uri": events_uri}
         seen = None  # read from the events
+    avail, withheld = withheld_by_arm(cfg.scoring, date, {a.name: a.bundle.item_ids for a in plan.arms})
     broadcasts = [spark.sparkContext.broadcast({"files": a.files}) for a in plan.arms]
     with open_day(cfg.storage, out_root, date) as day_run:
         try:
             counts = score_to_staging(histories, plan, broadcasts, k, cfg.scoring.batch_size, day_run.data_uri,
-                                      cfg.scoring.rows_per_file)
+                                      cfg.scoring.rows_per_file, withheld)
         finally:
             for b in broadcasts:
                 b.destroy()
@@ -234,8 +230,8 @@ def run(
             source.update(check_events(sum(c.summary()["users"] for c in counts.values())))
         manifests = publish_run(day_run, cfg, date, plan, counts, k=k, window=window(cfg.scoring, date),
                                 source=source, engine={"name": "spark", "device": "cpu", "precision": "fp32"},
-                                seen=seen)
-    return manifests[plan.arms[0].name]
+                                seen=seen, availability=avail, withheld=withheld)
+    return manifests
 
 
 def _histories_from_events(spark, cfg: PipelineConfig, events_uri: str, day: date):
@@ -287,22 +283,21 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = args.out or layout.recommendations_root(cfg.storage)
     k = cfg.scoring.k if args.k is None else args.k
-    arm = args.arm or cfg.scoring.arm
-    model = args.model or cfg.scoring.model_uri
-    challenger = args.challenger or cfg.scoring.challenger_uri
+    specs = arm_specs(cfg, arms=parse_arms(args.arms) if args.arms else None, model_uri=args.model, arm=args.arm, challenger_uri=args.challenger,
+                      challenger_share=args.challenger_share)
     histories = layout.histories_root(cfg.storage) if args.histories == _DEFAULT_ROOT else args.histories
     if (args.engine or cfg.scoring.engine) == "local":
         from piarec.daily.local_engine import run_local
 
         if args.events:
             raise ConfigError("the local engine reads the published histories (--histories), not events")
-        plan = plan_arms(cfg, model, arm, challenger, args.challenger_share)
-        manifests = run_local(cfg, args.date, histories or layout.histories_root(cfg.storage), out, plan, k,
-                              device=args.device, precision=args.precision, threads=args.threads)
+        manifests = run_local(cfg, args.date, histories or layout.histories_root(cfg.storage), out,
+                              plan_arms(cfg, specs), k, device=args.device, precision=args.precision,
+                              threads=args.threads)
     else:
         if args.device or args.precision or args.threads:
             raise ConfigError("--device, --precision and --threads apply to --engine local only")
-        manifests = _run_spark(cfg, args, out, k, arm, model, challenger, histories)
+        manifests = _run_spark(cfg, args, out, k, specs, histories)
     for name, m in manifests.items():
         counts = m["counts"]
         print(
@@ -314,20 +309,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_spark(cfg, args, out, k, arm, model, challenger, histories) -> dict[str, dict[str, Any]]:
+def _run_spark(cfg, args, out, k, specs, histories) -> dict[str, dict[str, Any]]:
     from pyspark.sql import SparkSession
 
     from pipelines.spark import get_spark
 
+    plan = plan_arms(cfg, specs)  # before the session: a bad model or arm costs no cluster time
     owns_session = SparkSession.getActiveSession() is None
     spark = get_spark(cfg.spark)
     try:
-        control = run(spark, cfg, args.events or layout.events_root(cfg.storage), args.date, out, model, k, arm,
-                      histories_uri=histories, challenger_uri=challenger, challenger_share=args.challenger_share)
+        return run(spark, cfg, args.events or layout.events_root(cfg.storage), args.date, out, plan, k,
+                   histories_uri=histories)
     finally:
         if owns_session:
             spark.stop()
-    return {name: {**control, "arm": name, **summary} for name, summary in control["arms"].items()}
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from pipelines import build_matrix as bm  # noqa: E402
 from pipelines import matrix_transforms as mt  # noqa: E402
+from pipelines.event_source import CANONICAL_COLUMNS  # noqa: E402
 from pipelines.events import (  # noqa: E402
     DROP_REASONS,
     clean_events,
@@ -199,6 +200,29 @@ def test_read_events_mistyped_columns_are_named(spark, tmp_path):
         "found double; 'event_type' (for event_type) must be a string, found bigint; "
         "'ts' (for ts) must be a timestamp, found string; "
         "'watch_seconds' (for watch_seconds) must be a number, found string")
+
+
+def test_exposure_columns_are_read_only_when_asked_and_optional(spark, tmp_path):
+    """surface / slot (docs/ab-logging.md): read for A/B analysis, null when absent, typed
+    when present; the builds' frame never carries them."""
+    day = [date(2024, 1, 1), date(2024, 1, 2)]
+    base = {"user_id": ["u1", "u1"], "item_id": ["a", "b"], "event_type": ["impression", "play"],
+            "ts": pa.array([datetime(2024, 1, 1, 9, tzinfo=timezone.utc)] * 2, pa.timestamp("us", tz="UTC")),
+            "watch_seconds": pa.array([None, 600], pa.int32()), "dt": ["2024-01-01"] * 2}
+    pq.write_to_dataset(pa.table({**base, "card": ["home_card", None], "pos": pa.array([3, None], pa.int16())}),
+                        str(tmp_path / "with"), partition_cols=["dt"])
+    schema = EventsSchema(surface_col="card", slot_col="pos")
+    got = read_events(spark, str(tmp_path / "with"), schema, *day, exposure=True)
+    assert got.dtypes[-2:] == [("surface", "string"), ("slot", "int")]
+    assert rows(got, "event_type", "surface", "slot") == [("impression", "home_card", 3), ("play", None, None)]
+    assert read_events(spark, str(tmp_path / "with"), schema, *day).columns == list(CANONICAL_COLUMNS)
+    pq.write_to_dataset(pa.table(base), str(tmp_path / "without"), partition_cols=["dt"])
+    got = read_events(spark, str(tmp_path / "without"), schema, *day, exposure=True)
+    assert rows(got, "surface", "slot") == [(None, None), (None, None)]
+    pq.write_to_dataset(pa.table({**base, "card": ["home_card", None], "pos": ["3", None]}),
+                        str(tmp_path / "bad"), partition_cols=["dt"])
+    with pytest.raises(InputDataError, match="'pos' \\(for slot\\) must be an integer, found string"):
+        read_events(spark, str(tmp_path / "bad"), schema, *day, exposure=True)
 
 
 def test_read_events_missing_path_and_unpartitioned(spark, tmp_path):

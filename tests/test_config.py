@@ -139,6 +139,9 @@ def test_no_file_no_environment_gives_todays_values():
     added_since = {"events.done_marker": "_SUCCESS",  # keys added after the layout change
                    "storage.retain_versions_s": 3600.0, "storage.lease_ttl_s": 120.0}
     added_since["storage.recommendations"] = None  # defaults to <root>/recommendations
+    added_since.update({"scoring.arms": [], "scoring.baseline_snapshot": None,  # arms as configuration
+                        "scoring.availability": None, "scoring.availability_days": 2, "scoring.region": None,
+                        "events.surface_col": "surface", "events.slot_col": "slot"})  # A/B exposure columns
     assert len(got) == 93 + len(added_since)
     assert got == {**want, **added_since}
 

@@ -180,7 +180,7 @@ def test_daily_structure(parsed):
     }
     assert d["outlets"] == {"announce_recommendations": ["piarec_recommendations"]}
     assert d["types"]["score_users"] == "PiarecSparkSubmitOperator"
-    assert d["params"] == ["challenger_arm", "challenger_share", "date", "k", "model_version"]
+    assert d["params"] == ["arms", "challenger_arm", "challenger_share", "date", "k", "model_version"]
     assert d["catchup"] is False and all(d["timeouts"].values())  # no re-scoring of the past on deploy
     assert d["timetable"] == "CronDataIntervalTimetable"
 
@@ -282,6 +282,40 @@ def test_daily_run_follows_a_manual_champion_move_and_scores_the_challenger_arm(
     assert list(committed_day(prev_day).manifest["arms"]) == ["champion"]
 
 
+
+def test_daily_run_with_baseline_control_arms_replaces_the_day(stack):
+    """The `arms` param: the champion against popularity and EASE controls, fitted on the
+    champion's training snapshot; a rerun of DAY replaces its champion-only output."""
+    from piarec.data import reader
+
+    env, root = stack
+    day = root / "recommendations" / f"dt={DAY}"
+    before = committed_day(day)
+    if list(before.manifest["arms"]) != ["champion"]:
+        pytest.fail("needs the daily run of the first test")
+    users_before = before.manifest["arms"]["champion"]["counts"]["users"]
+    out = dags_test(env, "piarec_daily_scoring", DAY.isoformat(),
+                    conf={"arms": "champion=models:/piarec@champion:0.6,pop=popularity:0.2,ease=ease:0.2"})
+    pointer = committed_day(day)
+    manifest = pointer.manifest
+    assert pointer.version != before.version and list(manifest["arms"]) == ["champion", "pop", "ease"]
+    assert manifest["assignment"]["shares"] == {"champion": 0.6, "pop": 0.2, "ease": 0.2}
+    frames = {a: reader.read_arm(str(day), a).to_pandas() for a in ("champion", "pop", "ease")}
+    ids = [u for f in frames.values() for u in f.user_id]
+    assert len(ids) == len(set(ids)) == users_before  # every active user, in exactly one arm
+    for arm, share in (("pop", 0.2), ("ease", 0.2)):
+        assert abs(len(frames[arm]) / users_before - share) < 0.05
+        model = manifest["arms"][arm]["model"]
+        assert model["kind"] == {"pop": "popularity", "ease": "ease"}[arm]
+        assert set(frames[arm].model_version) == {model["version"]} and model["version"].startswith(model["kind"])
+        assert model["fitted"]["snapshot_uri"].startswith(str(root / "snapshots" / f"window_end={WEEK}"))
+    assert set(frames["champion"].model_version) == {"2"}  # the champion the previous test moved
+    # every user of the popularity arm with history gets the same popular titles, less what they saw
+    assert frames["pop"].item_ids.map(lambda items: items[0]).nunique() < 10
+    report = validate_report(out, pointer.version)
+    assert [a["arm"] for a in report["arms"]] == ["champion", "pop", "ease"]
+
+
 RENDER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -309,6 +343,11 @@ def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
          {"date": "2026-02-01", "model_version": 7, "k": 20, "challenger_arm": True, "challenger_share": 0.25}],
         ["piarec_daily_scoring", "wait_for_events", "bash_command", "2026-03-02", {}],
         ["piarec_daily_scoring", "validate_output", "bash_command", "2026-03-02", {"challenger_arm": True}],
+        ["piarec_daily_scoring", "score_users", "application_args", "2026-03-02",
+         {"arms": "champion=models:/piarec@champion:0.8,control=popularity:0.2", "model_version": 7, "k": 20,
+          "challenger_arm": True}],
+        ["piarec_daily_scoring", "validate_output", "bash_command", "2026-03-02",
+         {"arms": "champion=models:/piarec@champion:0.8, control=ease:0.2", "challenger_arm": True}],
         ["piarec_weekly_training", "build_snapshot", "application_args", "2026-03-02", {}],
         ["piarec_weekly_training", "wait_for_events", "bash_command", "2026-03-09", {"window_end": "2026-01-05"}],
     ]
@@ -322,8 +361,12 @@ def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
                       "--challenger=models:/piarec@challenger", "--challenger-share=0.25"]
     assert got[2].endswith("events-ready --day 2026-03-02")
     assert "validate --date 2026-03-02 --arms champion,challenger --k ''" in got[3]
-    assert got[4] == ["--window-end=2026-03-02"]
-    assert got[5].endswith("events-ready --window-end 2026-01-05")
+    # `arms` replaces the champion / challenger arguments, and the day must hold exactly its arms
+    assert got[4] == ["--date=2026-03-02", "--arms=champion=models:/piarec@champion:0.8,control=popularity:0.2",
+                      "--k=20"]
+    assert "validate --date 2026-03-02 --arms champion,control --k ''" in got[5]
+    assert got[6] == ["--window-end=2026-03-02"]
+    assert got[7].endswith("events-ready --window-end 2026-01-05")
 
 
 RENDER_WITHOUT_LOGICAL_DATE = r"""

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import piarec
-from piarec.daily.arms import plan_arms
+from piarec.daily.arms import plan_models
 from piarec.registry import client as registry
 from piarec.scoring.scorer import TopKScorer
 from piarec.scoring.arrow import map_histories
@@ -107,7 +107,7 @@ def test_model_version_is_the_version_the_uri_resolves_to(champion):
     unregistered = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(frame).model_version
     mv = c.get_model_version("piarec", out["version"])
     folder = registry.bundle_dir(mlflow.artifacts.download_artifacts(artifact_uri=mv.source))
-    daily = plan_arms(cfg, folder, "champion").arms[0].version
+    daily = plan_models(cfg, folder).arms[0].version
     assert daily.startswith("local-") and set(unregistered) == {daily}
 
 

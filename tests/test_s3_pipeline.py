@@ -144,7 +144,7 @@ def test_single_node_scorer_end_to_end_on_s3(s3, tmp_path):
     cfg = load_config(environ={}, overrides={"scoring": {"k": 5, "batch_size": 8, "threads": 2, "history_days": 7}})
 
     def run(hist: str, out: str) -> dict:
-        plan = score_arms.plan_arms(cfg, str(tmp_path / "champion"), "champion")
+        plan = score_arms.plan_models(cfg, str(tmp_path / "champion"))
         return score_local.run_local(cfg, DAY, hist, out, plan, 5)["champion"]
 
     local = run(str(tmp_path / "histories"), str(tmp_path / "recs"))
@@ -189,7 +189,7 @@ def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
     save_model(tmp_path / "challenger", 1)
     scoring = {"k": 5, "batch_size": 8, "threads": 2, "history_days": 7, "challenger_share": 0.4}
     local_cfg = load_config(environ={}, overrides={"scoring": scoring})
-    plan = score_arms.plan_arms(local_cfg, str(tmp_path / "champion"), "champion", str(tmp_path / "challenger"))
+    plan = score_arms.plan_models(local_cfg, str(tmp_path / "champion"), str(tmp_path / "challenger"))
     score_local.run_local(local_cfg, DAY, str(tmp_path / "histories"), str(tmp_path / "recs"), plan, 5)
 
     # Executors get their AWS settings from their own environment, as on a cluster node.
@@ -203,9 +203,9 @@ def test_spark_scoring_job_publishes_to_s3_without_s3a(s3, tmp_path):
     spark = get_spark(cfg.spark)
     out = f"s3://{BUCKET}/spark/recs"
     try:
-        manifest = score_users.run(spark, cfg, "unused", DAY, out, str(tmp_path / "champion"), 5, "champion",
-                                   histories_uri=str(tmp_path / "histories"),
-                                   challenger_uri=str(tmp_path / "challenger"))
+        plan = score_arms.plan_models(cfg, str(tmp_path / "champion"), str(tmp_path / "challenger"))
+        manifest = score_users.run(spark, cfg, "unused", DAY, out, plan, 5,
+                                   histories_uri=str(tmp_path / "histories"))["champion"]
     finally:
         spark.stop()
     fs = storage.resolve(out).fs

@@ -150,10 +150,12 @@ def all_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def run_job(spark, env, k=K, arm="champion", out="recs", cfg=None, **kw):
+def run_job(spark, env, k=K, arm="champion", out="recs", cfg=None, challenger_uri=None, challenger_share=None, **kw):
+    """Score DAY with the test model as ``arm`` (and a challenger); the control arm's manifest."""
     root, _, env_cfg = env
-    return score_users.run(spark, cfg or env_cfg, str(root / "events"), DAY, str(root / out), str(root / "model"), k,
-                           arm, **kw)
+    cfg = cfg or env_cfg
+    plan = score_arms.plan_models(cfg, str(root / "model"), challenger_uri, challenger_share, arm=arm)
+    return score_users.run(spark, cfg, str(root / "events"), DAY, str(root / out), plan, k, **kw)[arm]
 
 
 def test_scores_every_active_user_once(spark, env):
@@ -281,7 +283,7 @@ def test_ab_pass_and_local_engine_write_the_same(spark, env):
     assert read_pointer(str(hist_root / f"dt={DAY}")).files
     kw = {"histories_uri": str(hist_root), "challenger_uri": str(root / "model2"), "challenger_share": 0.5}
     spark_manifest = run_job(spark, env, out="recs-ab", **kw)
-    plan = score_arms.plan_arms(cfg, str(root / "model"), "champion", str(root / "model2"), 0.5)
+    plan = score_arms.plan_models(cfg, str(root / "model"), str(root / "model2"), 0.5)
     local = score_local.run_local(cfg, DAY, str(hist_root), str(root / "recs-local"), plan, K, threads=2)
 
     expected = expected_histories(events, cfg)
@@ -326,7 +328,7 @@ class _CountingBroadcast:
 
 def test_worker_loads_each_model_once(env):
     root, _, cfg = env
-    plan = score_arms.plan_arms(cfg, str(root / "model"), "champion")
+    plan = score_arms.plan_models(cfg, str(root / "model"))
     arm = plan.arms[0]
     bc = _CountingBroadcast({"files": arm.files})
     batch = pa.RecordBatch.from_pydict(
@@ -334,12 +336,12 @@ def test_worker_loads_each_model_once(env):
         schema=pa.schema([("user_id", pa.string()), ("history", pa.list_(pa.string())),
                           ("seen", pa.list_(pa.string()))]),
     )
-    spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": bc}
+    spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": bc, "exclude": np.zeros(0, np.int64)}
     score_users._WORKER_MODELS.clear()
     threads = torch.get_num_threads()  # score_partition pins torch to one thread, as in a worker
     try:
         def task(s):
-            return list(score_users.score_partition(iter([batch]), arms=[s], salt="x", challenger_share=0.0,
+            return list(score_users.score_partition(iter([batch]), arms=[s], assignment=score_arms.Assignment("x", (1.0,)),
                                                     k=3, batch_size=4))
         outs = [task(spec) for _ in range(3)]
         task({**spec, "digest": "other"})
@@ -384,9 +386,10 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     import pyspark
 
     root, events, cfg = env
-    plan = score_arms.plan_arms(cfg, str(root / "model"), "champion")
+    plan = score_arms.plan_models(cfg, str(root / "model"))
     arm = plan.arms[0]
-    spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": _CountingBroadcast({"files": arm.files})}
+    spec = {"name": "champion", "version": "1", "digest": arm.digest, "broadcast": _CountingBroadcast({"files": arm.files}),
+            "exclude": np.zeros(0, np.int64)}
     hist = expected_histories(events, cfg)
     users = sorted(hist)
     table = pa.table({"user_id": users, "history": [hist[u][0] for u in users], "seen": [hist[u][1] for u in users]},
@@ -408,7 +411,7 @@ def test_driver_keeps_only_the_committed_attempts_files(env, tmp_path, monkeypat
     def attempt(n, batches):
         monkeypatch.setattr(pyspark.TaskContext, "get", classmethod(lambda cls: Ctx(n)))
         return score_users.write_partition(iter(batches), staging=staging, rows_per_file=20, arms=[spec],
-                                           salt="x", challenger_share=0.0, k=3, batch_size=8)
+                                           assignment=score_arms.Assignment("x", (1.0,)), k=3, batch_size=8)
 
     threads = torch.get_num_threads()
     try:
@@ -438,7 +441,7 @@ def _both_refuse(spark, env, events_dir: Path, out: str, day: date = DAY) -> str
 
     root, _, cfg = env
     with pytest.raises(InputDataError) as scoring:
-        score_users.run(spark, cfg, str(events_dir), day, str(root / out), str(root / "model"), K, "champion")
+        score_users.run(spark, cfg, str(events_dir), day, str(root / out), score_arms.plan_models(cfg, str(root / "model")), K)
     with pytest.raises(InputDataError) as daily:
         build_matrix.run_daily(spark, cfg, str(events_dir), day, str(root / f"{out}-histories"))
     assert str(scoring.value) == str(daily.value)
@@ -467,8 +470,8 @@ def test_events_path_refuses_a_day_of_nothing_but_dirt(spark, env, tmp_path):
     lenient = cfg.model_copy(deep=True)
     lenient.quality.max_dirty_fraction = 1.0
     with pytest.raises(Exception) as exc:
-        score_users.run(spark, lenient, str(tmp_path / "events"), DAY, str(root / "recs-dirt"), str(root / "model"),
-                        K, "champion")
+        score_users.run(spark, lenient, str(tmp_path / "events"), DAY, str(root / "recs-dirt"),
+                        score_arms.plan_models(lenient, str(root / "model")), K)
     assert "all dropped" in str(exc.value)
     assert_nothing_committed(root / "recs-dirt" / f"dt={DAY}")
 

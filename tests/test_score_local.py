@@ -87,8 +87,7 @@ def env(tmp_path):
 
 def run(env, k=K, challenger=True, share=None):
     root, _, cfg = env
-    plan = score_arms.plan_arms(cfg, str(root / "champion"), "champion",
-                                 str(root / "challenger") if challenger else None, share)
+    plan = score_arms.plan_models(cfg, str(root / "champion"), str(root / "challenger") if challenger else None, share)
     return score_local.run_local(cfg, DAY, str(root / "histories"), str(root / "recs"), plan, k)
 
 
@@ -142,7 +141,7 @@ def test_ab_run_is_exact_per_arm(env):
         assert m["model"]["uri"] == str(root / model) and m["model"]["n_items"] == N_ITEMS
     assert 0 < len(read_arm(root, "challenger")) < n
     m = manifests["champion"]
-    assert m["arms"]["challenger"] == {k: manifests["challenger"][k] for k in ("model", "counts", "unknown_titles")}
+    assert m["arms"]["challenger"] == {k: manifests["challenger"][k] for k in ("model", "share", "counts", "unknown_titles")}
     assert m["assignment"]["salt"] == cfg.scoring.ab_salt and m["assignment"]["shares"]["challenger"] == 0.4
     assert m["window"] == {"start": "2026-03-03", "end": "2026-03-11"}
     assert m["input"]["uri"].endswith(f"histories/dt={DAY}") and m["input"]["manifest"] == {"users": n}
@@ -255,7 +254,7 @@ from piarec.daily import arms as score_arms, publish as score_publish
 from piarec.config import load_config
 root = Path(sys.argv[1])
 cfg = load_config(environ={}, overrides={"storage": {"root": str(root)}, "scoring": {"k": 3, "batch_size": 4}})
-plan = score_arms.plan_arms(cfg, str(root / "champion"), "champion")
+plan = score_arms.plan_models(cfg, str(root / "champion"))
 def progress(n):
     (root / "started").write_text("1")  # some output is staged; now hang until killed
     time.sleep(120)
@@ -310,7 +309,7 @@ def test_cli_local_engine_never_imports_pyspark(env):
 def test_unpublished_or_malformed_histories_are_refused(env, capsys):
     root, _, cfg = env
     write_histories(root / "histories", date(2026, 3, 11), make_histories(5), publish=False)
-    plan = score_arms.plan_arms(cfg, str(root / "champion"), "champion")
+    plan = score_arms.plan_models(cfg, str(root / "champion"))
     with pytest.raises(InputDataError, match="not published"):
         score_local.run_local(cfg, date(2026, 3, 11), str(root / "histories"), str(root / "recs"), plan, K)
     bad = root / "histories" / "dt=2026-03-12"

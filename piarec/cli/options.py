@@ -110,6 +110,10 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
                      help="score the published histories ROOT/dt=D/ (ROOT default: <storage.root>/histories); "
                           "the local engine always reads histories")
     p.add_argument("--out", help="recommendations root (default: <storage.root>/recommendations)")
+    p.add_argument("--arms", metavar="NAME=MODEL:SHARE[,...]",
+                   help="the run's arms, each a model URI or bundle folder or a baseline (popularity, ease) with "
+                        "its share of users, the first taking what the others leave (default: scoring.arms, else "
+                        "--model and --challenger)")
     p.add_argument("--model", help="model URI or bundle directory (default: scoring.model_uri)")
     p.add_argument("--k", type=int, help="recommendations per user (default: scoring.k)")
     p.add_argument("--arm", help="the control arm's name, names its folder (default: scoring.arm)")

@@ -14,6 +14,8 @@ only the standard library, pydantic, yaml and :mod:`piarec.errors`.
 
 from piarec.config.loader import CONFIG_ENV, ENV_PREFIX, deep_merge, env_overrides, load_config
 from piarec.config.schema import (
+    BASELINES,
+    ArmConfig,
     DiagnosticsConfig,
     EventsSchema,
     FilterConfig,
@@ -31,10 +33,13 @@ from piarec.config.schema import (
     SplitConfig,
     StorageConfig,
     TrainingConfig,
+    check_arms,
 )
 from piarec.errors import ConfigError
 
 __all__ = [
+    "ArmConfig",
+    "BASELINES",
     "CONFIG_ENV",
     "ENV_PREFIX",
     "ConfigError",
@@ -55,6 +60,7 @@ __all__ = [
     "SplitConfig",
     "StorageConfig",
     "TrainingConfig",
+    "check_arms",
     "deep_merge",
     "env_overrides",
     "load_config",

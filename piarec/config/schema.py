@@ -45,6 +45,10 @@ class EventsSchema(_Section):
     type_col: str = "event_type"
     ts_col: str = "ts"
     watch_col: str = "watch_seconds"
+    # Optional, for A/B analysis only (docs/ab-logging.md): the card / row an event happened
+    # on, and the 0-based position of the title in it. Builds and scoring never read them.
+    surface_col: str = "surface"
+    slot_col: str = "slot"
     # The file upstream writes into a dt=D partition once day D is complete: the DAGs'
     # sensors wait for it, not for the folder (which exists while the day is still written).
     done_marker: str = Field("_SUCCESS", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -183,6 +187,21 @@ class TrainingConfig(_Section):
     eval_batch_size: int = Field(2000, ge=1)  # validation users per evaluation batch
 
 
+ARM_NAME = r"^[A-Za-z0-9_-]+$"  # arm names name folders (arm=<name>)
+BASELINES = ("popularity", "ease")  # the built-in arms that need no registered model
+
+
+class ArmConfig(_Section):
+    # One arm of a daily run: its name (letters, digits, "_" and "-"; it names the folder
+    # arm=<name>), what scores its users and its share of them.
+    name: str = Field(pattern=ARM_NAME)
+    # A model URI (models:/piarec@champion, models:/piarec/12, runs:/..., a bundle folder) or
+    # a built-in baseline fitted at scoring time on scoring.baseline_snapshot: "popularity"
+    # (titles by training users) or "ease" (Steck 2019, lambda picked on validation users).
+    model: str = Field(min_length=1)
+    share: float = Field(gt=0.0, le=1.0)
+
+
 class ScoringConfig(_Section):
     k: int = Field(100, ge=1)  # recommendations per user
     # Days of history that define active users, histories and seen titles at date D.
@@ -192,15 +211,32 @@ class ScoringConfig(_Section):
     batch_size: int = Field(4096, ge=1)  # users per scoring batch
     model_uri: str = "models:/piarec@champion"  # the MLflow model that scores the arm below
     # Arm names name folders (arm=<name>): letters, digits, "_" and "-" only.
-    arm: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+    arm: str = Field("champion", pattern=ARM_NAME)
     # A/B in the same pass: when set, this model scores the users whose salted hash of
     # user_id falls in the challenger's share and writes them under arm=<challenger_arm>;
     # the others stay in arm=<arm>. The assignment depends on the salt and user_id only,
     # so a user keeps their arm from day to day (change the salt to reshuffle).
     challenger_uri: str | None = None
-    challenger_arm: str = Field("challenger", pattern=r"^[A-Za-z0-9_-]+$")
+    challenger_arm: str = Field("challenger", pattern=ARM_NAME)
     challenger_share: float = Field(0.1, gt=0.0, le=1.0)
+    # Any number of arms instead (A/B/n, with a baseline control): when set, these replace
+    # model_uri / arm / challenger_*. The first arm gets the users the others leave; its share
+    # must still be stated, and the shares must add up to 1. Each user is in exactly one arm.
+    arms: list[ArmConfig] = Field(default_factory=list)
     ab_salt: str = "piarec-ab-v1"
+    # The snapshot the baseline arms ("popularity", "ease") are fitted on; null = the one the
+    # run's first model arm was trained on (its registered version's snapshot_uri tag).
+    baseline_snapshot: str | None = None
+    # Catalogue availability table (Parquet file or folder: item_id, available_from,
+    # available_to as dates or timestamps, null = open; optional region), applied in every arm
+    # (piarec/daily/availability.py). null = every title of a model's vocabulary may be served.
+    availability: str | None = None
+    # A title is served in day D's lists only if available throughout [D, D + this many days)
+    # UTC: the scored day and the serving day after it.
+    availability_days: int = Field(2, ge=1)
+    # The region whose availability rows apply (with the rows of a null region); null = only
+    # rows with a null region.
+    region: str | None = None
     # `piarec score` engine: "spark" (the daily job) or "local" (one machine, no Spark;
     # streams a prebuilt histories dataset in and Parquet out).
     engine: Literal["spark", "local"] = "spark"
@@ -214,6 +250,22 @@ class ScoringConfig(_Section):
     threads: int | None = Field(None, ge=1)
     # Local engine: rows per output Parquet file before the next file starts.
     rows_per_file: int = Field(1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _arms_partition_the_users(self) -> "ScoringConfig":
+        if self.arms:
+            check_arms(self.arms)
+        return self
+
+
+def check_arms(arms: list[ArmConfig]) -> None:
+    """Arms split users: distinct names, shares adding up to 1 (ValueError otherwise)."""
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be distinct, got {names}")
+    total = sum(a.share for a in arms)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"arm shares must add up to 1, got {' + '.join(f'{a.share:g}' for a in arms)} = {total:g}")
 
 
 class MlflowConfig(_Section):

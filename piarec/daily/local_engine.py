@@ -29,6 +29,7 @@ from piarec.config import PipelineConfig
 from piarec.errors import ConfigError
 from piarec.scoring.arrow import POPULARITY
 from piarec.daily.arms import ArmPlan
+from piarec.daily.availability import withheld_by_arm
 from piarec.daily.inputs import histories_partition, read_histories, window
 from piarec.daily.validate import seen_in_histories
 from piarec.daily.publish import ArmCounts, PartWriter, open_day, publish_run
@@ -63,7 +64,9 @@ def run_local(
     dev = pick_device(device or cfg.scoring.device)
     prec = precision or cfg.scoring.precision
     n_workers = threads or cfg.scoring.threads or os.cpu_count() or 1
-    scorers = [TopKScorer(a.bundle, k, cfg.scoring.batch_size, device=dev, precision=prec) for a in plan.arms]
+    avail, withheld = withheld_by_arm(cfg.scoring, day, {a.name: a.bundle.item_ids for a in plan.arms})
+    scorers = [TopKScorer(a.bundle, k, cfg.scoring.batch_size, device=dev, precision=prec, exclude=withheld[a.name])
+               for a in plan.arms]
     vocabs = [pa.array(a.bundle.item_ids.tolist(), pa.string()) for a in plan.arms]
     batches = enumerate(read_histories(loc.fs, files, cfg.scoring.batch_size, uri))
     lock, stop = threading.Lock(), threading.Event()
@@ -102,7 +105,7 @@ def run_local(
             run, cfg, day, plan, sink.counts, k=k, window=window(cfg.scoring, day),
             source={"kind": "histories", "uri": uri, "manifest": histories_manifest},
             engine={"name": "local", "device": str(dev), "precision": scorers[0].precision, "threads": n_workers},
-            seen=lambda users: seen_in_histories(loc.fs, files, users),
+            seen=lambda users: seen_in_histories(loc.fs, files, users), availability=avail, withheld=withheld,
         )
 
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from piarec.config import PipelineConfig, StorageConfig
 from piarec.daily.arms import ArmPlan
+from piarec.daily.availability import Availability
 from piarec.daily.validate import seen_on_sample, validate_arm_files
 from piarec.data import layout
 from piarec.data.commit import PartitionCommit, Pointer, fault_point
@@ -72,6 +74,8 @@ def publish_run(
     engine: dict[str, Any],
     seen: Callable[[list[str]], dict[str, set[str]]] | None = None,
     sample: int = 1000,
+    availability: Availability | None = None,
+    withheld: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Validate every arm of a finished run and commit the day; returns the manifests by arm.
 
@@ -80,21 +84,28 @@ def publish_run(
     Its ``validation`` is what the checks found; ``seen(users)`` gives sampled users' seen
     titles as the scoring input had them (default: read from the event partitions). No
     timestamp enters the manifest: the commit time is the pointer's ``committed_at``.
+    With an ``availability`` table the manifest records it and, per arm, the titles
+    ``withheld`` from its vocabulary (count and ids), which validation checks are not served.
     """
     if seen is None:
         seen = lambda users: seen_on_sample(cfg, day, users)  # noqa: E731
     root = resolve(run.data_uri)
     arms = {
-        a.name: {"model": a.model_info(), "counts": counts[a.name].summary(),
+        a.name: {"model": a.model_info(), "share": a.share, "counts": counts[a.name].summary(),
                  "unknown_titles": counts[a.name].unknown_titles}
         for a in plan.arms
     }
+    if availability is not None:
+        for a in plan.arms:
+            ids = sorted(str(a.bundle.item_ids[i]) for i in (withheld or {}).get(a.name, []))
+            arms[a.name]["withheld"] = {"titles": len(ids), "item_ids": ids}
     manifest = {
         "date": day.isoformat(),
         "window": window,  # [start, end) in UTC
         "input": source,
         "k": k,
         "assignment": plan.assignment_info(),
+        "availability": availability.info() if availability is not None else None,
         "arms": arms,
         "engine": engine,
         "schema": OUTPUT_SCHEMA.to_string(show_schema_metadata=False),

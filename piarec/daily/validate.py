@@ -211,12 +211,17 @@ def validate_arm_files(fs: pafs.FileSystem, files: list[str], manifest: dict[str
     problems = _problems(manifest, stats, day, arm, want_k, _duplicate_users(stats, batches))
     part = stats.sample
     seen_titles = seen(part["user_id"])
+    withheld = set(manifest.get("withheld", {}).get("item_ids", []))
     overlap = [u for u, items in zip(part["user_id"], part["item_ids"]) if seen_titles.get(u, set()) & set(items)]
     if overlap:
         problems.append(f"{len(overlap)} of {len(rows)} sampled users get titles they have seen, e.g. {overlap[:3]}")
-    # Fewer than k titles only when the user has seen all the others.
+    unavailable = [u for u, items in zip(part["user_id"], part["item_ids"]) if withheld & set(items)]
+    if unavailable:
+        problems.append(f"{len(unavailable)} of {len(rows)} sampled users get titles the availability table "
+                        f"withholds, e.g. {unavailable[:3]}")
+    # Fewer than k titles only when the user has seen (or may not get) all the others.
     short = [u for u, items in zip(part["user_id"], part["item_ids"])
-             if len(items) < want_k and len(seen_titles.get(u, ())) < n_items - len(items)]
+             if len(items) < want_k and len(seen_titles.get(u, set()) | withheld) < n_items - len(items)]
     if short:
         problems.append(f"{len(short)} of {len(rows)} sampled users get fewer than k={want_k} titles without having "
                         f"seen the rest, e.g. {short[:3]}")

@@ -3,7 +3,8 @@
 A bundle directory holds:
 
 - ``config.json``   format version, number of items, the ModelConfig (its ``backbone`` and
-                    ``encoder`` say which model class the weights belong to)
+                    ``encoder`` say which model class the weights belong to) -- or, for a
+                    baseline (:mod:`piarec.models.baselines`), ``baseline``: its kind and parameters
 - ``weights.pt``    the state_dict, loaded with ``torch.load(weights_only=True)``
 - ``items.parquet`` item_idx int32, item_id string, popularity float32 (training users
                     per item; the popularity fallback for users with no known titles)
@@ -33,7 +34,7 @@ BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE)
 
 @dataclass
 class ModelBundle:
-    model: torch.nn.Module  # MultiVAE or RecVAE (encode / logits), in eval mode, on CPU
+    model: torch.nn.Module  # MultiVAE, RecVAE or a baseline ranker (encode / logits), in eval mode, on CPU
     item_ids: np.ndarray  # str [I]; position = the model's item index
     popularity: np.ndarray  # float32 [I]
     info: dict[str, Any] = field(default_factory=dict)  # name / version / run_id when known
@@ -61,7 +62,11 @@ def save_bundle(
             f"bundle needs {model.n_items} item ids and popularity values, "
             f"got {len(item_ids)} and {len(popularity)}"
         )
-    config = {"format_version": FORMAT_VERSION, "n_items": model.n_items, "model": model.config.model_dump()}
+    config: dict[str, Any] = {"format_version": FORMAT_VERSION, "n_items": model.n_items}
+    if hasattr(model, "bundle_config"):
+        config["baseline"] = model.bundle_config()
+    else:
+        config["model"] = model.config.model_dump()
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / WEIGHTS_FILE)
@@ -78,6 +83,13 @@ def save_bundle(
 
 def model_from_config(config: dict[str, Any]) -> torch.nn.Module:
     """An untrained model of the class and shape a bundle's ``config.json`` describes."""
+    if "baseline" in config:
+        from piarec.models.baselines import ranker_from_config
+
+        try:
+            return ranker_from_config(int(config["n_items"]), config["baseline"])
+        except ValueError as exc:
+            raise ModelNotFoundError(f"model bundle: {exc}") from None
     return build_model(int(config["n_items"]), ModelConfig.model_validate(config["model"]))
 
 

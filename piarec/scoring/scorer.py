@@ -11,6 +11,8 @@ broken by ascending item index, with seen items removed.
 - Users with history: ``logits(mu)``, ``mu`` the posterior mean from ``encode(batch,
   keep_prob=1.0)`` (no sampling).
 - Users with no known history: the bundle's popularity vector (``source='popularity'``).
+- ``exclude``: titles no user may get (withdrawn or not yet released, see
+  :mod:`piarec.daily.availability`), removed for every user like seen titles.
 
 Precision (``precision=``):
 
@@ -79,7 +81,8 @@ class TopKScorer:
 
     ``device``: where the model runs (``None`` = CPU; the engines pass
     :func:`piarec.device.pick_device`'s choice). ``precision``: ``fp32``, ``bf16`` or
-    ``auto``. The scorer holds no per-call state, so threads may share one.
+    ``auto``. ``exclude``: item indices never returned to anyone. The scorer holds no
+    per-call state, so threads may share one.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class TopKScorer:
         *,
         device: torch.device | str | None = None,
         precision: str = "fp32",
+        exclude: np.ndarray | None = None,
     ):
         if k < 1 or batch_size < 1:
             raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
@@ -116,11 +120,18 @@ class TopKScorer:
         self._bf16 = _Bf16Head(head, self.device) if head is not None else None
         chunk_bytes = _CHUNK_BYTES.get(self.device.type, _CHUNK_BYTES["cuda"])
         self._rows_per_block = max(MIN_ROWS, chunk_bytes // (4 * self.n_items))
-        # Popularity never changes: sort it once (stable, so ties go to the lower index)
-        # and keep each item's rank in that order for the seen-skipping walk.
-        self._pop_order = np.argsort(-popularity, kind="stable")
-        self._pop_rank = np.empty(self.n_items, np.int64)
-        self._pop_rank[self._pop_order] = np.arange(self.n_items)
+        self._excluded = np.zeros(self.n_items, bool)
+        if exclude is not None and len(exclude):
+            self._excluded[np.asarray(exclude, np.int64)] = True
+        self._exclude_idx = np.flatnonzero(self._excluded)
+        self._exclude_t = torch.from_numpy(self._exclude_idx).to(self.device)
+        # Popularity never changes: sort it once (stable, so ties go to the lower index),
+        # excluded titles left out, and keep each item's rank in that order for the
+        # seen-skipping walk (excluded titles rank past the end: never reached).
+        order = np.argsort(-popularity, kind="stable")
+        self._pop_order = order[~self._excluded[order]]
+        self._pop_rank = np.full(self.n_items, self.n_items, np.int64)
+        self._pop_rank[self._pop_order] = np.arange(len(self._pop_order))
 
     def score(self, history: CSR, seen: CSR) -> Scored:
         """Top-k' for every row of ``history`` (known items, CSR [B, I]) never returning
@@ -135,8 +146,12 @@ class TopKScorer:
         item_idx = np.full((n, kk), -1, np.int32)
         scores = np.full((n, kk), np.nan, np.float32)
         has_history = history.row_lengths() > 0
-        # Seen titles are unique per row (CSR collapses duplicates), so this is exact.
-        count = np.minimum(kk, self.n_items - seen.row_lengths()).astype(np.int32)
+        # Seen titles are unique per row (CSR collapses duplicates), so this is exact:
+        # what is left is the catalogue less the union of seen and excluded titles.
+        seen_excluded = np.bincount(np.repeat(np.arange(n), seen.row_lengths())[self._excluded[seen.indices]],
+                                    minlength=n)
+        left = self.n_items - len(self._exclude_idx) - seen.row_lengths() + seen_excluded
+        count = np.minimum(kk, left).astype(np.int32)
         model_rows, popularity_rows = np.flatnonzero(has_history), np.flatnonzero(~has_history)
         for rows, fill in ((model_rows, self._model_topk), (popularity_rows, self._popularity_topk)):
             for start in range(0, len(rows), self.batch_size):
@@ -168,15 +183,17 @@ class TopKScorer:
             a, b = seen.indptr[s], seen.indptr[e]
             rows, cols = seen_rows[a:b] - s, seen.indices[a:b].astype(np.int64)
             if self._bf16 is not None:
-                sel, sc = self._bf16.top_k(mu[s:e], rows, cols, kk)
+                sel, sc = self._bf16.top_k(mu[s:e], rows, cols, kk, self._exclude_t)
             elif self.device.type == "cpu":
                 v = self.model.logits(mu[lo:hi]).numpy()[s - lo : e - lo]
                 v[rows, cols] = -np.inf
+                v[:, self._exclude_idx] = -np.inf
                 sel = top_k_rows(v, kk)
                 sc = np.take_along_axis(v, sel, axis=1)
             else:
                 t = self.model.logits(mu[lo:hi])[s - lo : e - lo]
                 t[torch.from_numpy(rows).to(t.device), torch.from_numpy(cols).to(t.device)] = -torch.inf
+                t[:, self._exclude_t] = -torch.inf
                 sel, sc = top_k_torch(t, kk)
             idx[s:e] = sel.cpu().numpy() if isinstance(sel, torch.Tensor) else sel
             val[s:e] = sc.cpu().numpy() if isinstance(sc, torch.Tensor) else sc
@@ -186,7 +203,7 @@ class TopKScorer:
         # Walk the global popularity order and skip seen items: only the first
         # k' + (most seen in this chunk) positions can contribute.
         m, kk = seen.n_rows, self.k
-        width = min(self.n_items, kk + int(seen.row_lengths().max(initial=0)))
+        width = min(len(self._pop_order), kk + int(seen.row_lengths().max(initial=0)))
         is_seen = np.zeros((m, width), bool)
         pos = self._pop_rank[seen.indices]
         rows = np.repeat(np.arange(m), seen.row_lengths())
@@ -194,6 +211,8 @@ class TopKScorer:
         is_seen[rows[inside], pos[inside]] = True
         first_unseen = np.argsort(is_seen, axis=1, kind="stable")[:, :kk]  # False sorts first
         idx = self._pop_order[first_unseen]
+        if idx.shape[1] < kk:  # fewer available titles than k: the rest is past ``count``
+            idx = np.pad(idx, ((0, 0), (0, kk - idx.shape[1])))
         return idx, self.popularity[idx]
 
 
@@ -269,7 +288,8 @@ class _Bf16Head:
         self.w_low = w.to(torch.bfloat16) if self.native else w.to(torch.bfloat16).to(torch.float32)
         self.device = device
 
-    def top_k(self, z: torch.Tensor, rows: np.ndarray, cols: np.ndarray, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_k(self, z: torch.Tensor, rows: np.ndarray, cols: np.ndarray, kk: int,
+              exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, n_items = z.shape[0], self.w_low.shape[0]
         r = torch.from_numpy(rows).to(self.device)
         c = torch.from_numpy(cols).to(self.device)
@@ -278,6 +298,7 @@ class _Bf16Head:
         approx = p + self.b
         err = (self.c1 * z.norm(dim=1, keepdim=True)) * self.w_norm + self.c2 * p.abs() + self.c3 * approx.abs()
         approx[r, c], err[r, c] = -torch.inf, 0.0
+        approx[:, exclude], err[:, exclude] = -torch.inf, 0.0
         theta = torch.topk(approx - err, min(kk, n_items), dim=1).values[:, -1:]
         upper = approx + err
         width = int((upper >= theta).sum(dim=1).max())
@@ -285,6 +306,7 @@ class _Bf16Head:
         del approx, err, upper, p
         is_seen = torch.zeros((m, n_items), dtype=torch.bool, device=self.device)
         is_seen[r, c] = True
+        is_seen[:, exclude] = True
         exact = torch.empty(cand.shape, dtype=torch.float32, device=self.device)
         z64 = z.to(torch.float64)
         step = max(1, (64 << 20) // max(1, width * z.shape[1] * 8))  # fp64 gather <= 64 MB
