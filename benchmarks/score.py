@@ -214,7 +214,13 @@ def arm_plain(args: argparse.Namespace) -> dict:
 def arm_local(args: argparse.Namespace) -> dict:
     from piarec.config import load_config
     from piarec.daily.local_engine import run_local
-    from piarec.daily.arms import plan_models
+    try:
+        from piarec.daily.arms import plan_models
+    except ImportError:  # a --baseline-tree from before arms as configuration
+        from piarec.daily.arms import plan_arms
+
+        def plan_models(cfg, model):
+            return plan_arms(cfg, model, "champion")
 
     if args.skip_validation:  # measure the commit alone: the pre-commit checks replaced by a no-op
         from piarec.daily import publish
@@ -325,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-tree", type=Path,
                    help="a checkout of an earlier revision (git worktree add DIR REV): its local engine "
                         "runs too, on the same day, for a ratio measured in the same run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --baseline-tree: alternate this tree's and the baseline's local engine this many "
+                        "times and report the medians (their ratio is the change's cost)")
     args = p.parse_args(argv)
     skip, work, model, config = prepare(args)
     hist = make_histories(work / f"histories-{args.users}", DAY, args.users, args.items, args.seen)
@@ -335,8 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     results["local"] = run_arm("local", out_dir=work / "out-local", **common)
     results["local, 1 thread"] = run_arm("local", out_dir=work / "out-local-1", threads=1, **common)
     if args.baseline_tree:
-        results["local, baseline tree"] = run_arm("local", tree=args.baseline_tree, out_dir=work / "out-local-base",
-                                                  **common)
+        base, new = [], [results["local"]]
+        for r in range(args.repeats):
+            base.append(run_arm("local", tree=args.baseline_tree, out_dir=work / "out-local-base", **common))
+            if r + 1 < args.repeats:
+                new.append(run_arm("local", out_dir=work / "out-local", **common))
+        results["local"] = median_run(new)
+        results["local, baseline tree"] = median_run(base)
         results["local, no pre-commit validation"] = run_arm("local", out_dir=work / "out-local-noval",
                                                              skip_validation=1, **common)
     if "spark" not in skip:
@@ -355,6 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.out:
         Path(args.out).write_text(report)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median time among ``runs`` (with every time, for the record)."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[len(ordered) // 2], "all_seconds": [round(r["seconds"], 2) for r in runs]}
 
 
 def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int, dict]) -> str:
@@ -377,8 +397,10 @@ def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int,
         notes.append(f"- cluster (2 workers x 1 core) / local[{os.cpu_count()}]: {rate['cluster'] / rate['spark']:.2f}x; "
                      f"cluster / local engine: {rate['cluster'] / rate['local']:.2f}x")
     if "local, baseline tree" in rate:
-        notes.append(f"- local / local from the baseline tree ({args.baseline_tree}): "
-                     f"{rate['local'] / rate['local, baseline tree']:.2f}x; without the pre-commit "
+        notes.append(f"- local / local from the baseline tree ({args.baseline_tree}), medians of "
+                     f"{len(results['local']['all_seconds'])} alternating runs (seconds: this tree "
+                     f"{results['local']['all_seconds']}, baseline {results['local, baseline tree']['all_seconds']}): "
+                     f"{rate['local'] / rate['local, baseline tree']:.3f}x; without the pre-commit "
                      f"validation (the commit alone): "
                      f"{rate['local, no pre-commit validation'] / rate['local, baseline tree']:.2f}x")
     stages = results["plain"]["ms_per_4096"]

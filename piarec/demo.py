@@ -2,6 +2,13 @@
 
 generate events -> weekly snapshot (Spark) -> train + register (MLflow) -> gate ->
 daily scoring (Spark) -> summary. Everything lands under one work folder.
+
+With ``ab_days`` (``piarec demo --ab``) a closed-loop A/B test follows: for each of those
+days the day is scored with the arms ``ab_arms`` (default: the champion against a
+popularity control, half the users each), and the next day's card events are simulated
+from the lists each user was served and their planted tastes
+(:mod:`piarec.data.closed_loop`); then ``piarec ab-report`` over the simulated days. The
+tastes are planted, so the champion must come out ahead.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DEMO_EPOCHS = 20  # enough for the demo's synthetic data to converge on 2 CPU cores
 START = dt.date(2026, 1, 1)
+AB_ARMS = "champion=models:/piarec@champion:0.5,control=popularity:0.5"
+AB_DAYS = 7
 
 
 def run_demo(
@@ -32,6 +41,8 @@ def run_demo(
     epochs: int | None = None,
     seed: int = 0,
     config_path: str | None = None,
+    ab_days: int = 0,
+    ab_arms: str = AB_ARMS,
 ) -> dict[str, Any]:
     """Run every stage and return (and write to ``<workdir>/demo-summary.json``) a summary."""
     from pipelines import build_matrix, score_users
@@ -85,6 +96,11 @@ def run_demo(
             scored = score_users.run(spark, cfg, layout.events_root(cfg.storage), score_date,
                                      layout.recommendations_root(cfg.storage), plan, cfg.scoring.k)[plan.arms[0].name]
         done("score")
+        ab = None
+        if ab_days and decision.promoted:
+            stage("ab-week")
+            ab = ab_week(spark, cfg, score_date, ab_days, ab_arms, (users, items, days, seed))
+            done("ab-week")
     finally:
         spark.stop()
 
@@ -97,6 +113,7 @@ def run_demo(
                      "best_epoch": trained["best_epoch"], "val": trained["val"], "test": trained["test"]},
         "gate": decision.summary(),
         "recommendations": {"uri": recs_uri, "manifest": scored},
+        "ab": ab,
         "seconds": timings,
         "mlflow_ui": f"mlflow ui --backend-store-uri {layout.tracking_uri(cfg.mlflow, cfg.storage)} --port 5000",
     }
@@ -107,6 +124,32 @@ def run_demo(
 
         raise GateRefused(f"the demo model did not pass the gate: {decision.summary()}")
     return summary
+
+
+def ab_week(spark, cfg, first_day: dt.date, n_days: int, arms: str, world: tuple[int, int, int, int]) -> dict[str, Any]:
+    """Score ``first_day`` .. ``first_day + n_days - 1`` with ``arms``, simulating after each
+    scoring the next day's card events; then the A/B report of the simulated days (none for
+    a single arm). Returns the days simulated, their counts and the report's summary."""
+    from piarec.daily.arms import parse_arms, plan_arms
+    from piarec.data import reader
+    from piarec.data.closed_loop import PlantedTastes, simulate_card_day
+    from pipelines import ab_report, score_users
+
+    users, items, days, seed = world
+    tastes = PlantedTastes.of(users, items, days, seed)
+    plan = plan_arms(cfg, parse_arms(arms))  # @champion and the baselines, resolved once for the week
+    recs, events = layout.recommendations_root(cfg.storage), layout.events_root(cfg.storage)
+    simulated = {}
+    for i in range(n_days):
+        day = first_day + dt.timedelta(days=i)
+        score_users.run(spark, cfg, events, day, recs, plan, cfg.scoring.k)
+        served = reader.read_table(layout.day_uri(recs, day), columns=["user_id", "item_ids"])
+        simulated[str(day + dt.timedelta(days=1))] = simulate_card_day(events, day + dt.timedelta(days=1), served,
+                                                                       tastes, seed=seed)
+        log.info("A/B day %s: %s", day + dt.timedelta(days=1), simulated[str(day + dt.timedelta(days=1))])
+    start, end = first_day + dt.timedelta(days=1), first_day + dt.timedelta(days=n_days)
+    report = ab_report.run(spark, cfg, start, end) if len(plan.arms) > 1 else None
+    return {"from": str(start), "to": str(end), "days": simulated, "report": report}
 
 
 def render(s: dict[str, Any]) -> str:
@@ -129,4 +172,8 @@ def render(s: dict[str, Any]) -> str:
         f"  stage seconds   {json.dumps(s['seconds'])}",
         f"  MLflow UI       {s['mlflow_ui']}",
     ]
+    report = (s.get("ab") or {}).get("report")
+    if report:
+        lines += [f"  A/B {report['from']} .. {report['to']} ({', '.join(report['arms'])}; control {report['control']})",
+                  *[f"                  {line}" for line in report["lines"]], f"                  report {report['uri']}"]
     return "\n".join(lines)

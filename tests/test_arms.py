@@ -202,18 +202,22 @@ def test_baseline_arms_score_exactly_on_the_local_engine(world):
         assert manifest["validation"][name]["model_version"] == manifests[name]["model"]["version"]
 
 
-def test_the_spark_job_writes_the_same_baseline_arms(world):
+def score_on_spark(cfg, plan, histories, out) -> None:
+    """The Spark job on ``histories`` into ``out``, in a local[2] session of its own."""
     from pipelines import score_users
     from pipelines.spark import get_spark
 
-    root, _, _, cfg = world
-    plan = score_arms.plan_arms(cfg, score_arms.arm_specs(cfg))
     spark = get_spark(cfg.spark.model_copy(update={"master": "local[2]", "driver_memory": "1g"}))
     try:
-        score_users.run(spark, cfg, "unused", DAY, str(root / "recs-spark"), plan, K,
-                        histories_uri=str(root / "histories"))
+        score_users.run(spark, cfg, "unused", DAY, str(out), plan, K, histories_uri=str(histories))
     finally:
         spark.stop()
+
+
+def test_the_spark_job_writes_the_same_baseline_arms(world):
+    root, _, _, cfg = world
+    plan = score_arms.plan_arms(cfg, score_arms.arm_specs(cfg))
+    score_on_spark(cfg, plan, root / "histories", root / "recs-spark")
     if not (root / "recs" / f"dt={DAY}").exists():
         run_local(cfg, DAY, str(root / "histories"), str(root / "recs"), plan, K)
     for name in ("champion", "pop", "ease"):
@@ -323,9 +327,6 @@ def test_the_scorer_never_serves_an_excluded_title(precision):
 
 
 def test_both_engines_withhold_unavailable_titles_in_every_arm(world, tmp_path):
-    from pipelines import score_users
-    from pipelines.spark import get_spark
-
     root, snap, data, cfg = world
     items = [str(i) for i in snap.item_ids]
     withdrawn = items[:5] + items[25:28]  # the most popular titles of two blocks
@@ -334,12 +335,7 @@ def test_both_engines_withhold_unavailable_titles_in_every_arm(world, tmp_path):
     avail.scoring.availability = write_availability(tmp_path / "availability.parquet", [r[:3] for r in rows])
     plan = score_arms.plan_arms(avail, score_arms.arm_specs(avail))
     manifests = run_local(avail, DAY, str(root / "histories"), str(tmp_path / "recs"), plan, K)
-    spark = get_spark(avail.spark.model_copy(update={"master": "local[2]", "driver_memory": "1g"}))
-    try:
-        score_users.run(spark, avail, "unused", DAY, str(tmp_path / "recs-spark"), plan, K,
-                        histories_uri=str(root / "histories"))
-    finally:
-        spark.stop()
+    score_on_spark(avail, plan, root / "histories", tmp_path / "recs-spark")
     arm_of = score_arms.Assignment(avail.scoring.ab_salt, (0.5, 0.25, 0.25)).assign(pa.array(data["user_id"]))
     for a, name in enumerate(["champion", "pop", "ease"]):
         local = sorted(reader.read_arm(str(tmp_path / "recs" / f"dt={DAY}"), name).to_pylist(), key=lambda r: r["user_id"])

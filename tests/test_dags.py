@@ -296,7 +296,10 @@ def test_daily_run_with_baseline_control_arms_replaces_the_day(stack):
     users_before = before.manifest["arms"]["champion"]["counts"]["users"]
     out = dags_test(env, "piarec_daily_scoring", DAY.isoformat(),
                     conf={"arms": "champion=models:/piarec@champion:0.6,pop=popularity:0.2,ease=ease:0.2"})
-    pointer = committed_day(day)
+    from piarec.data.commit import read_pointer
+
+    pointer = read_pointer(str(day))  # the retired version stays readable for storage.retain_versions_s
+    assert sorted(p.name for p in (day / "_versions").iterdir()) == sorted([before.version, pointer.version])
     manifest = pointer.manifest
     assert pointer.version != before.version and list(manifest["arms"]) == ["champion", "pop", "ease"]
     assert manifest["assignment"]["shares"] == {"champion": 0.6, "pop": 0.2, "ease": 0.2}

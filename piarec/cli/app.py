@@ -81,11 +81,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     return score_users.run_from_args(args)
 
 
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from pipelines import ab_report
+
+    return ab_report.run_from_args(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from piarec.demo import run_demo
 
     run_demo(args.workdir, users=args.users, items=args.items, days=args.days,
-             epochs=args.epochs, seed=args.seed, config_path=args.config)
+             epochs=args.epochs, seed=args.seed, config_path=args.config, ab_days=args.ab_days if args.ab else 0)
     return 0
 
 
@@ -132,7 +138,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
 def _handlers() -> dict:
     # Looked up when the parser is built, so a test can replace a module-level handler.
     return {"generate-events": cmd_generate_events, "build-matrix": cmd_build_matrix, "train": cmd_train,
-            "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "demo": cmd_demo, "ops": cmd_ops,
+            "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "ab-report": cmd_ab_report, "demo": cmd_demo, "ops": cmd_ops,
             "stack": cmd_stack, "package": cmd_package}
 
 

@@ -126,6 +126,18 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="local engine worker threads (default: scoring.threads or CPU cores)")
 
 
+def add_ab_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="date_from", required=True, type=iso_date, help="first event day, YYYY-MM-DD (UTC)")
+    p.add_argument("--to", dest="date_to", required=True, type=iso_date, help="last event day, inclusive")
+    p.add_argument("--arms", type=arm_list, metavar="ARM[,ARM]", help="arms compared (default: every arm served)")
+    p.add_argument("--control", help="the arm uplifts are measured against (default: the one baseline arm, popularity or "
+                        "ease, when there is one, else the first arm compared)")
+    p.add_argument("--surfaces", type=arm_list, metavar="CARD[,CARD]",
+                   help="cards whose views and clicks count (default: every event with a surface)")
+    p.add_argument("--out", help="report folder (default: <storage.root>/ab-reports/from=D1_to=D2)")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log the report to MLflow")
+
+
 def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="piarec-demo", help="folder for everything (default ./piarec-demo)")
     p.add_argument("--users", type=int, default=50_000, help="number of users (default 50000)")
@@ -133,6 +145,10 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=int, default=120, help="days of events (default 120)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--ab", action="store_true",
+                   help="then a closed-loop A/B week: champion against a popularity control on simulated card "
+                        "events, and its A/B report")
+    p.add_argument("--ab-days", type=int, default=7, help="days of the A/B test with --ab (default 7)")
 
 
 def add_stack_options(p: argparse.ArgumentParser) -> None:
@@ -207,6 +223,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "promote": (add_promote_options, "run the promotion gate: challenger -> champion"),
     "report": (add_report_options, "collapse diagnostics, per-group metrics and latent t-SNE of a training run"),
     "score": (add_score_options, "Spark job (or --engine local): top-K recommendations for every user active at day D"),
+    "ab-report": (add_ab_report_options, "Spark job: online metrics per arm with user-level intervals, uplift "
+                                         "against the control and the sample-ratio check"),
     "demo": (add_demo_options, "the whole pipeline end to end on generated events"),
     "stack": (add_stack_options, "the production topology on 127.0.0.1: Spark standalone, MLflow, S3, Airflow"),
     "package": (add_package_options, "zip piarec's code for Spark's --py-files (executors without piarec)"),

@@ -67,6 +67,16 @@ def checkpoints_root(storage: StorageConfig) -> str:
     return join_uri(storage.root, "checkpoints")
 
 
+def ab_reports_root(storage: StorageConfig) -> str:
+    """The A/B reports (``piarec ab-report``), one folder per period."""
+    return join_uri(storage.root, "ab-reports")
+
+
+def ab_report_uri(storage: StorageConfig, start: date, end: date) -> str:
+    """``<root>/ab-reports/from=D1_to=D2``: the report of event days [D1, D2]."""
+    return child_uri(ab_reports_root(storage), f"from={start.isoformat()}_to={end.isoformat()}")
+
+
 # -- partitions ----------------------------------------------------------------------------------
 ARM_PREFIX = "arm="
 

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["RatioEstimate", "Srm", "Uplift", "chi2_sf", "ratio", "srm", "uplift"]
+__all__ = ["RatioEstimate", "Srm", "Uplift", "UserSums", "chi2_sf", "ratio", "ratio_from_sums", "srm", "uplift"]
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,41 @@ def ratio(numerator, denominator, *, confidence: float = 0.95) -> RatioEstimate:
     x = np.asarray(denominator, dtype=np.float64)
     if y.shape != x.shape or y.ndim != 1:
         raise ValueError(f"numerator and denominator must be two equal-length vectors, got {y.shape} and {x.shape}")
-    n = len(y)
+    return ratio_from_sums(UserSums.of(y, x), confidence=confidence)
+
+
+@dataclass(frozen=True)
+class UserSums:
+    """What the delta method needs of a ratio's per-user values ``y`` (numerator) and ``x``
+    (denominator): ``n`` and the sums of ``y, x, y^2, x^2, x y``. A Spark job sums these in
+    one aggregation, so no per-user vector reaches the driver."""
+
+    n: int
+    y: float
+    x: float
+    yy: float
+    xx: float
+    xy: float
+
+    @classmethod
+    def of(cls, y: np.ndarray, x: np.ndarray) -> "UserSums":
+        return cls(len(y), float(y.sum()), float(x.sum()), float(y @ y), float(x @ x), float(x @ y))
+
+
+def ratio_from_sums(sums: UserSums, *, confidence: float = 0.95) -> RatioEstimate:
+    """:func:`ratio` from the users' sums (:class:`UserSums`)."""
+    n = sums.n
     if n < 2:
         raise ValueError(f"a ratio's interval needs at least 2 users, got {n}")
-    mean_x, mean_y = x.mean(), y.mean()
+    mean_x, mean_y = sums.x / n, sums.y / n
     if not mean_x > 0:
         raise ValueError("the denominator sums to zero: no user has a view in this arm")
     r = mean_y / mean_x
-    cov = np.cov(np.stack([y, x]), ddof=1)  # [[s_y^2, s_xy], [s_xy, s_x^2]]
-    var = (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / (n * mean_x * mean_x)
+    # sample (co)variances, ddof = 1, centred to keep the cancellation small
+    s_yy = (sums.yy - n * mean_y * mean_y) / (n - 1)
+    s_xx = (sums.xx - n * mean_x * mean_x) / (n - 1)
+    s_xy = (sums.xy - n * mean_x * mean_y) / (n - 1)
+    var = (s_yy - 2 * r * s_xy + r * r * s_xx) / (n * mean_x * mean_x)
     se = math.sqrt(max(float(var), 0.0))
     z = _z(confidence)
     return RatioEstimate(float(r), se, float(r - z * se), float(r + z * se), n, confidence)

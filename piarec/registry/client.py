@@ -47,13 +47,15 @@ def client(cfg: PipelineConfig):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def ensure_experiment(cfg: PipelineConfig) -> str:
-    """The experiment id for ``cfg.mlflow.experiment``, created with its artifact location."""
+def ensure_experiment(cfg: PipelineConfig, name: str | None = None) -> str:
+    """The experiment id for ``name`` (default ``cfg.mlflow.experiment``), created with the
+    configured artifact location."""
     c = client(cfg)
-    exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+    name = name or cfg.mlflow.experiment
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(cfg.mlflow.experiment, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage))
+    return c.create_experiment(name, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage))
 
 
 def register_version(
