@@ -113,9 +113,12 @@ def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None)
                      "lr": lr, "seed": seed, "device": "auto"},
     }
     # Only when asked for, so the settings (and cache keys) of earlier runs are unchanged.
-    for arg, key in (("beta_cap", "beta_cap"), ("anneal_steps", "anneal_steps")):
+    for arg, key in (("beta_cap", "beta_cap"), ("anneal_steps", "anneal_steps"), ("anneal_epochs", "anneal_epochs")):
         if getattr(args, arg) is not None:
             overrides["training"][key] = getattr(args, arg)
+    for arg in ("schedule", "alignment"):
+        if getattr(args, arg) is not None:
+            overrides["pia"][arg] = getattr(args, arg)
     key = hashlib.sha256(json.dumps([snap.uri, snap.manifest["protocol"], overrides], sort_keys=True).encode()).hexdigest()[:20]
     if cache is not None and (cache / f"{key}.json").exists():
         return json.loads((cache / f"{key}.json").read_text())
@@ -261,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beta-cap", type=float, default=None, help="KL weight cap (default: the config's, 0.2)")
     p.add_argument("--anneal-steps", type=int, default=None,
                    help="updates over which beta grows to its cap (default: the config's, 200000)")
+    p.add_argument("--anneal-epochs", type=int, default=None,
+                   help="epochs over which beta grows to its cap, whatever the data size (replaces --anneal-steps)")
+    p.add_argument("--schedule", choices=["patience", "paper"], default=None,
+                   help="lambda_A schedule (default: the config's, patience); paper = Algorithm 1, no cap")
+    p.add_argument("--alignment", choices=["sum", "mean"], default=None,
+                   help="Eq. 9 summed or averaged over latent dimensions (default: the config's, sum)")
     p.add_argument("--epoch-diagnostics", action="store_true",
                    help="compute the collapse diagnostics after every epoch while training (slower; off by default)")
     p.add_argument("--lr-weight", type=float, default=1.0, help="+lr: final latent reconstruction weight")

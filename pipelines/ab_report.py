@@ -277,7 +277,8 @@ def _log_mlflow(cfg: PipelineConfig, summary: dict, rows: list[dict], png: bytes
         mlflow.log_params({"from": summary["from"], "to": summary["to"], "arms": ",".join(summary["arms"]),
                            "control": summary["control"], "surfaces": ",".join(summary["surfaces"] or ["all"])})
         mlflow.set_tags({f"model_version.{a}": m["version"] for a, m in summary["models"].items()}
-                        | {"srm": "mismatch" if summary["srm"]["mismatch"] else "ok", "report_uri": summary.get("uri", "")})
+                        | {"srm": "mismatch" if summary["srm"]["mismatch"] else "ok", "report_uri": summary.get("uri", ""),
+                           "mlflow.note.content": "\n\n".join(summary["lines"])})  # the run's description in the UI
         metrics = {}
         for r in rows:
             if r["scope"] == PERIOD and r["value"] is not None:

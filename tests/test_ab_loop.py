@@ -96,6 +96,7 @@ def test_the_report_is_in_mlflow_and_the_cli_reruns_it(loop):
     experiment = c.get_experiment(run.info.experiment_id)  # beside the training runs' artifacts, not in the cwd
     assert experiment.name == "piarec-ab" and experiment.artifact_location == f"file://{work}/mlartifacts"
     assert run.data.tags["model_version.champion"] == "1" and run.data.tags["srm"] == "ok"
+    assert run.data.tags["mlflow.note.content"].split("\n\n") == report["lines"]  # the description in the UI
     assert run.data.metrics["champion.click_rate_per_view.uplift"] > 0
     assert {a.path for a in c.list_artifacts(run.info.run_id, "ab_report")} >= {"ab_report/report.html"}
     before = reader.open_committed(report["uri"]).version

@@ -141,7 +141,8 @@ def test_no_file_no_environment_gives_todays_values():
     added_since["storage.recommendations"] = None  # defaults to <root>/recommendations
     added_since.update({"scoring.arms": [], "scoring.baseline_snapshot": None,  # arms as configuration
                         "scoring.availability": None, "scoring.availability_days": 2, "scoring.region": None,
-                        "events.surface_col": "surface", "events.slot_col": "slot"})  # A/B exposure columns
+                        "events.surface_col": "surface", "events.slot_col": "slot",  # A/B exposure columns
+                        "pia.schedule": "patience", "pia.alignment": "sum", "training.anneal_epochs": None})
     assert len(got) == 93 + len(added_since)
     assert got == {**want, **added_since}
 

@@ -101,6 +101,46 @@ def test_latent_reconstruction_gradient_reaches_encoder_and_decoder():
     assert {"item_in", "to_stats.weight", "decoder.0.weight"} <= grads.keys()
 
 
+def test_latent_reconstruction_is_the_papers_loss_with_nothing_detached():
+    """||E_mu(D(z)) - z||^2 differentiated in z as a whole (gradcheck in float64): a detached
+    target or a detached D(z) would give another gradient."""
+    from piarec.models.multivae import latent_reconstruction
+
+    m = _model(latent_recon=True).double()
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: latent_reconstruction(m, v, m.logits(v)), (z,))
+    latent_reconstruction(m, z, m.logits(z)).backward()
+    target_only = torch.autograd.grad(latent_reconstruction(m, z, m.logits(z.detach())), z)[0]
+    assert not torch.allclose(z.grad, target_only)  # the path through D(z) counts too
+
+
+def test_decoder_noise_is_drawn_from_the_prior_not_the_users_posterior():
+    """NC-VAE's E_{p(z)}[p(x|z)]: the contrastive histories depend on the row lengths and the
+    random draws only, not on what the users of the batch watched."""
+    m = _model(noise_contrastive=True, nc_noise="decoder")
+    other = SparseBatch.from_csr(CSR.from_lists([[20, 21, 22, 23], [28, 29], [0, 1, 2, 3, 4], [7, 8, 9]], N_ITEMS))
+    seen = {}
+
+    def spy(logits, lengths):
+        seen.setdefault("logits", []).append(logits.clone())
+        return sample_from_decoder(logits, lengths)
+
+    import piarec.models.multivae as mv
+
+    real = mv.sample_from_decoder
+    mv.sample_from_decoder = spy
+    try:
+        for batch in (_batch(), other):
+            torch.manual_seed(3)
+            m.noise_contrastive(batch, m.config.regularizers)
+    finally:
+        mv.sample_from_decoder = real
+    a, b = seen["logits"]
+    assert torch.equal(a, b)  # the same prior draws give the same decoder, whatever the batch
+    torch.manual_seed(3)
+    assert torch.equal(a, m.logits(torch.randn(4, 4)))
+
+
 @pytest.mark.parametrize("noise", ["swap", "decoder"])
 def test_noise_contrastive_gradient_reaches_the_encoder(noise):
     grads = _term_grads(_model(noise_contrastive=True, nc_noise=noise), "noise_contrastive")

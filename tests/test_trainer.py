@@ -37,6 +37,43 @@ def test_lambda_schedule_raises_after_patience_once_per_window_and_caps():
     assert not any(LambdaSchedule(0.0, 2.0, 1, 8.0).update(False) for _ in range(3))
 
 
+def test_paper_schedule_raises_every_stalled_epoch_without_a_cap():
+    s = LambdaSchedule(value=8.0, scale=2.0, patience=3, cap=8.0, mode="paper")
+    raised = [s.update(imp) for imp in [True, False, False, False, False, False, True, False]]
+    # best epoch 1; epochs 4, 5, 6 are 3, 4, 5 behind it: a raise each; improvement resets
+    assert raised == [False, False, False, True, True, True, False, False]
+    assert s.value == 64.0 and s.stall == 1  # past the patience mode's cap of 8
+    patience = LambdaSchedule(value=8.0, scale=2.0, patience=3, cap=8.0)
+    assert not any(patience.update(False) for _ in range(9))  # capped at its start
+
+
+def test_anneal_epochs_reach_the_cap_after_that_many_epochs_whatever_the_data_size(planted_snapshot):
+    from piarec.train.trainer import anneal_steps
+
+    cfg = load_config(environ={}, overrides={"training": {"anneal_epochs": 4, "beta_cap": 0.2}})
+    assert anneal_steps(cfg.training, 8) == pytest.approx(160)  # beta = step / 160 reaches 0.2 at step 32
+    assert anneal_steps(load_config(environ={}).training, 8) == 200_000
+    cfg = load_config(environ={}, overrides={
+        "model": {"hidden_dim": 32, "latent_dim": 8}, "diagnostics": {"enabled": False},
+        "training": {"epochs": 5, "batch_size": 100, "anneal_epochs": 4, "beta_cap": 0.2, "device": "cpu"}})
+    betas = [row["beta"] for row in train(cfg, planted_snapshot).history]
+    per_epoch = -(-planted_snapshot.train.n_rows // 100)
+    assert betas[:3] == pytest.approx([0.2 * (e + 1) / 4 for e in range(3)]) and betas[3:] == [0.2, 0.2]
+    assert per_epoch == 8  # 800 training users
+
+
+def test_mean_alignment_is_the_sum_over_latent_dimensions_divided_by_d(planted_snapshot):
+    """alignment: mean trains exactly as sum with lambda_A / latent_dim."""
+    base = {"model": {"hidden_dim": 32, "latent_dim": 8}, "diagnostics": {"enabled": False},
+            "training": {"epochs": 2, "batch_size": 100, "device": "cpu"}}
+    mean = load_config(environ={}, overrides={**base, "pia": {"lambda_a": 4.0, "alignment": "mean"}})
+    scaled = load_config(environ={}, overrides={**base, "pia": {"lambda_a": 0.5, "alignment": "sum"}})
+    a, b = train(mean, planted_snapshot), train(scaled, planted_snapshot)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert [r["lambda_a"] for r in a.history] == [4.0, 4.0]  # the logged lambda_A is the configured one
+
+
 def test_planted_structure_is_recovered(planted_snapshot):
     result = train(_cfg(), planted_snapshot)
     model = evaluate_model(result.model, planted_snapshot.test)

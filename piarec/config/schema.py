@@ -169,7 +169,14 @@ class PIAConfig(_Section):
     lambda_a: float = Field(0.1, ge=0.0)  # starting weight; tuned on validation
     lambda_scale: float = Field(2.0, ge=1.0)  # multiplier when validation stalls
     patience: int = Field(5, ge=1)  # rho: epochs without improvement before a raise
-    lambda_max: float = Field(8.0, ge=0.0)  # cap on the schedule
+    lambda_max: float = Field(8.0, ge=0.0)  # cap on the schedule (patience mode only)
+    # "patience": raise after rho epochs without improvement, then wait rho epochs again,
+    # never above lambda_max. "paper": Algorithm 1 of appendix C, read as intended: raise on
+    # every epoch whose best validation epoch is rho or more epochs behind, without a cap.
+    schedule: Literal["patience", "paper"] = "patience"
+    # Eq. 9 "sum": the squared distance summed over the latent dimensions; "mean": averaged
+    # over them (lambda_A * mean = lambda_A / latent_dim * sum).
+    alignment: Literal["sum", "mean"] = "sum"
 
 
 class TrainingConfig(_Section):
@@ -178,7 +185,10 @@ class TrainingConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)  # Adam learning rate
     weight_decay: float = Field(0.0, ge=0.0)  # Adam weight decay
     beta_cap: float = Field(0.2, ge=0.0)  # the annealed KL weight beta stops growing here
-    anneal_steps: int = Field(200_000, ge=1)  # beta grows linearly to beta_cap over these steps
+    anneal_steps: int = Field(200_000, ge=1)  # beta = min(beta_cap, updates / anneal_steps), as Liang et al.
+    # Or: beta reaches beta_cap after this many epochs, whatever the data size (replaces anneal_steps):
+    # Liang et al.'s 200,000 updates suit ML-20M; a small data set makes far fewer.
+    anneal_epochs: int | None = Field(None, ge=1)
     # Stop after this many epochs without validation improvement (None = run all epochs).
     early_stop_patience: int | None = Field(None, ge=1)
     seed: int = 0  # seeds initialisation, shuffling and masks

@@ -146,19 +146,23 @@ class MultiVAE(nn.Module):
             lr_term = latent_reconstruction(self, z, logits)
             total = total + warmup_weight(step, reg.latent_recon_weight, reg.latent_recon_warmup) * lr_term
         if reg.noise_contrastive:
-            nc_term = self.noise_contrastive(batch, logits, reg)
+            nc_term = self.noise_contrastive(batch, reg)
             total = total + reg.nc_weight * nc_term
         return LossParts(total, nll, kl, align, lr_term, nc_term)
 
-    def noise_contrastive(self, batch: SparseBatch, logits: torch.Tensor, reg: RegularizerConfig) -> torch.Tensor:
+    def noise_contrastive(self, batch: SparseBatch, reg: RegularizerConfig) -> torch.Tensor:
         """NC-VAE's contrastive term, mean over the batch: KL(q(z0 | x~) || N(0, K^2 I)) of
-        contrastive histories x~ (random item swaps, or draws from the current decoder).
+        contrastive histories x~: random item swaps, or (``decoder``) draws from the model's
+        marginal E_{p(z)}[p(x | z)] (NC-VAE section 6.2): the decoder at samples of the prior
+        N(0, I), with each row's length.
         The base Gaussian is used with the IAF encoder (closed form); the corrupted input is
         not masked again."""
         if reg.nc_noise == "swap":
             noisy = swap_items(batch, self.n_items, reg.nc_swap_fraction)
         else:
-            noisy = sample_from_decoder(logits, batch.lengths)
+            with torch.no_grad():
+                prior = torch.randn(batch.size, self.config.latent_dim, device=batch.indices.device)
+                noisy = sample_from_decoder(self.logits(prior), batch.lengths)
         mu, logvar, _ = self.encode_base(noisy, 1.0)
         return gaussian_kl_wide(mu, logvar, reg.nc_prior_scale).mean()
 
@@ -180,12 +184,12 @@ class MultiVAE(nn.Module):
 
 
 def latent_reconstruction(model: nn.Module, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """LRVAE's term, mean over rows: ||mu_enc(softmax(logits)) - z||^2 with ``logits`` =
-    ``model.logits(z)``, float [B, I], and ``z`` [B, d].
+    """LRVAE's term (its Eq. 3), mean over rows: ``||E_mu(D(z)) - z||^2`` with ``logits`` =
+    ``model.logits(z)`` = D(z), float [B, I], and ``z`` [B, d] the posterior sample.
 
-    ``z`` is a target (detached): the term trains the encoder and decoder so that
-    encode(decode(z)) returns z, and cannot be lowered by moving the posterior samples
-    themselves toward a fixed point of that map, which would favour collapse.
+    As in the paper, nothing is detached: the gradient reaches the encoder and the decoder
+    through E_mu(D(z)), and the posterior sample (so the encoder again) through both D(z)
+    and the target z.
     """
     mu_back, _ = model.encode_dense(torch.softmax(logits, dim=1))
-    return (mu_back - z.detach()).pow(2).sum(dim=1).mean()
+    return (mu_back - z).pow(2).sum(dim=1).mean()

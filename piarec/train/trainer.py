@@ -43,10 +43,19 @@ class TrainResult:
     lambda_a: float = 0.0  # final value of the schedule
 
 
-def beta_at(step: int, cap: float, anneal_steps: int) -> float:
+def beta_at(step: int, cap: float, anneal_steps: float) -> float:
     """KL weight: grows by 1/anneal_steps per update until it reaches the cap
     (Liang et al.'s reference code: beta = min(cap, step / total_anneal_steps))."""
     return min(cap, step / anneal_steps)
+
+
+def anneal_steps(tc, updates_per_epoch: int) -> float:
+    """The ``anneal_steps`` of :func:`beta_at` (beta = step / anneal_steps, capped): with
+    ``training.anneal_epochs`` set, the value that makes beta reach ``beta_cap`` after that
+    many epochs of ``updates_per_epoch``; else ``training.anneal_steps``."""
+    if not tc.anneal_epochs or tc.beta_cap <= 0:
+        return tc.anneal_steps
+    return tc.anneal_epochs * updates_per_epoch / tc.beta_cap
 
 
 @dataclass
@@ -54,10 +63,16 @@ class LambdaSchedule:
     """lambda_A of the PIA paper's appendix C.
 
     Algorithm 1 as printed raises lambda_A when ``best_val_epoch < epoch + rho``, which
-    is always true. What we implement is the stated intent: multiply lambda_A by
-    ``scale`` when validation NDCG@100 has not improved for ``patience`` (rho)
-    consecutive epochs, at most once per rho epochs (the stall counter restarts after
-    each raise), never above ``cap``.
+    is always true. Two readings of its stated intent (``mode``, ``pia.schedule``):
+
+    - ``patience``: multiply lambda_A by ``scale`` when validation NDCG@100 has not
+      improved for ``patience`` (rho) consecutive epochs, at most once per rho epochs (the
+      stall counter restarts after each raise), never above ``cap``;
+    - ``paper``: Algorithm 1 with ``best_val_epoch`` never reset: on every epoch whose best
+      validation epoch is rho or more epochs behind, multiply by ``scale``; no cap. Once
+      stalled, lambda_A doubles (scale 2) every epoch until validation improves.
+
+    ``stall`` counts the epochs since the best one (patience: since the last raise).
     """
 
     value: float
@@ -65,11 +80,17 @@ class LambdaSchedule:
     patience: int
     cap: float
     stall: int = 0
+    mode: str = "patience"
 
     def update(self, improved: bool) -> bool:
         """Record one epoch; returns True when lambda_A was raised."""
         self.stall = 0 if improved else self.stall + 1
-        if self.stall < self.patience or self.value <= 0 or self.value >= self.cap:
+        if self.stall < self.patience or self.value <= 0:
+            return False
+        if self.mode == "paper":
+            self.value *= self.scale
+            return True
+        if self.value >= self.cap:
             return False
         self.value = min(self.value * self.scale, self.cap)
         self.stall = 0
@@ -155,9 +176,12 @@ def _restore(ck: TrainState, model, opts, loop: _Loop, device: torch.device) -> 
     loop.rng.bit_generator.state = ck.numpy_rng
 
 
-def _train_epoch(model, groups, opts, train_rows: CSR, loop: _Loop, tc, device: torch.device) -> dict[str, float]:
+def _train_epoch(model, groups, opts, train_rows: CSR, loop: _Loop, tc, device: torch.device,
+                 align_weight: float, anneal: float) -> dict[str, float]:
     """One epoch: each phase steps its optimizer for its number of passes (one phase for
-    Multi-VAE). Returns the mean loss parts per batch."""
+    Multi-VAE). ``align_weight``: lambda_A's multiplier in the loss (1/d for the mean
+    alignment); ``anneal``: updates until beta reaches its cap. Returns the mean loss parts
+    per batch."""
     model.train()
     sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "align": 0.0}
     n_batches = 0
@@ -166,8 +190,9 @@ def _train_epoch(model, groups, opts, train_rows: CSR, loop: _Loop, tc, device: 
         for _ in range(phase.passes):
             order = loop.rng.permutation(train_rows.n_rows)
             for batch in _batches(train_rows, order, tc.batch_size, device):
-                beta = beta_at(loop.step, tc.beta_cap, tc.anneal_steps)
-                parts = train_step(model, opts[phase.group], batch, beta, loop.lam.value, phase, step=loop.step)
+                beta = beta_at(loop.step, tc.beta_cap, anneal)
+                parts = train_step(model, opts[phase.group], batch, beta, loop.lam.value * align_weight, phase,
+                                   step=loop.step)
                 for key, v in parts.items():
                     sums[key] += v
                 loop.step += 1
@@ -208,7 +233,11 @@ def train(
             for name, params in groups.items()}
     pia = cfg.pia
     loop = _Loop(np.random.default_rng(tc.seed),
-                 LambdaSchedule(pia.lambda_a if pia.enabled else 0.0, pia.lambda_scale, pia.patience, pia.lambda_max))
+                 LambdaSchedule(pia.lambda_a if pia.enabled else 0.0, pia.lambda_scale, pia.patience, pia.lambda_max,
+                                mode=pia.schedule))
+    align_weight = 1.0 / cfg.model.latent_dim if pia.alignment == "mean" else 1.0
+    updates_per_epoch = sum(p.passes for p in model.phases()) * -(-snap.train.n_rows // tc.batch_size)
+    anneal = anneal_steps(tc, updates_per_epoch)
     diagnose = cfg.diagnostics.enabled and diagnosable(snap.val.fold_in)
 
     # -- resume: a checkpoint of the same run continues it exactly -------------------------
@@ -222,7 +251,7 @@ def train(
     while loop.epoch < tc.epochs and not (tc.early_stop_patience and loop.since_best >= tc.early_stop_patience):
         epoch = loop.epoch + 1
         t0 = time.perf_counter()
-        losses = _train_epoch(model, groups, opts, snap.train, loop, tc, device)
+        losses = _train_epoch(model, groups, opts, snap.train, loop, tc, device, align_weight, anneal)
         train_s = time.perf_counter() - t0
 
         # Validation on held-out users picks the model and drives lambda_A.
@@ -240,7 +269,7 @@ def train(
         diag = (collapse_metrics(model, snap.val.fold_in, cfg.diagnostics, seed=tc.seed)
                 if diagnose and epoch % cfg.diagnostics.every == 0 else {})
 
-        row = {"epoch": epoch, "step": loop.step, "beta": beta_at(loop.step, tc.beta_cap, tc.anneal_steps),
+        row = {"epoch": epoch, "step": loop.step, "beta": beta_at(loop.step, tc.beta_cap, anneal),
                "lambda_a": lambda_used, "lambda_raised": float(raised), "train_seconds": train_s, **losses,
                **{f"val_{k}": v for k, v in metrics.items()},
                **{f"diag_{k}": v for k, v in diag.items()}}
