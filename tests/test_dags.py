@@ -313,8 +313,6 @@ def test_daily_run_with_baseline_control_arms_replaces_the_day(stack):
         assert set(frames[arm].model_version) == {model["version"]} and model["version"].startswith(model["kind"])
         assert model["fitted"]["snapshot_uri"].startswith(str(root / "snapshots" / f"window_end={WEEK}"))
     assert set(frames["champion"].model_version) == {"2"}  # the champion the previous test moved
-    # every user of the popularity arm with history gets the same popular titles, less what they saw
-    assert frames["pop"].item_ids.map(lambda items: items[0]).nunique() < 10
     report = validate_report(out, pointer.version)
     assert [a["arm"] for a in report["arms"]] == ["champion", "pop", "ease"]
 

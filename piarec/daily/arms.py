@@ -142,12 +142,22 @@ def arm_specs(
     share = s.challenger_share if challenger_share is None else challenger_share
     if challenger_uri and not 0.0 < share < 1.0:
         raise ConfigError(f"the challenger share must be in (0, 1), got {share}")
-    control = ArmConfig(name=arm or s.arm, model=model_uri or s.model_uri, share=1.0 - share if challenger_uri else 1.0)
+    control = _arm(arm or s.arm, model_uri or s.model_uri, 1.0 - share if challenger_uri else 1.0)
     if not challenger_uri:
         return [control]
     if control.name == s.challenger_arm:
         raise ConfigError(f"the control arm and scoring.challenger_arm are both {control.name!r}; name them apart")
-    return [control, ArmConfig(name=s.challenger_arm, model=challenger_uri, share=share)]
+    return [control, _arm(s.challenger_arm, challenger_uri, share)]
+
+
+def _arm(name: str, model: str, share: float, entry: str | None = None) -> ArmConfig:
+    """An arm config; a bad name, model or share is a :class:`ConfigError` naming it."""
+    try:
+        return ArmConfig(name=name, model=model, share=share)
+    except ValidationError as exc:  # the first problem, by field
+        e = exc.errors()[0]
+        field = ".".join(map(str, e["loc"]))
+        raise ConfigError(f"arm {entry or name!r}: {field} {e['input']!r}: {e['msg']}") from None
 
 
 def parse_arms(text: str) -> list[ArmConfig]:
@@ -166,11 +176,7 @@ def parse_arms(text: str) -> list[ArmConfig]:
             value = float(share)
         except ValueError:
             raise ConfigError(f"arm {entry!r} must read NAME=MODEL:SHARE: {share!r} is not a number") from None
-        try:
-            out.append(ArmConfig(name=name, model=model, share=value))
-        except ValidationError as exc:  # the first problem, by field
-            e = exc.errors()[0]
-            raise ConfigError(f"arm {entry!r}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        out.append(_arm(name, model, value, entry))
     if not out:
         raise ConfigError("--arms names no arm")
     try:
