@@ -5,7 +5,7 @@
 
 Runs ``piarec demo``'s closed loop with one arm only (every user served the champion's
 list), then computes each user's period sums once with the report's own Spark code
-(``pipelines.ab_report.user_days`` / ``per_user``). Both halves of any split would serve
+(``pipelines.ab_report.card_events`` / ``user_days`` / ``per_user``). Both halves of any split would serve
 identical lists, so re-assigning the users at random is a valid A/A test: ``--repeats``
 times, the users are split 50/50 by the salted hash with a new salt, and each ratio metric
 is compared between the halves with the report's statistics (delta method, two-sided
@@ -61,8 +61,8 @@ def main() -> int:
     try:
         days = [first + dt.timedelta(days=i) for i in range(args.ab_days)]
         lists, _ = ab_report.served(spark, layout.recommendations_root(cfg.storage), days)
-        ud = ab_report.user_days(spark, cfg, layout.events_root(cfg.storage), lists, first,
-                                 last + dt.timedelta(days=1), None)
+        ud = ab_report.user_days(ab_report.card_events(spark, cfg, layout.events_root(cfg.storage), first,
+                                                       last + dt.timedelta(days=1), None), lists)
         users = ab_report.per_user(ud).toPandas()
     finally:
         spark.stop()

@@ -87,14 +87,22 @@ def served(spark: SparkSession, recs_root: str, days: list[date]) -> tuple[DataF
     return out, manifests
 
 
-def user_days(spark: SparkSession, cfg: PipelineConfig, events_uri: str, lists: DataFrame, start: date, end: date,
-              surfaces: list[str] | None) -> DataFrame:
-    """One row per assigned user and event day: ``arm, day, user_id`` and that day's views,
-    clicks and plays of recommended titles, playtime from the cards, and ``view_days`` /
-    ``click_days`` (0 or 1: whether the day had a view / such a click)."""
+def card_events(spark: SparkSession, cfg: PipelineConfig, events_uri: str, start: date, end: date,
+                surfaces: list[str] | None) -> DataFrame:
+    """The events of days ``[start, end)`` with their ``day`` and ``on_card`` (the event
+    happened on one of ``surfaces``, or on any surface without them): read once, for
+    :func:`user_days` and :func:`coverage` alike."""
     ev = read_events(spark, events_uri, cfg.events, start, end, exposure=True, require_watch=False)
-    ev = ev.withColumn("day", F.to_date("ts"))
     on_card = F.col("surface").isin(surfaces) if surfaces else F.col("surface").isNotNull()
+    return ev.withColumn("day", F.to_date("ts")).withColumn("on_card", F.coalesce(on_card, F.lit(False)))
+
+
+def user_days(ev: DataFrame, lists: DataFrame) -> DataFrame:
+    """One row per assigned user and event day of :func:`card_events` ``ev``: ``arm, day,
+    user_id`` and that day's views, clicks and plays of recommended titles, playtime from
+    the cards, and ``view_days`` / ``click_days`` (0 or 1: whether the day had a view / such
+    a click)."""
+    on_card = F.col("on_card")
     assign = lists.select("day", "user_id", "arm")
     rec = lists.select("day", "user_id", F.explode("item_ids").alias("item_id")).withColumn("rec", F.lit(True))
     e = ev.join(assign, ["day", "user_id"]).join(rec, ["day", "user_id", "item_id"], "left")
@@ -148,12 +156,10 @@ def moments(frame: DataFrame, keys: list[str]) -> dict[tuple, dict[str, Any]]:
     return out
 
 
-def coverage(spark: SparkSession, cfg: PipelineConfig, events_uri: str, lists: DataFrame, start: date, end: date,
-             surfaces: list[str] | None) -> dict[tuple, int]:
-    """Distinct titles impressed on the cards, per (arm, day) and per arm over the period."""
-    ev = read_events(spark, events_uri, cfg.events, start, end, exposure=True, require_watch=False)
-    on_card = F.col("surface").isin(surfaces) if surfaces else F.col("surface").isNotNull()
-    imp = (ev.filter(on_card & (F.col("event_type") == "impression")).withColumn("day", F.to_date("ts"))
+def coverage(ev: DataFrame, lists: DataFrame) -> dict[tuple, int]:
+    """Distinct titles impressed on the cards (:func:`card_events` ``ev``), per (arm, day)
+    and per arm over the period."""
+    imp = (ev.filter(F.col("on_card") & (F.col("event_type") == "impression"))
            .join(lists.select("day", "user_id", "arm"), ["day", "user_id"]).select("arm", "day", "item_id"))
     imp = imp.cache()
     try:
@@ -185,13 +191,14 @@ def run(spark: SparkSession, cfg: PipelineConfig, start: date, end: date, *, arm
         raise InputDataError(f"the control arm {control!r} is not among the arms compared {wanted}")
     lists = lists.filter(F.col("arm").isin(wanted))
     events_uri = layout.events_root(cfg.storage)
-    ud = user_days(spark, cfg, events_uri, lists, start, end + timedelta(days=1), surfaces).cache()
+    ev = card_events(spark, cfg, events_uri, start, end + timedelta(days=1), surfaces)
+    ud = user_days(ev, lists).cache()
     try:
         daily = moments(ud, ["arm", "day"])  # a user-day is one user's sums over the day
         period = moments(per_user(ud), ["arm"])
     finally:
         ud.unpersist()
-    covered = coverage(spark, cfg, events_uri, lists, start, end + timedelta(days=1), surfaces)
+    covered = coverage(ev, lists)
     sums, counts = {}, {}
     for (arm,), v in period.items():
         _add(sums, counts, (PERIOD, None, arm), v, covered.get((arm, None), 0), models[arm]["n_items"])

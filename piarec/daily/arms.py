@@ -218,12 +218,11 @@ def plan_models(cfg: PipelineConfig, model_uri: str, challenger_uri: str | None 
 def _first_model_snapshot(cfg: PipelineConfig, models: list[Arm]) -> str:
     from piarec.registry.client import training_snapshot
 
-    for a in models:
-        if a.ref.name is not None or a.ref.run_id is not None:
-            uri = training_snapshot(cfg, a.ref.name, a.ref.version, a.ref.run_id)
-            if uri:
-                return uri
-        break
+    first = models[0].ref if models else None  # the first model arm only: its snapshot is the run's
+    if first is not None and (first.name is not None or first.run_id is not None):
+        uri = training_snapshot(cfg, first.name, first.version, first.run_id)
+        if uri:
+            return uri
     raise ConfigError("a baseline arm needs a snapshot to fit on: set scoring.baseline_snapshot, or put a registered "
                       "model (trained by `piarec train`) first among the model arms")
 

@@ -148,9 +148,11 @@ class TopKScorer:
         has_history = history.row_lengths() > 0
         # Seen titles are unique per row (CSR collapses duplicates), so this is exact:
         # what is left is the catalogue less the union of seen and excluded titles.
-        seen_excluded = np.bincount(np.repeat(np.arange(n), seen.row_lengths())[self._excluded[seen.indices]],
-                                    minlength=n)
-        left = self.n_items - len(self._exclude_idx) - seen.row_lengths() + seen_excluded
+        left = self.n_items - seen.row_lengths()
+        if len(self._exclude_idx):  # without exclusions (the usual day) nothing more to count
+            seen_excluded = np.bincount(np.repeat(np.arange(n), seen.row_lengths())[self._excluded[seen.indices]],
+                                        minlength=n)
+            left = left - len(self._exclude_idx) + seen_excluded
         count = np.minimum(kk, left).astype(np.int32)
         model_rows, popularity_rows = np.flatnonzero(has_history), np.flatnonzero(~has_history)
         for rows, fill in ((model_rows, self._model_topk), (popularity_rows, self._popularity_topk)):
