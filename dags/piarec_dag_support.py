@@ -22,6 +22,9 @@ PIAREC_SPARK_CONN_ID       Airflow connection of the Spark master (default ``pia
 PIAREC_REGISTERED_MODEL    MLflow registered model name (default ``piarec``)
 PIAREC_TRAINER             ``local`` (default) or ``kubernetes`` (a GPU pod)
 PIAREC_TRAINER_IMAGE       trainer image for ``kubernetes``
+PIAREC_TRAINER_PROCS       training processes (default 1): N > 1 trains data-parallel under
+                           torchrun (``piarec train --nproc-per-node N``); on ``kubernetes``
+                           the pod asks for N GPUs, one per process
 PIAREC_K8S_NAMESPACE       namespace of the trainer pod (default ``piarec``)
 PIAREC_K8S_CONFIGMAP       ConfigMap with the pipeline YAML, mounted at /etc/piarec
 PIAREC_DAG_RETRIES         task retries, exponential back-off from 5 minutes (default 2)
@@ -67,6 +70,9 @@ if SCHEDULES not in ("on", "off"):
 SPARK_CONN_ID = os.environ.get("PIAREC_SPARK_CONN_ID", "piarec_spark")
 REGISTERED_MODEL = os.environ.get("PIAREC_REGISTERED_MODEL", "piarec")
 TRAINER = os.environ.get("PIAREC_TRAINER", "local")
+TRAINER_PROCS = int(os.environ.get("PIAREC_TRAINER_PROCS", "1"))
+if TRAINER_PROCS < 1:
+    raise ValueError(f"PIAREC_TRAINER_PROCS must be a positive number of processes, got {TRAINER_PROCS}")
 PIPELINES = os.path.join(PIAREC_HOME, "pipelines")
 
 SNAPSHOTS = Asset(name="piarec_snapshots", uri="piarec://snapshots")
@@ -187,7 +193,10 @@ def asset_extra(triggering_asset_events, asset: Asset, key: str) -> str:
 
 def trainer(task_id: str, command: str, **kwargs):
     """The training task: a bash task in the project venv (``local``), or a GPU pod
-    (``kubernetes``; the cncf provider is imported only then)."""
+    (``kubernetes``; the cncf provider is imported only then); on ``PIAREC_TRAINER_PROCS``
+    processes (GPUs in the pod)."""
+    if TRAINER_PROCS > 1:
+        command = f"{command} --nproc-per-node {TRAINER_PROCS}"
     if TRAINER == "local":
         return BashOperator(task_id=task_id, bash_command=f"{PIAREC} {command}", **kwargs)
     if TRAINER != "kubernetes":
@@ -206,7 +215,7 @@ def trainer(task_id: str, command: str, **kwargs):
         env_vars={"PIAREC_CONFIG": "/etc/piarec/pipeline.yaml"},
         volumes=[k8s.V1Volume(name="config", config_map=k8s.V1ConfigMapVolumeSource(name=configmap))],
         volume_mounts=[k8s.V1VolumeMount(name="config", mount_path="/etc/piarec", read_only=True)],
-        container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
+        container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": str(TRAINER_PROCS)}),
         get_logs=True,
         on_finish_action="delete_pod",
         **kwargs,

@@ -29,6 +29,11 @@ def planted_split(n_users: int, n_groups: int = 8, items_per_group: int = 25, pe
 
 @pytest.fixture
 def planted_snapshot():
+    return make_planted_snapshot()
+
+
+def make_planted_snapshot():
+    """800 planted training users, 64 validation and 64 test users (:func:`planted_split`)."""
     from piarec.data.snapshot import Snapshot, Split
 
     train, _, _ = planted_split(800, seed=0)

@@ -113,6 +113,15 @@ def test_unknown_key_is_named(tmp_path):
         load_config(environ={"PIAREC__SCORING__TOP_K": "3"})
 
 
+def test_early_stopping_must_outlast_the_lambda_schedule():
+    assert load_config(environ={}).training.early_stop_patience > load_config(environ={}).pia.patience
+    with pytest.raises(ConfigError, match=r"early_stop_patience \(5\) must exceed pia.patience \(5\)"):
+        load_config(environ={"PIAREC__TRAINING__EARLY_STOP_PATIENCE": "5"})
+    # without PIA there is no schedule to outlast
+    assert load_config(environ={"PIAREC__TRAINING__EARLY_STOP_PATIENCE": "5",
+                                "PIAREC__PIA__ENABLED": "false"}).training.early_stop_patience == 5
+
+
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match=r"training.epochs: .*'many'"):
         load_config(environ={"PIAREC__TRAINING__EPOCHS": "many"})
@@ -142,9 +151,11 @@ def test_no_file_no_environment_gives_todays_values():
     added_since.update({"scoring.arms": [], "scoring.baseline_snapshot": None,  # arms as configuration
                         "scoring.availability": None, "scoring.availability_days": 2, "scoring.region": None,
                         "events.surface_col": "surface", "events.slot_col": "slot",  # A/B exposure columns
-                        "pia.schedule": "patience", "pia.alignment": "sum", "training.anneal_epochs": None})
+                        "pia.schedule": "patience", "pia.alignment": "sum", "training.anneal_epochs": None,
+                        "training.noise": "auto"})
+    changed_since = {"training.early_stop_patience": 20}  # early stopping on by default (training scale)
     assert len(got) == 93 + len(added_since)
-    assert got == {**want, **added_since}
+    assert got == {**want, **added_since, **changed_since}
 
 
 def test_typed_model_is_the_one_source_of_defaults():

@@ -124,6 +124,8 @@ print(json.dumps({
                         "types": {t.task_id: type(t).__name__ for t in d.tasks},
                         "params": sorted(d.params.keys()),
                         "retries": {t.task_id: t.retries for t in d.tasks},
+                        "commands": {t.task_id: t.bash_command for t in d.tasks
+                                     if isinstance(getattr(t, "bash_command", None), str)},
                         "timeouts": {t.task_id: bool(t.execution_timeout or getattr(t, "timeout", None)) for t in d.tasks},
                         "outlets": {t.task_id: sorted(a.name for a in t.outlets) for t in d.tasks if t.outlets},
                         "timetable": type(d.timetable).__name__,
@@ -197,6 +199,15 @@ def test_schedules_off_leaves_only_triggered_runs(tmp_path_factory):
     assert {k: d["timetable"] for k, d in off["dags"].items()} == {
         "piarec_weekly_training": "NullTimetable", "piarec_daily_scoring": "NullTimetable",
         "piarec_recommendations_files": "AssetTriggeredTimetable"}  # downstream still follows the asset
+
+
+def test_the_trainer_task_can_ask_for_several_processes(parsed, tmp_path_factory):
+    one = parsed["dags"]["piarec_weekly_training"]["commands"]["train_and_register"]
+    assert one.endswith("train --snapshot {{ ti.xcom_pull(task_ids='locate_snapshot') }}")
+    two = parse_dags(tmp_path_factory, PIAREC_TRAINER_PROCS="2")["dags"]["piarec_weekly_training"]
+    assert two["commands"]["train_and_register"] == f"{one} --nproc-per-node 2"  # torchrun, 2 ranks
+    bad = parse_dags(tmp_path_factory, PIAREC_TRAINER_PROCS="0")
+    assert any("PIAREC_TRAINER_PROCS must be a positive" in e for e in bad["errors"].values())
 
 
 def test_spark_environment_has_no_pyspark_client():

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -47,13 +50,26 @@ def cmd_build_matrix(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)  # a bad config fails before torch and mlflow are imported
+    if args.nproc_per_node and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args)
     from piarec.train.job import run_training
 
     if args.epochs:
         cfg.training.epochs = args.epochs
     out = run_training(cfg, args.snapshot)
-    print(json.dumps({k: out[k] for k in ("run_id", "version", "best_epoch", "val", "test")}, indent=2))
+    if "run_id" in out:  # rank 0 (the only one with one process)
+        print(json.dumps({k: out[k] for k in ("run_id", "version", "best_epoch", "stop_reason", "val", "test")},
+                         indent=2))
     return 0
+
+
+def _torchrun(args: argparse.Namespace) -> int:
+    """The same ``piarec train`` on ``--nproc-per-node`` processes of this machine under
+    torchrun (each process takes a GPU when there are GPUs). Returns torchrun's exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+           "-m", "piarec", *(["--debug"] if args.debug else []), *(["--config", args.config] if args.config else []),
+           "train", "--snapshot", args.snapshot, *(["--epochs", str(args.epochs)] if args.epochs else [])]
+    return subprocess.call(cmd)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

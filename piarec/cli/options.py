@@ -90,6 +90,8 @@ def check_build_matrix_args(args: argparse.Namespace) -> str | None:
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", required=True, help="snapshot URI (…/snapshots/window_end=YYYY-MM-DD)")
     p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train data-parallel on N processes of this machine (torchrun; one per GPU)")
 
 
 def add_promote_options(p: argparse.ArgumentParser) -> None:

@@ -189,12 +189,17 @@ class TrainingConfig(_Section):
     # Or: beta reaches beta_cap after this many epochs, whatever the data size (replaces anneal_steps):
     # Liang et al.'s 200,000 updates suit ML-20M; a small data set makes far fewer.
     anneal_epochs: int | None = Field(None, ge=1)
-    # Stop after this many epochs without validation improvement (None = run all epochs).
-    early_stop_patience: int | None = Field(None, ge=1)
+    # Stop after this many epochs without validation improvement (null = run all epochs). It
+    # must exceed pia.patience (rho), or lambda_A's schedule could never raise before the stop.
+    early_stop_patience: int | None = Field(20, ge=1)
     seed: int = 0  # seeds initialisation, shuffling and masks
     # "auto" = the first CUDA GPU when present, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(2000, ge=1)  # validation users per evaluation batch
+    # Input masks and reparameterisation noise: "generator" = torch's random stream (one process),
+    # "keyed" = drawn from (seed, pass, user): the same whichever process trains a user, as
+    # data-parallel training needs; "auto" = keyed when several processes train, else generator.
+    noise: Literal["auto", "generator", "keyed"] = "auto"
 
 
 ARM_NAME = r"^[A-Za-z0-9_-]+$"  # arm names name folders (arm=<name>)
@@ -334,3 +339,11 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _early_stop_outlasts_the_schedule(self) -> "PipelineConfig":
+        patience, rho = self.training.early_stop_patience, self.pia.patience
+        if self.pia.enabled and patience is not None and patience <= rho:
+            raise ValueError(f"training.early_stop_patience ({patience}) must exceed pia.patience ({rho}): "
+                             "training would stop before lambda_A's schedule could raise it")
+        return self

@@ -20,6 +20,7 @@ from torch import nn
 
 from piarec.config import ModelConfig
 from piarec.data.csr import CSR
+from piarec.models.noise import KeyedNoise
 
 __all__ = ["SparseBatch", "LossParts", "Phase", "RecommenderModel"]
 
@@ -31,17 +32,26 @@ class SparseBatch:
     indices: torch.Tensor
     offsets: torch.Tensor
     lengths: torch.Tensor  # int64 [B]: items per row
+    # Counter-based draws keyed by user (piarec.models.ops.KeyedNoise); None = torch's generator.
+    noise: KeyedNoise | None = None
 
     @property
     def size(self) -> int:
         return int(self.offsets.shape[0])
 
     @classmethod
-    def from_csr(cls, csr: CSR, device: torch.device | str = "cpu") -> "SparseBatch":
+    def from_csr(cls, csr: CSR, device: torch.device | str = "cpu", users: np.ndarray | None = None,
+                 stream: int | None = None) -> "SparseBatch":
+        """The rows of ``csr`` on ``device``; with ``users`` (global ids of the rows) and
+        ``stream``, their random draws are keyed by user (:class:`KeyedNoise`)."""
+        noise = None
+        if users is not None:
+            noise = KeyedNoise(int(stream or 0), torch.from_numpy(np.asarray(users, dtype=np.int64)).to(device))
         return cls(
             torch.from_numpy(csr.indices.astype(np.int64)).to(device),
             torch.from_numpy(csr.indptr[:-1].astype(np.int64)).to(device),
             torch.from_numpy(csr.row_lengths().astype(np.int64)).to(device),
+            noise,
         )
 
     def row_ids(self) -> torch.Tensor:

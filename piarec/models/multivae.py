@@ -17,7 +17,7 @@ from piarec.models.contract import LossParts, Phase, SparseBatch
 from piarec.models.flows import IAF, log_normal
 from piarec.models.ops import (
     alignment_closed_form, dense_first_layer, gaussian_kl, gaussian_kl_wide, multinomial_nll, sample_from_decoder,
-    sparse_first_layer, swap_items, warmup_weight,
+    sparse_first_layer, standard_normal, swap_items, warmup_weight,
 )
 
 
@@ -120,7 +120,7 @@ class MultiVAE(nn.Module):
         keep_prob = self.config.keep_prob if phase is None else phase.keep_prob
         mu, logvar, h = self.encode_base(batch, keep_prob)
         std = torch.exp(0.5 * logvar)
-        z0 = mu + std * torch.randn_like(std)
+        z0 = mu + std * standard_normal(batch, std)
         if self.flow is None:
             z, kl = z0, gaussian_kl(mu, logvar).mean()
         else:

@@ -12,6 +12,14 @@ import torch.nn.functional as F
 from piarec.models.contract import SparseBatch
 
 
+def standard_normal(batch: SparseBatch, like: torch.Tensor) -> torch.Tensor:
+    """N(0, I) shaped like ``like`` [B, d]: keyed by user when the batch carries
+    :class:`KeyedNoise`, else from torch's generator (``randn_like``)."""
+    if batch.noise is None:
+        return torch.randn_like(like)
+    return batch.noise.normal(like.shape[1]).to(like.dtype)
+
+
 def sparse_first_layer(
     batch: SparseBatch, weight: torch.Tensor, bias: torch.Tensor, keep_prob: float
 ) -> torch.Tensor:
@@ -24,7 +32,9 @@ def sparse_first_layer(
     lengths = batch.lengths.clamp(min=1).to(weight.dtype)
     weights = torch.repeat_interleave(lengths.rsqrt(), batch.lengths)
     if keep_prob < 1.0:
-        keep = torch.rand(weights.shape, device=weights.device) < keep_prob
+        draws = batch.noise.entry_uniform(batch.row_ids(), batch.indices) if batch.noise is not None else torch.rand(
+            weights.shape, device=weights.device)
+        keep = draws < keep_prob
         weights = weights * keep / keep_prob
     h = F.embedding_bag(batch.indices, weight, batch.offsets, mode="sum", per_sample_weights=weights)
     return h + bias

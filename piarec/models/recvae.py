@@ -27,7 +27,9 @@ from torch import nn
 from piarec.config import ModelConfig
 from piarec.models.flows import log_normal
 from piarec.models.contract import LossParts, Phase, SparseBatch
-from piarec.models.ops import alignment_closed_form, dense_first_layer, multinomial_nll, sparse_first_layer
+from piarec.models.ops import (
+    alignment_closed_form, dense_first_layer, multinomial_nll, sparse_first_layer, standard_normal,
+)
 
 N_DENSE_LAYERS = 5
 WIDE_PRIOR_LOGVAR = 10.0
@@ -117,7 +119,7 @@ class RecVAE(nn.Module):
         other terms do not depend on the decoder."""
         phase = phase or self.phases()[0]
         mu, logvar = self.encoder(batch, phase.keep_prob)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * standard_normal(batch, mu)
         nll = multinomial_nll(self.logits(z), batch)
         zero = torch.zeros((), device=mu.device)
         if phase.terms == "nll":

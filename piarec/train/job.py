@@ -28,6 +28,7 @@ from piarec.models.baselines import train_popularity
 from piarec.errors import TrainingError
 from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json
+from piarec.train.distributed import ranks_from_env
 from piarec.train.trainer import TrainResult, train
 from piarec.data import layout
 
@@ -185,6 +186,8 @@ def _evaluation(result: TrainResult, snap: Snapshot, popularity, snapshot_uri: s
     head_share = 0.1
     return {
         "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "epochs_trained": len(result.history),
         "lambda_a_final": result.lambda_a,
         "val": {who: summarize(topk, snap.val.held_out) for who, topk in lists.items()},
         "test": both(snap.test) if snap.test.fold_in.n_rows else {},
@@ -234,16 +237,24 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
 
     Returns a summary: run id, registered version, validation and test metrics of the
     model and of the popularity baseline.
+
+    Under torchrun every rank calls this: all of them train (data-parallel,
+    :mod:`piarec.train.distributed`) and rank 0 alone talks to MLflow and registers; the
+    other ranks return ``{"rank": r}``.
     """
     import mlflow
 
+    ranks = ranks_from_env()
     snap = load_snapshot(snapshot_uri)
-    popularity = train_popularity(snap.train)
-    experiment_id = registry.ensure_experiment(cfg)
-    window = snap.manifest.get("window", {})
     digest = snap.manifest_digest()
     ck_dir = checkpoint_dir(cfg, digest)
     ck_uri, attempt = child_uri(ck_dir, "checkpoint.pt"), resolve(child_uri(ck_dir, "attempt.json"))
+    if not ranks.main:
+        train(cfg, snap, checkpoint_path=ck_uri, ranks=ranks)
+        return {"rank": ranks.rank}
+    popularity = train_popularity(snap.train)
+    experiment_id = registry.ensure_experiment(cfg)
+    window = snap.manifest.get("window", {})
     interrupted = _close_interrupted_run(registry.client(cfg), attempt)
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
@@ -255,13 +266,17 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
         write_json(attempt, {"run_id": run.info.run_id, "snapshot": snapshot_uri})
         mlflow.log_params(_params(cfg))
         mlflow.log_params({"n_items": snap.train.n_cols, "n_train_users": snap.train.n_rows,
-                           "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz})
+                           "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz,
+                           "processes": ranks.world})
         try:
-            result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri)
+            result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri, ranks=ranks)
         except TrainingError as exc:
             kept = f"the last good checkpoint is kept at {ck_uri}" if exists(resolve(ck_uri)) else "no epoch completed"
             raise TrainingError(f"{exc}; {kept}") from exc
 
+        mlflow.set_tags({"stop_reason": result.stop_reason, "epochs_trained": str(len(result.history))})
+        log.info("training stopped (%s) after %d epochs; best epoch %d", result.stop_reason, len(result.history),
+                 result.best_epoch)
         report = _evaluation(result, snap, popularity, snapshot_uri)
         for split in ("val", "test"):
             for who, metrics in report[split].items():

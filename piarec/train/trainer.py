@@ -7,7 +7,9 @@ one phase (a joint Adam step per batch); RecVAE alternates encoder and decoder p
 each with its own optimizer. The loop below only walks the phases.
 
 MLflow and storage wiring live in :mod:`piarec.train.job`; this module only needs a
-snapshot and a config, and reports each epoch through a callback.
+snapshot and a config, and reports each epoch through a callback. Under torchrun it trains
+data-parallel (:mod:`piarec.train.distributed`): each rank works on its shard of every global
+batch and the ranks sum their gradients.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from piarec.models.contract import Phase, SparseBatch
 from piarec.models.factory import build_model
 from piarec.data.snapshot import Snapshot
 from piarec.data.csr import CSR
+from piarec.models.noise import stream_key
 from piarec.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from piarec.train.distributed import Ranks, all_reduce_sum, broadcast_object, join, local_device, ranks_from_env
 
 
 @dataclass
@@ -41,6 +45,9 @@ class TrainResult:
     best_metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     lambda_a: float = 0.0  # final value of the schedule
+    # Why the loop ended: "early_stop" (no validation improvement for early_stop_patience
+    # epochs) or "epochs" (training.epochs reached).
+    stop_reason: str = "epochs"
 
 
 def beta_at(step: int, cap: float, anneal_steps: float) -> float:
@@ -97,22 +104,42 @@ class LambdaSchedule:
         return True
 
 
+_PARTS = ("loss", "nll", "kl", "align")
+
+
 def train_step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batch: SparseBatch, beta: float, lambda_a: float,
-    phase: Phase | None = None, step: int = 0,
+    phase: Phase | None = None, step: int = 0, weight: float = 1.0, ranks: Ranks = Ranks(),
 ):
     """One update; ``step`` counts the updates made before it (for step-dependent loss
-    weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss."""
+    weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss.
+
+    Data-parallel (``ranks.parallel``): ``batch`` is this rank's part of a global batch and
+    ``weight`` its share of the global batch's users; the weighted gradients and loss parts
+    are summed over the ranks in one all-reduce, so every rank steps with the global batch's
+    gradient and every rank sees the same loss (and raises together)."""
     opt.zero_grad(set_to_none=True)
     parts = model.loss(batch, beta, lambda_a, phase, step=step)
-    if not torch.isfinite(parts.total):
-        raise TrainingError(
-            f"loss became {parts.total.item()} (nll={parts.nll.item()}, kl={parts.kl.item()}, "
-            f"align={parts.align.item()}); lower training.lr or pia.lambda_a"
-        )
-    parts.total.backward()
+    values = torch.stack([parts.total, parts.nll, parts.kl, parts.align]).detach() * weight
+    if ranks.parallel:
+        # Backward even on a non-finite loss: every rank must send the same buffer, and the
+        # non-finite sum then stops every rank below.
+        (parts.total * weight).backward()
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch.cat([*(g.reshape(-1) for g in grads), values])
+        all_reduce_sum(flat, ranks)
+        values, offset = flat[-len(_PARTS):], 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    total, nll, kl, align = values.tolist()
+    if not math.isfinite(total):
+        raise TrainingError(f"loss became {total} (nll={nll}, kl={kl}, align={align}); "
+                            "lower training.lr or pia.lambda_a")
+    if not ranks.parallel:
+        (parts.total if weight == 1.0 else parts.total * weight).backward()
     opt.step()
-    return {"loss": parts.total.item(), "nll": parts.nll.item(), "kl": parts.kl.item(), "align": parts.align.item()}
+    return dict(zip(_PARTS, (total, nll, kl, align)))
 
 
 def _only_trainable(groups: dict[str, list[torch.nn.Parameter]], active: str) -> None:
@@ -122,9 +149,36 @@ def _only_trainable(groups: dict[str, list[torch.nn.Parameter]], active: str) ->
             p.requires_grad_(name == active)
 
 
-def _batches(train: CSR, order: np.ndarray, batch_size: int, device: torch.device):
-    for start in range(0, len(order), batch_size):
-        yield SparseBatch.from_csr(train.take_rows(order[start : start + batch_size]), device)
+@dataclass(frozen=True)
+class _Rows:
+    """The training rows this process holds and how its batches are cut: all of them in one
+    process; with N ranks, rank r holds global users r, r + N, r + 2N, ... (row u // N)."""
+
+    csr: CSR
+    n_users: int  # training users over all ranks
+    ranks: Ranks
+    keyed: bool  # masks and noise keyed by (seed, pass, user)
+
+    @classmethod
+    def of(cls, train: CSR, ranks: Ranks, keyed: bool) -> "_Rows":
+        held = train.take_rows(np.arange(ranks.rank, train.n_rows, ranks.world)) if ranks.parallel else train
+        return cls(held, train.n_rows, ranks, keyed)
+
+    def batches(self, order: np.ndarray, batch_size: int, device: torch.device, stream: int):
+        """(weight, batch) per global batch of ``order`` (global user ids): this rank's users
+        of it, weighted by their share of it. A rank with none of a batch's users still
+        takes part in the all-reduce, with one of its rows at weight 0."""
+        world, rank = self.ranks.world, self.ranks.rank
+        for start in range(0, len(order), batch_size):
+            users = order[start : start + batch_size]
+            if not self.keyed:
+                yield 1.0, SparseBatch.from_csr(self.csr.take_rows(users), device)
+                continue
+            mine = users[users % world == rank] if self.ranks.parallel else users
+            weight = len(mine) / len(users)
+            if not len(mine):
+                mine = np.array([rank], dtype=np.int64)
+            yield weight, SparseBatch.from_csr(self.csr.take_rows(mine // world), device, users=mine, stream=stream)
 
 
 def _check_finite(model: torch.nn.Module, epoch: int) -> None:
@@ -176,23 +230,27 @@ def _restore(ck: TrainState, model, opts, loop: _Loop, device: torch.device) -> 
     loop.rng.bit_generator.state = ck.numpy_rng
 
 
-def _train_epoch(model, groups, opts, train_rows: CSR, loop: _Loop, tc, device: torch.device,
+def _train_epoch(model, groups, opts, rows: _Rows, loop: _Loop, tc, device: torch.device,
                  align_weight: float, anneal: float) -> dict[str, float]:
     """One epoch: each phase steps its optimizer for its number of passes (one phase for
     Multi-VAE). ``align_weight``: lambda_A's multiplier in the loss (1/d for the mean
     alignment); ``anneal``: updates until beta reaches its cap. Returns the mean loss parts
     per batch."""
     model.train()
-    sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "align": 0.0}
+    sums = dict.fromkeys(_PARTS, 0.0)
     n_batches = 0
-    for phase in model.phases():
+    phases = model.phases()
+    pass_index = loop.epoch * sum(p.passes for p in phases)  # passes made before this epoch
+    for phase in phases:
         _only_trainable(groups, phase.group)
         for _ in range(phase.passes):
-            order = loop.rng.permutation(train_rows.n_rows)
-            for batch in _batches(train_rows, order, tc.batch_size, device):
+            order = loop.rng.permutation(rows.n_users)
+            stream = stream_key(tc.seed, pass_index)
+            pass_index += 1
+            for weight, batch in rows.batches(order, tc.batch_size, device, stream):
                 beta = beta_at(loop.step, tc.beta_cap, anneal)
                 parts = train_step(model, opts[phase.group], batch, beta, loop.lam.value * align_weight, phase,
-                                   step=loop.step)
+                                   step=loop.step, weight=weight, ranks=rows.ranks)
                 for key, v in parts.items():
                     sums[key] += v
                 loop.step += 1
@@ -207,6 +265,7 @@ def train(
     *,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     checkpoint_path: str | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Fit the configured model (+ PIA when ``cfg.pia.enabled``) on ``snap.train``; select
     the epoch with the best validation NDCG@100.
@@ -216,6 +275,11 @@ def train(
     RNG states, so a resumed run reaches the same weights as an uninterrupted one. Epochs
     restored from a checkpoint are replayed through ``on_epoch`` first. A non-finite loss
     or weight raises :class:`TrainingError` and leaves the last good checkpoint in place.
+
+    ``ranks`` (default: what torchrun set in the environment, else one process): with several,
+    this process joins the group and trains its shard of every global batch
+    (:mod:`piarec.train.distributed`); rank 0 alone evaluates, reports and checkpoints, and
+    returns the model every rank holds.
     """
     tc = cfg.training
     if snap.train.n_rows == 0:
@@ -223,9 +287,20 @@ def train(
     if snap.val.fold_in.n_rows == 0:
         raise TrainingError("the snapshot has no validation users; raise split.val_fraction")
 
-    # -- setup: seeds, device, model, optimizers (one per parameter group), schedules ----
-    torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
+    # -- setup: ranks, seeds, device, model, optimizers (one per parameter group), schedules
+    ranks = ranks or ranks_from_env()
+    keyed = tc.noise == "keyed" or (tc.noise == "auto" and ranks.parallel)
+    if ranks.parallel and not keyed:
+        raise TrainingError("training.noise 'generator' cannot train on several processes; use 'auto' or 'keyed'")
+    if keyed and cfg.model.regularizers.noise_contrastive:
+        raise TrainingError("the noise-contrastive regularizer draws from torch's generator; it trains with "
+                            "training.noise 'generator' in one process only")
+    if snap.train.n_rows < ranks.world:
+        raise TrainingError(f"{ranks.world} processes for {snap.train.n_rows} training users")
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    device = local_device(pick_device(tc.device), ranks)
+    join(ranks, device)
+    rows = _Rows.of(snap.train, ranks, keyed)
     model = build_model(snap.train.n_cols, cfg.model).to(device)
     groups = model.param_groups()
     # Fused Adam: one kernel over all tensors (~15 % faster per step on CPU), same update rule.
@@ -244,18 +319,19 @@ def train(
     ck = load_checkpoint(checkpoint_path, device) if checkpoint_path else None
     if ck is not None:
         _restore(ck, model, opts, loop, device)
-        for row in loop.history if on_epoch else ():
+        for row in loop.history if on_epoch and ranks.main else ():
             on_epoch(row)
 
     # -- the loop ---------------------------------------------------------------------
     while loop.epoch < tc.epochs and not (tc.early_stop_patience and loop.since_best >= tc.early_stop_patience):
         epoch = loop.epoch + 1
         t0 = time.perf_counter()
-        losses = _train_epoch(model, groups, opts, snap.train, loop, tc, device, align_weight, anneal)
+        losses = _train_epoch(model, groups, opts, rows, loop, tc, device, align_weight, anneal)
         train_s = time.perf_counter() - t0
 
-        # Validation on held-out users picks the model and drives lambda_A.
-        metrics = evaluate_model(model, snap.val, tc.eval_batch_size)
+        # Validation on held-out users picks the model and drives lambda_A (rank 0 evaluates;
+        # every rank takes its figures, so the schedules and the stop stay in step).
+        metrics = broadcast_object(evaluate_model(model, snap.val, tc.eval_batch_size) if ranks.main else None, ranks)
         improved = metrics[SELECTION_METRIC] > loop.best_ndcg
         if improved:
             loop.best_ndcg, loop.best_epoch, loop.best_metrics, loop.since_best = metrics[SELECTION_METRIC], epoch, metrics, 0
@@ -267,7 +343,7 @@ def train(
         # Collapse diagnostics on the same validation users (logged beside the metrics;
         # they do not pick the model). Their own seed: the training RNG streams stay untouched.
         diag = (collapse_metrics(model, snap.val.fold_in, cfg.diagnostics, seed=tc.seed)
-                if diagnose and epoch % cfg.diagnostics.every == 0 else {})
+                if diagnose and ranks.main and epoch % cfg.diagnostics.every == 0 else {})
 
         row = {"epoch": epoch, "step": loop.step, "beta": beta_at(loop.step, tc.beta_cap, anneal),
                "lambda_a": lambda_used, "lambda_raised": float(raised), "train_seconds": train_s, **losses,
@@ -275,14 +351,16 @@ def train(
                **{f"diag_{k}": v for k, v in diag.items()}}
         loop.history.append(row)
         loop.epoch = epoch
-        if on_epoch:
+        if on_epoch and ranks.main:
             on_epoch(row)
 
         _check_finite(model, epoch)
-        if checkpoint_path:
+        if checkpoint_path and ranks.main:
             save_checkpoint(checkpoint_path, _snapshot_state(model, opts, loop, device))
 
+    stopped_early = bool(tc.early_stop_patience and loop.since_best >= tc.early_stop_patience)
     best = build_model(snap.train.n_cols, cfg.model)
     best.load_state_dict(loop.best_state if loop.best_state is not None else copy.deepcopy(model.state_dict()))
     best.eval()
-    return TrainResult(best, loop.best_epoch, loop.best_metrics, loop.history, loop.lam.value)
+    return TrainResult(best, loop.best_epoch, loop.best_metrics, loop.history, loop.lam.value,
+                       "early_stop" if stopped_early else "epochs")

@@ -1,0 +1,93 @@
+"""Data-parallel training across processes with ``torch.distributed``.
+
+``torchrun --nproc-per-node N -m piarec train ...`` (or ``piarec train --nproc-per-node N``,
+which starts it) runs N copies of the trainer: NCCL between GPUs, gloo between CPU
+processes. The reference every rank count must reproduce is one process over the same
+global batches (docs/training-scale.md):
+
+- one global permutation of the training users per pass, the same on every rank (the
+  run's seeded generator); each global batch is cut from it as in one process;
+- rank r holds the users whose index is r mod N (its shard) and, of each global batch, works
+  on those; its loss terms are means over its users times ``n_local / n_global``, so the
+  summed gradient is the global batch's;
+- input masks and reparameterisation noise are keyed by (seed, pass, user)
+  (:mod:`piarec.models.noise`), so a user draws the same wherever it is trained;
+- one all-reduce (sum) per update carries the flattened gradients and the loss parts; every
+  rank then takes the same optimizer step, so the parameters stay equal without a broadcast.
+
+Gradients are reduced by hand rather than by ``DistributedDataParallel``: RecVAE's phases
+switch ``requires_grad`` between updates and Multi-VAE leaves the anchors without a gradient
+when PIA is off, both of which DDP's fixed buckets refuse, and a single coalesced all-reduce
+per update is what DDP would do on a model this size.
+
+Rank 0 evaluates on the validation users, logs and writes the checkpoint; every rank
+restores from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Ranks", "ranks_from_env", "join", "stop", "all_reduce_sum", "broadcast_object", "local_device"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1
+
+
+def ranks_from_env(environ=os.environ) -> Ranks:
+    """The ranks torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); one process without them."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    return Ranks(int(environ.get("RANK", "0")), world, int(environ.get("LOCAL_RANK", "0")))
+
+
+def local_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """The GPU of this rank (``cuda:LOCAL_RANK``) when training on GPUs, else ``device``."""
+    if device.type == "cuda" and ranks.parallel:
+        torch.cuda.set_device(ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+def join(ranks: Ranks, device: torch.device) -> None:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); no-op for one process."""
+    if ranks.parallel and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``tensor`` summed over the ranks, in place (unchanged for one process)."""
+    if ranks.parallel:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, ranks: Ranks):
+    """Rank 0's ``obj`` on every rank (``obj`` itself for one process)."""
+    if not ranks.parallel:
+        return obj
+    box = [obj if ranks.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
