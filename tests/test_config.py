@@ -152,7 +152,7 @@ def test_no_file_no_environment_gives_todays_values():
                         "scoring.availability": None, "scoring.availability_days": 2, "scoring.region": None,
                         "events.surface_col": "surface", "events.slot_col": "slot",  # A/B exposure columns
                         "pia.schedule": "patience", "pia.alignment": "sum", "training.anneal_epochs": None,
-                        "training.noise": "auto"})
+                        "training.noise": "auto", "training.precision": "fp32"})
     changed_since = {"training.early_stop_patience": 20}  # early stopping on by default (training scale)
     assert len(got) == 93 + len(added_since)
     assert got == {**want, **added_since, **changed_since}

@@ -143,3 +143,24 @@ def test_recvae_encoder_phase_leaves_the_decoder_alone(planted_snapshot):
     batch = SparseBatch.from_csr(planted_snapshot.train.take_rows(np.arange(50)))
     train_step(model, opt, batch, beta=0.0, lambda_a=0.1, phase=model.phases()[0])
     assert torch.equal(model.decoder.weight, before) and model.decoder.weight.grad is None
+
+
+def test_early_stopping_ends_a_stalled_run_and_says_why(planted_snapshot):
+    result = train(_cfg(epochs=200, early_stop_patience=6), planted_snapshot)
+    # the planted groups are learnt in a few epochs; six epochs later without a better one, it stops
+    assert result.stop_reason == "early_stop"
+    assert len(result.history) == result.best_epoch + 6 < 200
+    assert train(_cfg(epochs=3), planted_snapshot).stop_reason == "epochs"
+
+
+def test_bf16_autocast_learns_as_fp32_and_keeps_the_loss_in_fp32(planted_snapshot):
+    fp32 = train(_cfg(epochs=8), planted_snapshot)
+    bf16 = train(_cfg(epochs=8, precision="bf16"), planted_snapshot)
+    assert bf16.best_metrics["ndcg_at_100"] == pytest.approx(fp32.best_metrics["ndcg_at_100"], abs=0.03)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # weights stay fp32
+    model = MultiVAE(planted_snapshot.n_items, _cfg().model)
+    batch = SparseBatch.from_csr(planted_snapshot.train.take_rows(np.arange(50)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.logits(torch.zeros(2, 16)).dtype == torch.bfloat16  # the layers do run in bf16
+        parts = model.loss(batch, 0.2, 0.1)
+    assert {parts.total.dtype, parts.nll.dtype, parts.kl.dtype, parts.align.dtype} == {torch.float32}

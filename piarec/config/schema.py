@@ -200,6 +200,9 @@ class TrainingConfig(_Section):
     # "keyed" = drawn from (seed, pass, user): the same whichever process trains a user, as
     # data-parallel training needs; "auto" = keyed when several processes train, else generator.
     noise: Literal["auto", "generator", "keyed"] = "auto"
+    # "bf16": the layers run under bf16 autocast (GPUs; CPUs with bf16 units), the likelihood,
+    # KL and alignment in fp32; weights and optimizer state stay fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 ARM_NAME = r"^[A-Za-z0-9_-]+$"  # arm names name folders (arm=<name>)

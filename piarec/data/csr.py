@@ -30,9 +30,12 @@ class CSR:
 
     @classmethod
     def from_pairs(cls, rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> "CSR":
-        """Build from (row, col) pairs; duplicates collapse to one entry (binary matrix)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        cols = np.asarray(cols, dtype=np.int64)
+        """Build from (row, col) pairs; duplicates collapse to one entry (binary matrix).
+
+        Memory: one int64 sort key per pair (sorted in place) and the int32 result, about
+        12 bytes per pair beside the inputs (int32 or int64 arrays, not copied), so a
+        production week's billion pairs fit a training host."""
+        rows, cols = np.asarray(rows), np.asarray(cols)
         if rows.shape != cols.shape:
             raise ValueError(f"rows and cols differ in length: {rows.shape} vs {cols.shape}")
         if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
@@ -40,13 +43,19 @@ class CSR:
         if len(cols) and (cols.min() < 0 or cols.max() >= n_cols):
             raise ValueError(f"column index outside [0, {n_cols})")
         # sort + drop adjacent repeats: same result as np.unique, many times faster
-        key = np.sort(rows * n_cols + cols)
-        if len(key):
-            key = key[np.concatenate(([True], key[1:] != key[:-1]))]
-        r, c = np.divmod(key, n_cols)
-        indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
-        return cls(indptr, c.astype(np.int32), int(n_cols))
+        key = rows.astype(np.int64)
+        key *= n_cols
+        key += cols
+        key.sort()
+        if len(key) > 1:
+            repeat = key[1:] == key[:-1]
+            if repeat.any():
+                key = key[np.concatenate(([True], ~repeat))]
+            del repeat
+        # rows are sorted in the key: row r starts at the first key >= r * n_cols
+        indptr = np.searchsorted(key, np.arange(n_rows + 1, dtype=np.int64) * n_cols).astype(np.int64)
+        np.remainder(key, n_cols, out=key)
+        return cls(indptr, key.astype(np.int32), int(n_cols))
 
     @classmethod
     def from_lists(cls, lists: list[np.ndarray] | list[list[int]], n_cols: int) -> "CSR":

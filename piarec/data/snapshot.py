@@ -136,6 +136,15 @@ def _is(column: pa.ChunkedArray, value: str) -> np.ndarray:
     return pc.fill_null(pc.equal(column, value), False).to_numpy(zero_copy_only=False)
 
 
+def _index(column: pa.ChunkedArray, bound: int, uri: str) -> np.ndarray:
+    """An interactions index column as int32 [n], checked to lie in [0, bound)."""
+    if len(column):
+        bounds = pc.min_max(column)
+        if column.null_count or bounds["min"].as_py() < 0 or bounds["max"].as_py() >= bound:
+            raise InputDataError(f"snapshot {uri!r}: interactions point outside users/ or items/")
+    return column.to_numpy().astype(np.int32, copy=False)
+
+
 def _dense(values: np.ndarray, what: str, uri: str) -> None:
     if not np.array_equal(values, np.arange(len(values))):
         raise InputDataError(f"snapshot {uri!r}: {what} is not a dense 0..{len(values) - 1} index")
@@ -187,13 +196,13 @@ def load_snapshot(uri: str) -> Snapshot:
     n_items = len(item_ids)
     user_ids, user_split = _users(loc)
 
+    # int32 indices and one-byte masks, never an int64 or Python-object copy per positive:
+    # loading peaks near 30 bytes a positive (benchmarks/train_scale.py --load-users).
     inter = _read(loc, "interactions", ["user_idx", "item_idx", "part"])
-    u = inter.column("user_idx").to_numpy().astype(np.int64)
-    i = inter.column("item_idx").to_numpy().astype(np.int64)
-    if len(u) and (u.min() < 0 or u.max() >= len(user_ids) or i.min() < 0 or i.max() >= n_items):
-        raise InputDataError(f"snapshot {uri!r}: interactions point outside users/ or items/")
-    part_col = inter.column("part")
-    part = {p: _is(part_col, p) for p in PARTS}
+    u = _index(inter.column("user_idx"), len(user_ids), uri)
+    i = _index(inter.column("item_idx"), n_items, uri)
+    part = {p: _is(inter.column("part"), p) for p in PARTS}
+    del inter
     row_split = user_split[u]
     # Train users contribute only "train" rows; held-out users only fold_in / held_out.
     if (part["train"] != (row_split == 0)).any() or not (
@@ -203,8 +212,8 @@ def load_snapshot(uri: str) -> Snapshot:
 
     def rows_of(code: int, mask: np.ndarray) -> tuple[np.ndarray, CSR]:
         members = np.flatnonzero(user_split == code)
-        local = np.full(len(user_ids), -1, dtype=np.int64)
-        local[members] = np.arange(len(members))
+        local = np.full(len(user_ids), -1, dtype=np.int32)
+        local[members] = np.arange(len(members), dtype=np.int32)
         sel = mask & (row_split == code)
         return user_ids[members], CSR.from_pairs(local[u[sel]], i[sel], len(members), n_items)
 

@@ -119,6 +119,7 @@ class MultiVAE(nn.Module):
         """
         keep_prob = self.config.keep_prob if phase is None else phase.keep_prob
         mu, logvar, h = self.encode_base(batch, keep_prob)
+        mu, logvar = mu.float(), logvar.float()  # the loss terms in fp32 under bf16 autocast
         std = torch.exp(0.5 * logvar)
         z0 = mu + std * standard_normal(batch, std)
         if self.flow is None:

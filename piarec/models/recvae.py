@@ -119,6 +119,7 @@ class RecVAE(nn.Module):
         other terms do not depend on the decoder."""
         phase = phase or self.phases()[0]
         mu, logvar = self.encoder(batch, phase.keep_prob)
+        mu, logvar = mu.float(), logvar.float()  # the loss terms in fp32 under bf16 autocast
         z = mu + torch.exp(0.5 * logvar) * standard_normal(batch, mu)
         nll = multinomial_nll(self.logits(z), batch)
         zero = torch.zeros((), device=mu.device)

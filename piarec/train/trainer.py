@@ -110,6 +110,7 @@ _PARTS = ("loss", "nll", "kl", "align")
 def train_step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batch: SparseBatch, beta: float, lambda_a: float,
     phase: Phase | None = None, step: int = 0, weight: float = 1.0, ranks: Ranks = Ranks(),
+    precision: str = "fp32",
 ):
     """One update; ``step`` counts the updates made before it (for step-dependent loss
     weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss.
@@ -119,7 +120,8 @@ def train_step(
     are summed over the ranks in one all-reduce, so every rank steps with the global batch's
     gradient and every rank sees the same loss (and raises together)."""
     opt.zero_grad(set_to_none=True)
-    parts = model.loss(batch, beta, lambda_a, phase, step=step)
+    with torch.autocast(batch.indices.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        parts = model.loss(batch, beta, lambda_a, phase, step=step)
     values = torch.stack([parts.total, parts.nll, parts.kl, parts.align]).detach() * weight
     if ranks.parallel:
         # Backward even on a non-finite loss: every rank must send the same buffer, and the
@@ -250,7 +252,7 @@ def _train_epoch(model, groups, opts, rows: _Rows, loop: _Loop, tc, device: torc
             for weight, batch in rows.batches(order, tc.batch_size, device, stream):
                 beta = beta_at(loop.step, tc.beta_cap, anneal)
                 parts = train_step(model, opts[phase.group], batch, beta, loop.lam.value * align_weight, phase,
-                                   step=loop.step, weight=weight, ranks=rows.ranks)
+                                   step=loop.step, weight=weight, ranks=rows.ranks, precision=tc.precision)
                 for key, v in parts.items():
                     sums[key] += v
                 loop.step += 1

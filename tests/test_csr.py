@@ -1,0 +1,49 @@
+"""CSR construction (piarec/data/csr.py) and the snapshot loader's index checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from piarec.data.csr import CSR
+from piarec.errors import InputDataError
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_from_pairs_is_the_sorted_set_of_pairs_per_row(dtype):
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 300, 20_000).astype(dtype)
+    cols = rng.integers(0, 50, 20_000).astype(dtype)  # many repeats to collapse
+    csr = CSR.from_pairs(rows, cols, n_rows=310, n_cols=50)  # rows 300-309 stay empty
+    want = np.unique(np.stack([rows, cols], axis=1).astype(np.int64), axis=0)
+    assert csr.indices.dtype == np.int32 and csr.indptr.dtype == np.int64
+    assert csr.nnz == len(want) and csr.row_lengths()[300:].sum() == 0
+    got = np.stack([np.repeat(np.arange(csr.n_rows), csr.row_lengths()), csr.indices], axis=1)
+    assert np.array_equal(got, want)
+    assert rows.dtype == dtype and rows.max() < 300  # the inputs are left as they were
+
+
+def test_from_pairs_refuses_indices_outside_the_shape():
+    with pytest.raises(ValueError, match="row index outside"):
+        CSR.from_pairs(np.array([0, 3]), np.array([0, 0]), 3, 2)
+    with pytest.raises(ValueError, match="column index outside"):
+        CSR.from_pairs(np.array([0]), np.array([-1]), 3, 2)
+    empty = CSR.from_pairs(np.array([], np.int32), np.array([], np.int32), 4, 2)
+    assert empty.nnz == 0 and empty.indptr.tolist() == [0, 0, 0, 0, 0]
+
+
+def test_load_snapshot_refuses_interactions_outside_its_items(tmp_path):
+    from test_gate import planted, write_snapshot
+
+    from piarec.data.snapshot import load_snapshot
+
+    snap = planted(100)
+    good = write_snapshot(snap, tmp_path / "good" / "window_end=2026-04-01")
+    assert load_snapshot(good).train.nnz == snap.train.nnz
+    # the interactions name items past the items/ table
+    short = dataclasses.replace(snap, item_ids=snap.item_ids[:-10], item_popularity=snap.item_popularity[:-10])
+    bad = write_snapshot(short, tmp_path / "bad" / "window_end=2026-04-01")
+    with pytest.raises(InputDataError, match="interactions point outside users/ or items/"):
+        load_snapshot(bad)
