@@ -4,7 +4,7 @@ projected wall time of a weekly run.
     python benchmarks/train_scale.py [--users 200000] [--items 4000] [--mean-length 40]
         [--updates 30] [--batch-size 500] [--epochs 200] [--project-users 25000000]
         [--arms fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000]
-        [--threads 1] [--load-users 0] [--json OUT]
+        [--threads 1] [--load-users 0 [--load-baseline DIR]] [--json OUT]
 
 The matrix is synthetic and shaped like the production window (paper section 4.1: ~25M users,
 ~4,000 titles, ~40 positives per user): heavy-tailed user lengths (lognormal, clipped to
@@ -37,7 +37,9 @@ same device. The projection of a weekly run is ``epochs x (epoch + evaluation)``
 most runs sooner; the table in docs/training-scale.md gives the samples/s each budget needs).
 
 ``--load-users N`` also writes an N-user snapshot in the published layout and reports the peak
-RSS of ``load_snapshot`` in a fresh process (bytes per user and per positive).
+memory (VmHWM) of ``load_snapshot`` in a fresh process, bytes per user and per positive; with
+``--load-baseline DIR`` the loader of another checkout (``git worktree add DIR REV``) is
+measured on the same snapshot in the same run.
 """
 
 from __future__ import annotations
@@ -209,8 +211,9 @@ def time_evaluation(train: CSR, args, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def load_rss(n_users: int, args) -> dict:
-    """Peak RSS of ``load_snapshot`` on an ``n_users`` snapshot, measured in a fresh process."""
+def load_rss(n_users: int, args) -> list[dict]:
+    """Peak memory of ``load_snapshot`` on an ``n_users`` snapshot, each in a fresh process: this
+    checkout's loader, then that of ``args.load_baseline`` (another checkout) when given."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from test_gate import write_snapshot  # the published layout, as the tests write it
 
@@ -224,19 +227,27 @@ def load_rss(n_users: int, args) -> dict:
                     np.bincount(csr.indices, minlength=args.items).astype(np.int64), csr,
                     np.array([f"user-{u:09d}" for u in range(n_users)], dtype=object),
                     Split(no_users, empty, empty), Split(no_users, empty, empty))
+    del csr
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's RSS at fork.
+    hwm = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
         uri = write_snapshot(snap, Path(tmp, "window_end=2026-04-01"))
-        # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's RSS at fork.
-        hwm = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
-        code = f"import sys; from piarec.data.snapshot import load_snapshot; s = load_snapshot(sys.argv[1]); " \
-               f"print(s.train.nnz, {hwm})"
-        base = subprocess.run([sys.executable, "-c", f"import piarec.data.snapshot; print({hwm})"],
-                              capture_output=True, text=True, check=True)
-        got = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, check=True)
-    nnz, peak_kb = map(int, got.stdout.split())
-    extra = (peak_kb - int(base.stdout)) * 1024
-    return {"users": n_users, "positives": nnz, "peak_rss_mb": peak_kb / 1024,
-            "above_imports_mb": extra / 2**20, "bytes_per_user": extra / n_users, "bytes_per_positive": extra / nnz}
+        for code_dir in [str(Path(__file__).parents[1]), *([args.load_baseline] if args.load_baseline else [])]:
+            # import piarec from code_dir, ahead of an editable install's finder
+            pre = (f"import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+                   f"sys.path.insert(0, {code_dir!r}); import piarec.data.snapshot as m; ")
+            base = subprocess.run([sys.executable, "-c", pre + f"print({hwm})"], capture_output=True, text=True,
+                                  check=True)
+            got = subprocess.run([sys.executable, "-c", pre + f"s = m.load_snapshot(sys.argv[1]); "
+                                  f"print(m.__file__, s.train.nnz, {hwm})", uri],
+                                 capture_output=True, text=True, check=True)
+            where, nnz, peak_kb = got.stdout.split()
+            extra = (int(peak_kb) - int(base.stdout)) * 1024
+            out.append({"code": where, "users": n_users, "positives": int(nnz), "peak_rss_mb": int(peak_kb) / 1024,
+                        "above_imports_mb": extra / 2**20, "bytes_per_user": extra / n_users,
+                        "bytes_per_positive": extra / int(nnz)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", default="fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--load-users", type=int, default=0, help="also measure load_snapshot's peak RSS")
+    p.add_argument("--load-baseline", metavar="DIR", help="another checkout whose loader is measured beside this one")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -302,11 +314,13 @@ def main(argv: list[str] | None = None) -> None:
            "eval_seconds_per_user": eval_per_user, "project_users": args.project_users, "epochs": args.epochs}
     if args.load_users:
         out["load"] = load_rss(args.load_users, args)
-        ld = out["load"]
-        print(f"\nload_snapshot, {ld['users']:,} users / {ld['positives']:,} positives: peak RSS "
-              f"{ld['peak_rss_mb']:,.0f} MB, {ld['above_imports_mb']:,.0f} MB above the imports = "
-              f"{ld['bytes_per_user']:,.0f} B per user ({ld['bytes_per_positive']:.0f} B per positive): "
-              f"{ld['bytes_per_user'] * 1e6 / 2**30:.2f} GB per million users")
+        print()
+        for ld in out["load"]:
+            ratio = ld["above_imports_mb"] / out["load"][0]["above_imports_mb"]
+            print(f"load_snapshot ({ld['code']}), {ld['users']:,} users / {ld['positives']:,} positives: peak RSS "
+                  f"{ld['peak_rss_mb']:,.0f} MB, {ld['above_imports_mb']:,.0f} MB above the imports = "
+                  f"{ld['bytes_per_positive']:.0f} B per positive, {ld['bytes_per_user'] * 1e6 / 2**30:.2f} GB per "
+                  f"million users ({ratio:.2f}x this checkout's)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

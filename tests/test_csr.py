@@ -47,3 +47,23 @@ def test_load_snapshot_refuses_interactions_outside_its_items(tmp_path):
     bad = write_snapshot(short, tmp_path / "bad" / "window_end=2026-04-01")
     with pytest.raises(InputDataError, match="interactions point outside users/ or items/"):
         load_snapshot(bad)
+
+
+def test_load_snapshot_refuses_parts_that_contradict_the_splits(tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from test_gate import planted, write_snapshot
+
+    from piarec.data.commit import read_pointer
+    from piarec.data.snapshot import load_snapshot
+
+    uri = write_snapshot(planted(100), tmp_path / "window_end=2026-04-01")
+    (part_file,) = (tmp_path / "window_end=2026-04-01" / "_versions" / read_pointer(uri).version
+                    / "interactions").glob("*.parquet")
+    table = pq.read_table(part_file)
+    # a validation user's fold-in positive marked as training data
+    parts = pc.if_else(pc.equal(table.column("part"), "fold_in"), "train", table.column("part"))
+    pq.write_table(table.set_column(2, "part", parts), part_file)
+    with pytest.raises(InputDataError, match="interaction parts contradict user splits"):
+        load_snapshot(uri)

@@ -131,12 +131,12 @@ def _read(loc: Location, name: str, columns: list[str]) -> pa.Table:
     return table
 
 
-def _is(column: pa.ChunkedArray, value: str) -> np.ndarray:
+def _is(column: pa.Array | pa.ChunkedArray, value: str) -> np.ndarray:
     """bool [n]: ``column == value`` (null = False), vectorised in Arrow."""
     return pc.fill_null(pc.equal(column, value), False).to_numpy(zero_copy_only=False)
 
 
-def _index(column: pa.ChunkedArray, bound: int, uri: str) -> np.ndarray:
+def _index(column: pa.Array, bound: int, uri: str) -> np.ndarray:
     """An interactions index column as int32 [n], checked to lie in [0, bound)."""
     if len(column):
         bounds = pc.min_max(column)
@@ -171,6 +171,49 @@ def _users(loc: Location) -> tuple[np.ndarray, np.ndarray]:
     return user_ids, user_split
 
 
+# (split code, part) -> where its pairs go; train users hold only "train" pairs, held-out users
+# only "fold_in" and "held_out" ones.
+_PIECES = ((0, "train"), (1, "fold_in"), (1, "held_out"), (2, "fold_in"), (2, "held_out"))
+
+
+def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.ndarray, n_items: int):
+    """interactions/ as the train CSR and the val/test splits, read one record batch at a
+    time: only the int32 (row, item) pairs of each piece accumulate, never the whole table,
+    an int64 copy or a Python object per positive (about 33 bytes a positive at the peak:
+    benchmarks/train_scale.py --load-users)."""
+    sub = loc.child("interactions")
+    if not exists(sub):
+        raise InputDataError(f"snapshot {loc.uri!r} has no interactions/ folder")
+    local = np.full(len(user_ids), -1, dtype=np.int32)  # user_idx -> row within its split
+    members = {code: np.flatnonzero(user_split == code) for code in range(len(SPLITS))}
+    for rows in members.values():
+        local[rows] = np.arange(len(rows), dtype=np.int32)
+    pieces: dict[tuple[int, str], tuple[list, list]] = {key: ([], []) for key in _PIECES}
+    dataset = ds.dataset(sub.path, filesystem=loc.fs, format="parquet")
+    for batch in dataset.to_batches(columns=["user_idx", "item_idx", "part"], batch_size=1 << 22):
+        u = _index(batch.column(0), len(user_ids), uri)
+        i = _index(batch.column(1), n_items, uri)
+        part = {p: _is(batch.column(2), p) for p in PARTS}
+        row_split = user_split[u]
+        if (part["train"] != (row_split == 0)).any() or not (part["train"] | part["fold_in"] | part["held_out"]).all():
+            raise InputDataError(f"snapshot {uri!r}: interaction parts contradict user splits")
+        for (code, name), (r, c) in pieces.items():
+            sel = part[name] & (row_split == code)
+            r.append(local[u[sel]])
+            c.append(i[sel])
+
+    def csr(code: int, name: str) -> CSR:
+        r, c = pieces.pop((code, name))
+        rows, cols = (np.concatenate(x) if x else np.zeros(0, np.int32) for x in (r, c))
+        del r[:], c[:]
+        return CSR.from_pairs(rows, cols, len(members[code]), n_items)
+
+    train = csr(0, "train")
+    splits = {name: Split(user_ids[members[code]], csr(code, "fold_in"), csr(code, "held_out"))
+              for code, name in ((1, "val"), (2, "test"))}
+    return user_ids[members[0]], train, splits
+
+
 def load_snapshot(uri: str) -> Snapshot:
     """Load the published snapshot at ``uri`` (local path or ``s3://``).
 
@@ -196,34 +239,7 @@ def load_snapshot(uri: str) -> Snapshot:
     n_items = len(item_ids)
     user_ids, user_split = _users(loc)
 
-    # int32 indices and one-byte masks, never an int64 or Python-object copy per positive:
-    # loading peaks near 30 bytes a positive (benchmarks/train_scale.py --load-users).
-    inter = _read(loc, "interactions", ["user_idx", "item_idx", "part"])
-    u = _index(inter.column("user_idx"), len(user_ids), uri)
-    i = _index(inter.column("item_idx"), n_items, uri)
-    part = {p: _is(inter.column("part"), p) for p in PARTS}
-    del inter
-    row_split = user_split[u]
-    # Train users contribute only "train" rows; held-out users only fold_in / held_out.
-    if (part["train"] != (row_split == 0)).any() or not (
-        part["train"] | part["fold_in"] | part["held_out"]
-    ).all():
-        raise InputDataError(f"snapshot {uri!r}: interaction parts contradict user splits")
-
-    def rows_of(code: int, mask: np.ndarray) -> tuple[np.ndarray, CSR]:
-        members = np.flatnonzero(user_split == code)
-        local = np.full(len(user_ids), -1, dtype=np.int32)
-        local[members] = np.arange(len(members), dtype=np.int32)
-        sel = mask & (row_split == code)
-        return user_ids[members], CSR.from_pairs(local[u[sel]], i[sel], len(members), n_items)
-
-    train_ids, train = rows_of(0, part["train"])
-    splits = {}
-    for code, name in ((1, "val"), (2, "test")):
-        ids, fold_in = rows_of(code, part["fold_in"])
-        _, held_out = rows_of(code, part["held_out"])
-        splits[name] = Split(ids, fold_in, held_out)
-
+    train_ids, train, splits = _interactions(loc, uri, user_ids, user_split, n_items)
     _check_counts(uri, manifest, n_items, {
         "train": (len(train_ids), {"train": train.nnz, "fold_in": 0, "held_out": 0}),
         **{name: (s.n_users, {"train": 0, "fold_in": s.fold_in.nnz, "held_out": s.held_out.nnz})
