@@ -175,7 +175,8 @@ class PIAConfig(_Section):
     # every epoch whose best validation epoch is rho or more epochs behind, without a cap.
     schedule: Literal["patience", "paper"] = "patience"
     # Eq. 9 "sum": the squared distance summed over the latent dimensions; "mean": averaged
-    # over them (lambda_A * mean = lambda_A / latent_dim * sum).
+    # over them (lambda_A * mean = lambda_A / latent_dim * sum). The paper's lambda_A = 8 trains well
+    # only with "mean"; with "sum" it collapses the posterior (docs/benchmarks.md, section 1b).
     alignment: Literal["sum", "mean"] = "sum"
 
 
