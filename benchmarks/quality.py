@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --data PATH [--format auto] [--seeds 3]
         [--models popularity,ease,multivae,multivae+pia] [--heldout-frac 0.1 | --heldout-users N]
-        [--epochs 200] [--patience 25] [--batch-size 500] [--lambda-grid 0.1,1,8] [--json OUT]
+        [--epochs 200] [--patience 25] [--batch-size 500] [--lambda-grid 0.1,1,8] [--folds K] [--json OUT]
 
 Model names: ``popularity``, ``ease``, and ``<backbone>[-<encoder>][+pia][+lr][+nc]`` with
 backbone ``multivae`` or ``recvae`` and encoder ``deeper``, ``iaf`` or ``liang`` (Liang's
@@ -18,11 +18,18 @@ NDCG@100, early stopping after ``--patience`` epochs without improvement), EASE'
 and PIA's starting lambda_A (grid ``--lambda-grid``, trained with seed 0; the other seeds
 reuse the picked value). Test users are only scored. Prints markdown: test metrics
 (mean +- std over seeds), per-user-group NDCG@100, and paired bootstrap comparisons.
+
+``--folds K``: K disjoint folds of the users (``build_snapshot(fold=(f, K))``); for each fold f,
+every model is trained (and its lambda_A picked) with fold f + 1 as validation users and
+scored on fold f. The per-user results of the K folds are pooled, so every user is a test
+user once, and the paired comparison runs over all of them (users nested in folds, seeds
+paired; the bootstrap resamples users over the pool).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -169,6 +176,40 @@ def run_model(snap, args, name: str, cache: Path | None) -> dict[str, Any]:
             "val_grid": {str(v): tuned[v]["val"]["ndcg_at_100"] for v in grid} if pia else {}}
 
 
+def pool_folds(per_fold: list[tuple[Any, dict[str, dict[str, Any]]]]):
+    """One (snapshot, results) over K folds: each seed's per-user arrays concatenated over
+    the folds (every user once), validation NDCG averaged, training seconds summed; the
+    snapshot's counts name all test users. The settings list each fold's pick."""
+    snap0 = per_fold[0][0]
+    counts = dict(snap0.manifest["counts"])
+    counts["test_users"] = sum(s.test.n_users for s, _ in per_fold)
+    counts["train_users"] = f"{counts['train_users']} per fold"
+    counts["val_users"] = f"{counts['val_users']} per fold"
+    snap = dataclasses.replace(snap0, manifest={**snap0.manifest, "counts": counts})
+    pooled: dict[str, dict[str, Any]] = {}
+    for name in per_fold[0][1]:
+        by_fold = [res[name] for _, res in per_fold]
+        runs = []
+        for s in range(len(by_fold[0]["runs"])):
+            fold_runs = [r["runs"][s] for r in by_fold]
+            run: dict[str, Any] = {
+                "seed": s, "val": {"ndcg_at_100": float(np.mean([r["val"]["ndcg_at_100"] for r in fold_runs]))},
+                "per_user": {k: np.concatenate([np.asarray(r["per_user"][k]) for r in fold_runs])
+                             for k in fold_runs[0]["per_user"]}}
+            if "best_epoch" in fold_runs[0]:
+                run["best_epoch"] = int(np.median([r["best_epoch"] for r in fold_runs]))
+                run["train_seconds"] = float(sum(r["train_seconds"] for r in fold_runs))
+            if "diagnostics" in fold_runs[0]:
+                run["diagnostics"] = {k: float(np.mean([r["diagnostics"][k] for r in fold_runs]))
+                                      for k in fold_runs[0]["diagnostics"]}
+            runs.append(run)
+        settings = {r["settings"] for r in by_fold}
+        pooled[name] = {"model": name, "runs": runs, "folds": len(per_fold),
+                        "settings": settings.pop() if len(settings) == 1 else "per fold: " + ", ".join(
+                            r["settings"] for r in by_fold)}
+    return snap, pooled
+
+
 def stat(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
@@ -249,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout-frac", type=float, default=0.1)
     p.add_argument("--heldout-users", type=int, default=None, help="per split; overrides --heldout-frac")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=None,
+                   help="K disjoint folds of test users, pooled (every user tested once); replaces --heldout-*")
     p.add_argument("--min-rating", type=float, default=4.0)
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=25)
@@ -289,14 +332,19 @@ def main(argv: list[str] | None = None) -> None:
         if m not in ("popularity", "ease"):
             parse_model(m)
 
-    snap = load_dataset(args.data, args.format, min_rating=args.min_rating, heldout_users=args.heldout_users,
-                        heldout_frac=args.heldout_frac, seed=args.split_seed)
-    log(f"{args.data}: {snap.manifest['counts']} (torch threads {torch.get_num_threads()})")
     cache = Path(args.cache) if args.cache else None
-    results = {}
-    for m in models:
-        log(f"{m}:")
-        results[m] = run_model(snap, args, m, cache)
+    per_fold = []
+    for fold in ([None] if not args.folds else [(f, args.folds) for f in range(args.folds)]):
+        snap = load_dataset(args.data, args.format, min_rating=args.min_rating, heldout_users=args.heldout_users,
+                            heldout_frac=args.heldout_frac, seed=args.split_seed, fold=fold)
+        log(f"{args.data}{f' fold {fold[0]} of {fold[1]}' if fold else ''}: {snap.manifest['counts']} "
+            f"(torch threads {torch.get_num_threads()})")
+        results = {}
+        for m in models:
+            log(f"{m}:")
+            results[m] = run_model(snap, args, m, cache)
+        per_fold.append((snap, results))
+    snap, results = per_fold[0] if len(per_fold) == 1 else pool_folds(per_fold)
     table = markdown(snap, args, results)
     print(table)
     if args.json:

@@ -134,3 +134,19 @@ def test_min_rating_and_user_filter_are_configurable(files):
         load_dataset(files["ml-100k"], heldout_users=3)
     with pytest.raises(InputDataError, match="unknown format"):
         load_dataset(files["ml-100k"], "nope")
+
+
+def test_disjoint_folds_make_every_user_a_test_user_once():
+    inter = _big_ratings(n_users=90)
+    k = 5
+    folds = [build_snapshot(inter, min_rating=1.0, fold=(f, k), seed=2) for f in range(k)]
+    tests = [set(s.test.user_ids) for s in folds]
+    everyone = set(folds[0].train_user_ids) | set(folds[0].val.user_ids) | tests[0]
+    assert set().union(*tests) == everyone and sum(map(len, tests)) == len(everyone)  # disjoint, covering
+    for f, snap in enumerate(folds):
+        assert set(snap.val.user_ids) == tests[(f + 1) % k]  # the next fold validates
+        assert not set(snap.train_user_ids) & (tests[f] | tests[(f + 1) % k])
+        assert abs(len(tests[f]) - len(everyone) / k) < 1
+        assert snap.manifest["protocol"]["fold"] == [f, k]
+    with pytest.raises(InputDataError, match="fold 5 of 5"):
+        build_snapshot(inter, min_rating=1.0, fold=(5, 5))

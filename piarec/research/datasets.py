@@ -167,24 +167,39 @@ def build_snapshot(
     fold_in_fraction: float = 0.8,
     seed: int = 0,
     source: str = "memory",
+    fold: tuple[int, int] | None = None,
 ) -> Snapshot:
     """Positives -> user filter -> seeded held-out users -> items of training users -> 80/20
     fold-in split; see the module docstring. ``heldout_users`` (per split) overrides
-    ``heldout_frac`` (a fraction of the kept users, rounded, per split)."""
+    ``heldout_frac`` (a fraction of the kept users, rounded, per split).
+
+    ``fold=(f, K)``: the seeded permutation of the users is cut into K disjoint folds of
+    near-equal size; fold f is the test users, fold f + 1 (mod K) the validation users and
+    the other K - 2 folds the training users (``heldout_users`` and ``heldout_frac`` are then
+    unused). Over f = 0..K-1 every user is a test user exactly once."""
     positive = np.ones(len(inter.user), bool) if inter.rating is None else inter.rating >= min_rating
     pairs = pd.DataFrame({"user": inter.user[positive], "item": inter.item[positive]}).drop_duplicates()
     counts = pairs.groupby("user")["item"].transform("size")
     pairs = pairs[counts >= min_user_positives]
     users = np.sort(pairs["user"].unique())  # sorted ids: the permutation alone decides the split
     n = len(users)
-    n_held = heldout_users if heldout_users is not None else int(round(heldout_frac * n))
-    if n_held < 1 or n - 2 * n_held < 1:
-        raise InputDataError(f"{n} users after filtering cannot give {n_held} validation and test users each")
     rng = np.random.default_rng(seed)
     perm = users[rng.permutation(n)]
     role = pd.Series(0, index=perm)  # 0 train, 1 val, 2 test
-    role.iloc[n - 2 * n_held : n - n_held] = 1
-    role.iloc[n - n_held :] = 2
+    if fold is None:
+        n_held = heldout_users if heldout_users is not None else int(round(heldout_frac * n))
+        if n_held < 1 or n - 2 * n_held < 1:
+            raise InputDataError(f"{n} users after filtering cannot give {n_held} validation and test users each")
+        role.iloc[n - 2 * n_held : n - n_held] = 1
+        role.iloc[n - n_held :] = 2
+    else:
+        f, k = fold
+        if not (k >= 3 and 0 <= f < k and n >= 3 * k):
+            raise InputDataError(f"fold {f} of {k} over {n} users: need 3 <= K <= users / 3 and 0 <= f < K")
+        of = np.arange(n) * k // n  # the fold of each position in the permutation
+        role.iloc[of == (f + 1) % k] = 1
+        role.iloc[of == f] = 2
+        n_held = int((of == f).sum())
     pairs = pairs.assign(role=role.loc[pairs["user"].to_numpy()].to_numpy())
 
     train_pairs = pairs[pairs["role"] == 0]
@@ -197,28 +212,29 @@ def build_snapshot(
         return CSR.from_pairs(row.loc[frame["user"].to_numpy()].to_numpy(),
                               item_idx.loc[frame["item"].to_numpy()].to_numpy(), len(order), len(item_ids))
 
-    train_users = perm[: n - 2 * n_held]
+    train_users = perm[role.to_numpy() == 0]
     train = csr_of(train_pairs, train_users)
     splits = {}
     for code, name in ((1, "val"), (2, "test")):
         ids = perm[role.to_numpy() == code]
         part = pairs[(pairs["role"] == code) & pairs["item"].isin(item_idx.index)]
         full = csr_of(part, ids)
-        fold, held = [], []
+        fold_in, held = [], []
         for u in range(full.n_rows):
             row = full.row(u)
             k = int(np.floor((1 - fold_in_fraction) * len(row) + 1e-9)) if len(row) >= 5 else 0
             out = np.zeros(len(row), bool)
             out[rng.choice(len(row), size=k, replace=False)] = True
-            fold.append(row[~out])
+            fold_in.append(row[~out])
             held.append(row[out])
-        splits[name] = Split(ids, CSR.from_lists(fold, len(item_ids)), CSR.from_lists(held, len(item_ids)))
+        splits[name] = Split(ids, CSR.from_lists(fold_in, len(item_ids)), CSR.from_lists(held, len(item_ids)))
 
     manifest = {
         "source": source, "format": inter.fmt,
         "protocol": {"min_rating": None if inter.rating is None else min_rating,
                      "min_user_positives": min_user_positives, "heldout_users": n_held,
-                     "fold_in_fraction": fold_in_fraction, "seed": seed},
+                     "fold_in_fraction": fold_in_fraction, "seed": seed,
+                     **({"fold": list(fold)} if fold is not None else {})},
         "counts": {"users": n, "items": len(item_ids), "train_users": train.n_rows, "train_nnz": train.nnz,
                    **{f"{s}_users": splits[s].n_users for s in splits},
                    **{f"{s}_fold_in_nnz": splits[s].fold_in.nnz for s in splits},
