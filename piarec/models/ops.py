@@ -113,9 +113,10 @@ class _MultinomialNLL(torch.autograd.Function):
 
 def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
     """-mean_u sum_{i in S_u} log softmax(logits_u)_i, gathering only at the positives.
-    ``logits``: float [B, I]; returns a scalar. Computed in fp32 whatever the logits' dtype
-    (bf16 under ``training.precision: bf16``): the log-sum-exp over thousands of items needs it."""
-    logits = logits.float()
+    ``logits``: float [B, I]; returns a scalar. Computed in fp32 or wider
+    (bf16 logits under ``training.precision: bf16``): the log-sum-exp over thousands of items needs it."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     return _MultinomialNLL.apply(logits, batch.row_ids(), batch.indices, batch.lengths.to(logits.dtype))
 
 
