@@ -64,7 +64,7 @@ from piarec.data.csr import CSR
 from piarec.models.contract import SparseBatch
 from piarec.models.factory import build_model
 from piarec.train.distributed import Ranks
-from piarec.train.trainer import train_step
+from piarec.train.trainer import TrainRows, train_step
 
 
 def synthetic_window(n_users: int, n_items: int, mean_length: float, seed: int = 0, chunk: int = 1_000_000) -> CSR:
@@ -133,16 +133,11 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
         model.decoder = torch.compile(model.decoder)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     seq = np.resize(order, (args.updates + 2) * batch_size)  # wraps round when the matrix is smaller
-    globals_ = [seq[j * batch_size : (j + 1) * batch_size] for j in range(args.updates + 2)]
-    if ranks.parallel:
-        mine = [g[g % ranks.world == ranks.rank] for g in globals_]
-        local = train.take_rows(np.arange(ranks.rank, train.n_rows, ranks.world))
-        source = ((len(m) / len(g), SparseBatch.from_csr(local.take_rows(m // ranks.world), device, users=m, stream=j))
-                  for j, (g, m) in enumerate(zip(globals_, mine)))
-    elif arm == "pinned":
+    if arm == "pinned":
+        globals_ = [seq[j * batch_size : (j + 1) * batch_size] for j in range(args.updates + 2)]
         source = ((1.0, b) for b in _prefetched(train, globals_, device))
-    else:
-        source = ((1.0, SparseBatch.from_csr(train.take_rows(g), device)) for g in globals_)
+    else:  # the trainer's own batches: with several ranks, this rank's shard of each global batch
+        source = TrainRows.of(train, ranks, keyed=ranks.parallel).batches(seq, batch_size, device, stream=0)
     t0 = 0.0
     for j, (weight, batch) in enumerate(source):
         if j == 2:

@@ -122,13 +122,17 @@ def code_version() -> dict[str, str | None]:
     return {"piarec": __version__, "git_commit": commit}
 
 
-def _read(loc: Location, name: str, columns: list[str]) -> pa.Table:
+def _dataset(loc: Location, name: str) -> ds.Dataset:
+    """The Parquet files of the snapshot's ``name/`` folder (InputDataError without one)."""
     sub = loc.child(name)
     if not exists(sub):
         raise InputDataError(f"snapshot {loc.uri!r} has no {name}/ folder")
     # Spark's own markers (_SUCCESS, .crc files) are skipped by the default ignore_prefixes.
-    table = ds.dataset(sub.path, filesystem=loc.fs, format="parquet").to_table(columns=columns)
-    return table
+    return ds.dataset(sub.path, filesystem=loc.fs, format="parquet")
+
+
+def _read(loc: Location, name: str, columns: list[str]) -> pa.Table:
+    return _dataset(loc, name).to_table(columns=columns)
 
 
 def _is(column: pa.Array | pa.ChunkedArray, value: str) -> np.ndarray:
@@ -181,15 +185,12 @@ def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.
     time: only the int32 (row, item) pairs of each piece accumulate, never the whole table,
     an int64 copy or a Python object per positive (about 33 bytes a positive at the peak:
     benchmarks/train_scale.py --load-users)."""
-    sub = loc.child("interactions")
-    if not exists(sub):
-        raise InputDataError(f"snapshot {loc.uri!r} has no interactions/ folder")
+    dataset = _dataset(loc, "interactions")
     local = np.full(len(user_ids), -1, dtype=np.int32)  # user_idx -> row within its split
     members = {code: np.flatnonzero(user_split == code) for code in range(len(SPLITS))}
     for rows in members.values():
         local[rows] = np.arange(len(rows), dtype=np.int32)
     pieces: dict[tuple[int, str], tuple[list, list]] = {key: ([], []) for key in _PIECES}
-    dataset = ds.dataset(sub.path, filesystem=loc.fs, format="parquet")
     for batch in dataset.to_batches(columns=["user_idx", "item_idx", "part"], batch_size=1 << 22):
         u = _index(batch.column(0), len(user_ids), uri)
         i = _index(batch.column(1), n_items, uri)

@@ -32,7 +32,7 @@ class SparseBatch:
     indices: torch.Tensor
     offsets: torch.Tensor
     lengths: torch.Tensor  # int64 [B]: items per row
-    # Counter-based draws keyed by user (piarec.models.ops.KeyedNoise); None = torch's generator.
+    # Counter-based draws keyed by user (piarec.models.noise.KeyedNoise); None = torch's generator.
     noise: KeyedNoise | None = None
 
     @property

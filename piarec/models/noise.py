@@ -69,11 +69,9 @@ class KeyedNoise:
         float32 [nnz], keyed by (stream, user, item)."""
         return _unit(hash32(self.stream, 0x51ED27, self.users[rows], items))
 
-    def normal(self, d: int, salt: int = 0) -> torch.Tensor:
-        """N(0, 1) float32 [B, d], keyed by (stream, salt, user, dimension); Box-Muller."""
+    def normal(self, d: int) -> torch.Tensor:
+        """N(0, 1) float32 [B, d], keyed by (stream, user, dimension); Box-Muller."""
         dims = torch.arange(d, device=self.users.device)
-        base = hash32(self.stream, 0x2545F491 + salt, self.users[:, None], dims[None, :])
+        base = hash32(self.stream, 0x2545F491, self.users[:, None], dims[None, :])
         u1, u2 = _unit(base), _unit(_fmix32(base ^ 0x9E3779B9))
         return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-
-

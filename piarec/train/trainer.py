@@ -152,7 +152,7 @@ def _only_trainable(groups: dict[str, list[torch.nn.Parameter]], active: str) ->
 
 
 @dataclass(frozen=True)
-class _Rows:
+class TrainRows:
     """The training rows this process holds and how its batches are cut: all of them in one
     process; with N ranks, rank r holds global users r, r + N, r + 2N, ... (row u // N)."""
 
@@ -162,7 +162,7 @@ class _Rows:
     keyed: bool  # masks and noise keyed by (seed, pass, user)
 
     @classmethod
-    def of(cls, train: CSR, ranks: Ranks, keyed: bool) -> "_Rows":
+    def of(cls, train: CSR, ranks: Ranks, keyed: bool) -> "TrainRows":
         held = train.take_rows(np.arange(ranks.rank, train.n_rows, ranks.world)) if ranks.parallel else train
         return cls(held, train.n_rows, ranks, keyed)
 
@@ -232,7 +232,7 @@ def _restore(ck: TrainState, model, opts, loop: _Loop, device: torch.device) -> 
     loop.rng.bit_generator.state = ck.numpy_rng
 
 
-def _train_epoch(model, groups, opts, rows: _Rows, loop: _Loop, tc, device: torch.device,
+def _train_epoch(model, groups, opts, rows: TrainRows, loop: _Loop, tc, device: torch.device,
                  align_weight: float, anneal: float) -> dict[str, float]:
     """One epoch: each phase steps its optimizer for its number of passes (one phase for
     Multi-VAE). ``align_weight``: lambda_A's multiplier in the loss (1/d for the mean
@@ -302,7 +302,7 @@ def train(
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     device = local_device(pick_device(tc.device), ranks)
     join(ranks, device)
-    rows = _Rows.of(snap.train, ranks, keyed)
+    rows = TrainRows.of(snap.train, ranks, keyed)
     model = build_model(snap.train.n_cols, cfg.model).to(device)
     groups = model.param_groups()
     # Fused Adam: one kernel over all tensors (~15 % faster per step on CPU), same update rule.
