@@ -25,6 +25,8 @@ PIAREC_TRAINER_IMAGE       trainer image for ``kubernetes``
 PIAREC_TRAINER_PROCS       training processes (default 1): N > 1 trains data-parallel under
                            torchrun (``piarec train --nproc-per-node N``); on ``kubernetes``
                            the pod asks for N GPUs, one per process
+PIAREC_TUNED_CONFIG        the weekly DAG's default ``tuned_config``: a ``piarec tune``
+                           best_config.yaml the training applies (default none)
 PIAREC_K8S_NAMESPACE       namespace of the trainer pod (default ``piarec``)
 PIAREC_K8S_CONFIGMAP       ConfigMap with the pipeline YAML, mounted at /etc/piarec
 PIAREC_DAG_RETRIES         task retries, exponential back-off from 5 minutes (default 2)

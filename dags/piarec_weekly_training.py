@@ -6,7 +6,9 @@ Partition: the run with logical date E builds the snapshot ``window_end=E`` (eve
 and ``airflow backfill`` rebuild exactly their own week. Scheduled Mondays 04:00 UTC
 (CronTriggerTimetable: the logical date is the trigger time, the window ends that day).
 
-Params for ad-hoc runs: ``window_end`` (YYYY-MM-DD, overrides the logical date).
+Params for ad-hoc runs: ``window_end`` (YYYY-MM-DD, overrides the logical date);
+``tuned_config`` (default ``$PIAREC_TUNED_CONFIG``): the URI of a configuration written by
+``piarec tune``, whose model / pia / training keys the training then uses.
 A refused challenger leaves the gate task *skipped* with the report in its log and in
 MLflow (run "gate vN"); ``champion`` stays where it was.
 
@@ -17,6 +19,7 @@ the snapshot is committed; ``announce_model`` updates ``piarec_models`` (extra
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -28,6 +31,8 @@ from piarec_dag_support import (DEFAULT_ARGS, MODELS, PIAREC, REFUSED, SKIP, SNA
 # The window end: the `window_end` param, else the logical date, else (a run triggered
 # without one) the day of the run's `run_after`.
 WINDOW_END = run_day("params.window_end", days_back=0)
+# `--tuned-config URI` when the run has one (the param's pattern keeps it a single shell word).
+TUNED = "{% if params.tuned_config %} --tuned-config {{ params.tuned_config }}{% endif %}"
 
 with DAG(
     dag_id="piarec_weekly_training",
@@ -38,7 +43,11 @@ with DAG(
     max_active_runs=1,  # the challenger alias is shared: one training at a time
     default_args=DEFAULT_ARGS,
     params={"window_end": Param(None, type=["null", "string"], format="date",
-                                description="snapshot window end (exclusive), default: the logical date")},
+                                description="snapshot window end (exclusive), default: the logical date"),
+            "tuned_config": Param(os.environ.get("PIAREC_TUNED_CONFIG") or None, type=["null", "string"],
+                                  pattern=r"^[A-Za-z0-9_./:=+-]+$",
+                                  description="a `piarec tune` best_config.yaml (path or s3:// URI); "
+                                              "empty = the pipeline config as it is")},
     tags=["piarec"],
     doc_md=__doc__,
 ) as dag:
@@ -54,7 +63,7 @@ with DAG(
     )
     train = trainer(
         "train_and_register",
-        "train --snapshot {{ ti.xcom_pull(task_ids='locate_snapshot') }}",
+        "train --snapshot {{ ti.xcom_pull(task_ids='locate_snapshot') }}" + TUNED,
         execution_timeout=timedelta(hours=8),
     )
     gate = BashOperator(

@@ -153,6 +153,12 @@ def test_no_file_no_environment_gives_todays_values():
                         "events.surface_col": "surface", "events.slot_col": "slot",  # A/B exposure columns
                         "pia.schedule": "patience", "pia.alignment": "sum", "training.anneal_epochs": None,
                         "training.noise": "auto", "training.precision": "fp32"})
+    added_since.update({"tune.trials": 30, "tune.timeout_s": None, "tune.seed": 0, "tune.startup_trials": 8,
+                        "tune.pruner": "median", "tune.prune_warmup_epochs": 10, "tune.study_storage": None,
+                        "tune.study_name": None, "tune.experiment": "piarec-tune"})  # piarec tune
+    space = {k for k in got if k.startswith("tune.space.")}
+    assert {k.split(".")[2] for k in space} == {"training", "model", "pia"}  # tune.space.<section>.<key>.<part>
+    got = {k: v for k, v in got.items() if k not in space}
     changed_since = {"training.early_stop_patience": 20}  # early stopping on by default (training scale)
     assert len(got) == 93 + len(added_since)
     assert got == {**want, **added_since, **changed_since}

@@ -170,7 +170,8 @@ def test_weekly_structure(parsed):
     assert d["outlets"] == {"announce_snapshot": ["piarec_snapshots"], "announce_model": ["piarec_models"]}
     assert d["types"]["build_snapshot"] == "PiarecSparkSubmitOperator"
     assert d["types"]["wait_for_events"] == "BashSensor"
-    assert d["params"] == ["window_end"] and d["max_active_runs"] == 1 and d["timetable"] == "CronTriggerTimetable"
+    assert d["params"] == ["tuned_config", "window_end"] and d["max_active_runs"] == 1
+    assert d["timetable"] == "CronTriggerTimetable"
     assert all(d["timeouts"].values()) and all(r == 2 for r in d["retries"].values())
 
 
@@ -203,7 +204,7 @@ def test_schedules_off_leaves_only_triggered_runs(tmp_path_factory):
 
 def test_the_trainer_task_can_ask_for_several_processes(parsed, tmp_path_factory):
     one = parsed["dags"]["piarec_weekly_training"]["commands"]["train_and_register"]
-    assert one.endswith("train --snapshot {{ ti.xcom_pull(task_ids='locate_snapshot') }}")
+    assert "train --snapshot {{ ti.xcom_pull(task_ids='locate_snapshot') }}{% if params.tuned_config %}" in one
     two = parse_dags(tmp_path_factory, PIAREC_TRAINER_PROCS="2")["dags"]["piarec_weekly_training"]
     assert two["commands"]["train_and_register"] == f"{one} --nproc-per-node 2"  # torchrun, 2 ranks
     bad = parse_dags(tmp_path_factory, PIAREC_TRAINER_PROCS="0")
@@ -329,16 +330,17 @@ def test_daily_run_with_baseline_control_arms_replaces_the_day(stack):
 
 
 RENDER = r"""
-import json, sys
+import json, sys, types
 sys.path.insert(0, sys.argv[1])
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 out = {}
+ti = types.SimpleNamespace(xcom_pull=lambda task_ids: f"<{task_ids}>")
 for dag_id, task_id, field, ds, params in json.loads(sys.argv[2]):
     dag = bag.dags[dag_id]
     task = dag.get_task(task_id)
     merged = {k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()} | params
-    value = task.render_template(getattr(task, field), {"ds": ds, "params": merged})
+    value = task.render_template(getattr(task, field), {"ds": ds, "params": merged, "ti": ti})
     if isinstance(value, list):
         value = [v for v in value if str(v).strip()]
     out[f"{task_id}:{ds}:{json.dumps(params, sort_keys=True)}"] = value
@@ -362,6 +364,9 @@ def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
          {"arms": "champion=models:/piarec@champion:0.8, control=ease:0.2", "challenger_arm": True}],
         ["piarec_weekly_training", "build_snapshot", "application_args", "2026-03-02", {}],
         ["piarec_weekly_training", "wait_for_events", "bash_command", "2026-03-09", {"window_end": "2026-01-05"}],
+        ["piarec_weekly_training", "train_and_register", "bash_command", "2026-03-09", {}],
+        ["piarec_weekly_training", "train_and_register", "bash_command", "2026-03-09",
+         {"tuned_config": "s3://bucket/piarec/tuning/tune-abc/best_config.yaml"}],
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
     env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -379,6 +384,9 @@ def test_partitions_come_from_the_logical_date_and_params(parsed, tmp_path):
     assert "validate --date 2026-03-02 --arms champion,control --k ''" in got[5]
     assert got[6] == ["--window-end=2026-03-02"]
     assert got[7].endswith("events-ready --window-end 2026-01-05")
+    assert got[8].endswith("train --snapshot <locate_snapshot>")  # no tuned config: the pipeline's own
+    assert got[9].endswith("train --snapshot <locate_snapshot> --tuned-config "
+                           "s3://bucket/piarec/tuning/tune-abc/best_config.yaml")
 
 
 RENDER_WITHOUT_LOGICAL_DATE = r"""
@@ -422,3 +430,28 @@ def test_the_day_renders_with_and_without_a_logical_date(parsed, tmp_path):
     assert "--window-end 2026-04-10" in got[f"{weekly}/wait_for_events/no logical date"]
     assert "--window-end 2026-04-01" in got[f"{weekly}/wait_for_events/logical date"]
     assert "--window-end 2026-03-16" in got[f"{weekly}/wait_for_events/param"]
+
+
+CHECK_PARAM = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag(dag_folder=sys.argv[1]).dags["piarec_weekly_training"]
+out = {}
+for value in ("s3://bucket/tuning/tune-1/best_config.yaml", "x.yaml; rm -rf /", "$(id)", None):
+    try:
+        out[str(value)] = dag.params.get_param("tuned_config").resolve(value)
+    except Exception as exc:
+        out[str(value)] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_the_tuned_config_param_stays_one_shell_word(tmp_path):
+    """The param lands in a bash command: a value with spaces or shell syntax is refused at trigger."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIAREC"))}
+    env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    proc = run([str(AIRFLOW_VENV / "bin" / "python"), "-c", CHECK_PARAM, str(REPO / "dags")], env, timeout=300)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"s3://bucket/tuning/tune-1/best_config.yaml": "s3://bucket/tuning/tune-1/best_config.yaml",
+                   "x.yaml; rm -rf /": "ParamValidationError", "$(id)": "ParamValidationError", "None": None}

@@ -26,10 +26,24 @@ EPILOG = ("Global options (--debug, --config) go before or after the command. Er
           "and exit with status 2; --debug shows the traceback. Options of a command: piarec COMMAND --help.")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, overrides: dict | None = None):
     from piarec.config import load_config
 
-    return load_config(args.config)
+    return load_config(args.config, tuned=_tuned(getattr(args, "tuned_config", None)), overrides=overrides)
+
+
+def _tuned(uri: str | None):
+    """The tuned configuration at ``uri`` (local or s3://), parsed and checked; None without one."""
+    if not uri:
+        return None
+    from piarec.config import parse_tuned
+    from piarec.data.storage import exists, read_bytes, resolve
+    from piarec.errors import ConfigError
+
+    loc = resolve(uri)
+    if not exists(loc):
+        raise ConfigError(f"tuned config {uri!r} does not exist")
+    return parse_tuned(read_bytes(loc).decode(), uri)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -56,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.epochs:
         cfg.training.epochs = args.epochs
-    out = run_training(cfg, args.snapshot)
+    out = run_training(cfg, args.snapshot, tuned_config=args.tuned_config)
     if "run_id" in out:  # rank 0 (the only one with one process)
         print(json.dumps({k: out[k] for k in ("run_id", "version", "best_epoch", "stop_reason", "val", "test")},
                          indent=2))
@@ -68,8 +82,20 @@ def _torchrun(args: argparse.Namespace) -> int:
     torchrun (each process takes a GPU when there are GPUs). Returns torchrun's exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
            "-m", "piarec", *(["--debug"] if args.debug else []), *(["--config", args.config] if args.config else []),
-           "train", "--snapshot", args.snapshot, *(["--epochs", str(args.epochs)] if args.epochs else [])]
+           "train", "--snapshot", args.snapshot, *(["--epochs", str(args.epochs)] if args.epochs else []),
+           *(["--tuned-config", args.tuned_config] if args.tuned_config else [])]
     return subprocess.call(cmd)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    given = {"trials": args.trials, "timeout_s": args.timeout_s, "study_storage": args.study_storage,
+             "study_name": args.study_name}
+    cfg = _config(args, {"tune": {k: v for k, v in given.items() if v is not None}})
+    from piarec.train.tune import run_tuning
+
+    out = run_tuning(cfg, args.snapshot, output=args.output)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -154,8 +180,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
 def _handlers() -> dict:
     # Looked up when the parser is built, so a test can replace a module-level handler.
     return {"generate-events": cmd_generate_events, "build-matrix": cmd_build_matrix, "train": cmd_train,
-            "promote": cmd_promote, "report": cmd_report, "score": cmd_score, "ab-report": cmd_ab_report, "demo": cmd_demo, "ops": cmd_ops,
-            "stack": cmd_stack, "package": cmd_package}
+            "tune": cmd_tune, "promote": cmd_promote, "report": cmd_report, "score": cmd_score,
+            "ab-report": cmd_ab_report, "demo": cmd_demo, "ops": cmd_ops, "stack": cmd_stack, "package": cmd_package}
 
 
 # --------------------------------------------------------------------------- parser and main

@@ -92,6 +92,20 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override training.epochs")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="train data-parallel on N processes of this machine (torchrun; one per GPU)")
+    p.add_argument("--tuned-config", metavar="URI",
+                   help="a configuration written by `piarec tune` (local path or s3://): its model, pia and "
+                        "training keys override the config file's; PIAREC__* variables still win")
+
+
+def add_tune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", required=True, help="snapshot URI (…/snapshots/window_end=YYYY-MM-DD)")
+    p.add_argument("--trials", type=int, help="override tune.trials (trials to finish, earlier ones included)")
+    p.add_argument("--timeout-s", type=float, help="override tune.timeout_s (no new trial after this many seconds)")
+    p.add_argument("--study-storage", metavar="URL",
+                   help="override tune.study_storage: an Optuna database (sqlite:///tune.db) a killed search resumes from")
+    p.add_argument("--study-name", help="override tune.study_name (default tune-<snapshot manifest digest>)")
+    p.add_argument("--output", metavar="URI",
+                   help="where the best configuration's YAML goes (default <root>/tuning/<study>/best_config.yaml)")
 
 
 def add_promote_options(p: argparse.ArgumentParser) -> None:
@@ -222,6 +236,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "build-matrix": (add_build_matrix_options,
                      "Spark job: build the weekly user-item snapshot (or, with --daily, day D's histories)"),
     "train": (add_train_options, "train Multi-VAE + PIA on a snapshot; register as challenger"),
+    "tune": (add_tune_options, "search hyperparameters on a snapshot's validation users (Optuna, MLflow runs); "
+                               "write the best configuration"),
     "promote": (add_promote_options, "run the promotion gate: challenger -> champion"),
     "report": (add_report_options, "collapse diagnostics, per-group metrics and latent t-SNE of a training run"),
     "score": (add_score_options, "Spark job (or --engine local): top-K recommendations for every user active at day D"),

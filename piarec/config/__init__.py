@@ -12,7 +12,7 @@ Nothing here touches the filesystem or global state at import time. This package
 only the standard library, pydantic, yaml and :mod:`piarec.errors`.
 """
 
-from piarec.config.loader import CONFIG_ENV, ENV_PREFIX, deep_merge, env_overrides, load_config
+from piarec.config.loader import CONFIG_ENV, ENV_PREFIX, deep_merge, env_overrides, load_config, parse_tuned
 from piarec.config.schema import (
     BASELINES,
     ArmConfig,
@@ -29,10 +29,13 @@ from piarec.config.schema import (
     QualityConfig,
     RegularizerConfig,
     ScoringConfig,
+    SearchParam,
     SparkConfig,
     SplitConfig,
     StorageConfig,
     TrainingConfig,
+    TUNABLE_SECTIONS,
+    TuneConfig,
     check_arms,
 )
 from piarec.errors import ConfigError
@@ -56,12 +59,16 @@ __all__ = [
     "QualityConfig",
     "RegularizerConfig",
     "ScoringConfig",
+    "SearchParam",
     "SparkConfig",
     "SplitConfig",
     "StorageConfig",
     "TrainingConfig",
+    "TUNABLE_SECTIONS",
+    "TuneConfig",
     "check_arms",
     "deep_merge",
     "env_overrides",
     "load_config",
+    "parse_tuned",
 ]

@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from piarec.config.schema import PipelineConfig
+from piarec.config.schema import TUNABLE_SECTIONS, PipelineConfig
 from piarec.errors import ConfigError
 
 ENV_PREFIX = "PIAREC__"
@@ -190,17 +190,36 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def parse_tuned(text: str, source: str) -> dict[str, Any]:
+    """A tuned configuration (what ``piarec tune`` writes): YAML holding only the tunable
+    sections (model, pia, training). Anything else -- a storage root, an MLflow server --
+    is refused, so a tuned file can change how a model trains but not where anything goes."""
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tuned config {source!r} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"tuned config {source!r} must hold a mapping at the top level")
+    other = sorted(set(loaded) - set(TUNABLE_SECTIONS))
+    if other:
+        raise ConfigError(f"tuned config {source!r} may set only {', '.join(TUNABLE_SECTIONS)}; "
+                          f"it also sets {', '.join(map(str, other))}")
+    return loaded
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
+    tuned: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> PipelineConfig:
     """Load the pipeline configuration.
 
     Precedence, lowest first: the typed defaults, the packaged local default, the YAML file
-    at ``path`` (or ``$PIAREC_CONFIG``), ``PIAREC__*`` environment variables, then
-    ``overrides`` (a nested dict, used by the CLI for explicit options).
+    at ``path`` (or ``$PIAREC_CONFIG``), ``tuned`` (a tuned configuration, :func:`parse_tuned`),
+    ``PIAREC__*`` environment variables, then ``overrides`` (a nested dict, used by the CLI
+    for explicit options).
     """
     environ = os.environ if environ is None else environ
     data = _default_yaml()
@@ -216,6 +235,8 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         data = deep_merge(data, loaded)
+    if tuned:
+        data = deep_merge(data, tuned)
     data = deep_merge(data, env_overrides(environ))
     if overrides:
         data = deep_merge(data, overrides)

@@ -206,6 +206,85 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
+# The sections a search may tune and a tuned configuration may set (piarec tune / --tuned-config).
+TUNABLE_SECTIONS = ("model", "pia", "training")
+
+
+class SearchParam(_Section):
+    # One searched key: a range [low, high] (log-uniform with log: true; integers when the key is
+    # an integer) or a list of choices. Exactly one of the two.
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[bool | int | float | str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SearchParam":
+        ranged = self.low is not None or self.high is not None
+        if ranged == (self.choices is not None):
+            raise ValueError("a search parameter is either a range (low, high) or a list of choices")
+        if ranged and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"a range needs low < high, got low={self.low}, high={self.high}")
+        if self.log and (not ranged or self.low <= 0):
+            raise ValueError("log: true needs a range with low > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchParam]:
+    r, c = (lambda lo, hi, log=False: SearchParam(low=lo, high=hi, log=log)), (lambda *v: SearchParam(choices=list(v)))
+    return {
+        "training.lr": r(1e-4, 1e-2, log=True),
+        "model.keep_prob": r(0.3, 0.9),
+        "training.beta_cap": r(0.01, 1.0, log=True),
+        "training.anneal_epochs": r(1, 100, log=True),
+        "model.latent_dim": c(50, 100, 200, 400),
+        "model.hidden_dim": c(300, 600, 1000),
+        "training.batch_size": c(128, 256, 500, 1000),
+        "pia.lambda_a": r(0.01, 10.0, log=True),
+        "pia.schedule": c("patience", "paper"),
+        "pia.alignment": c("sum", "mean"),
+        "training.epochs": c(50, 100, 200),
+    }
+
+
+class TuneConfig(_Section):
+    # `piarec tune` (piarec/train/tune.py): an Optuna search over `space` on the snapshot's
+    # validation users (the trainer's selection metric, NDCG@100 of each trial's best epoch).
+    trials: int = Field(30, ge=1)  # trials to finish (complete, pruned or failed), earlier runs of the study included
+    timeout_s: float | None = Field(None, gt=0)  # no new trial starts after this many seconds; null = no limit
+    seed: int = 0  # seeds the TPE sampler (each trial trains with training.seed)
+    startup_trials: int = Field(8, ge=1)  # trials sampled at random before TPE models the results
+    # Median pruner: a trial stops when its epoch's validation NDCG@100 is below the median of the
+    # earlier trials at the same epoch, after `startup_trials` trials and `prune_warmup_epochs` epochs.
+    pruner: Literal["median", "none"] = "median"
+    prune_warmup_epochs: int = Field(10, ge=0)
+    # An Optuna storage URL (sqlite:///tune.db, or a database server): a killed search resumes there
+    # with its finished trials. null = in memory, one invocation.
+    study_storage: str | None = None
+    study_name: str | None = None  # null = "tune-<first 12 of the snapshot's manifest sha256>"
+    experiment: str = "piarec-tune"  # MLflow experiment of the search run and its nested trial runs
+    # Dotted keys of model / pia / training -> their range or choices.
+    space: dict[str, SearchParam] = Field(default_factory=_default_space)
+
+    @model_validator(mode="after")
+    def _keys_name_tunable_fields(self) -> "TuneConfig":
+        sections = {"model": ModelConfig, "pia": PIAConfig, "training": TrainingConfig}
+        for key in self.space:
+            parts = key.split(".")
+            section = sections.get(parts[0])
+            if section is None or len(parts) < 2:
+                raise ValueError(f"tune.space key {key!r} must start with one of {', '.join(TUNABLE_SECTIONS)}")
+            owner: type[BaseModel] = section
+            for name in parts[1:-1]:
+                field = owner.model_fields.get(name)
+                if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+                    raise ValueError(f"tune.space key {key!r}: {name!r} is not a section of {owner.__name__}")
+                owner = field.annotation
+            if parts[-1] not in owner.model_fields:
+                raise ValueError(f"tune.space key {key!r}: {owner.__name__} has no field {parts[-1]!r}")
+        return self
+
+
 ARM_NAME = r"^[A-Za-z0-9_-]+$"  # arm names name folders (arm=<name>)
 BASELINES = ("popularity", "ease")  # the built-in arms that need no registered model
 
@@ -343,6 +422,7 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _early_stop_outlasts_the_schedule(self) -> "PipelineConfig":

@@ -8,6 +8,7 @@ Everything the pipeline writes sits under ``storage.root`` (a local folder or
     <root>/histories/dt=YYYY-MM-DD/                  daily histories
     <root>/recommendations/dt=YYYY-MM-DD/            daily top-K, every arm (arm=<arm>/ inside)
     <root>/checkpoints/<key>/                        training checkpoints (resume after a kill)
+    <root>/tuning/<study>/best_config.yaml           a search's best configuration (piarec tune)
     <root>/mlflow.db, <root>/mlartifacts/            the embedded MLflow store (local root)
 
 Each of those partitions is committed as a whole (:mod:`piarec.data.commit`):
@@ -31,7 +32,7 @@ from piarec.errors import ConfigError
 __all__ = [
     "SUCCESS", "MANIFEST", "SNAPSHOT_MANIFEST", "ARM_PREFIX", "day_dir", "arm_dir",
     "events_root", "snapshots_root", "histories_root", "recommendations_root", "checkpoints_root",
-    "snapshot_uri", "histories_uri", "day_uri", "arm_uri", "checkpoint_uri",
+    "snapshot_uri", "histories_uri", "day_uri", "arm_uri", "checkpoint_uri", "tuned_config_uri",
     "tracking_uri", "artifact_location",
 ]
 
@@ -115,6 +116,12 @@ def arm_uri(recommendations: str, day: date, arm: str) -> str:
 def checkpoint_uri(storage: StorageConfig, key: str) -> str:
     """``<root>/checkpoints/<key>``: the checkpoint folder of one training identity."""
     return child_uri(checkpoints_root(storage), key)
+
+
+def tuned_config_uri(storage: StorageConfig, study: str) -> str:
+    """``<root>/tuning/<study>/best_config.yaml``: what ``piarec tune`` writes by default and
+    ``piarec train --tuned-config`` (the weekly DAG's ``tuned_config`` param) reads."""
+    return child_uri(join_uri(storage.root, "tuning"), study, "best_config.yaml")
 
 
 # -- the embedded MLflow store ----------------------------------------------------------------------

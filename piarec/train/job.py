@@ -232,8 +232,9 @@ def _description(cfg: PipelineConfig, report: dict[str, Any], tags: dict[str, st
     )
 
 
-def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
-    """Train on the snapshot at ``snapshot_uri`` and register the result as challenger.
+def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | None = None) -> dict[str, Any]:
+    """Train on the snapshot at ``snapshot_uri`` and register the result as challenger
+    (``tuned_config``: the URI of the tuned configuration already applied to ``cfg``, for the record).
 
     Returns a summary: run id, registered version, validation and test metrics of the
     model and of the popularity baseline.
@@ -259,7 +260,7 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str) -> dict[str, Any]:
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.set_tags({"snapshot": snapshot_uri, "window_end": str(window.get("end", "")),
-                         "checkpoint": ck_uri})
+                         "checkpoint": ck_uri, **({"tuned_config": tuned_config} if tuned_config else {})})
         if interrupted:
             mlflow.set_tag("resumed_from_run", interrupted)
             log.info("resuming the training of run %s from %s", interrupted, ck_uri)

@@ -1,0 +1,187 @@
+"""`piarec tune`: the Optuna search, its MLflow runs, the tuned configuration and its use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_planted_snapshot
+from piarec.config import ConfigError, load_config, parse_tuned
+from piarec.errors import TrainingError
+from piarec.train.tune import current_values, tune
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SMALL = {"training": {"epochs": 8, "device": "cpu", "lr": 1e-4}, "model": {"hidden_dim": 32, "latent_dim": 8},
+         "diagnostics": {"enabled": False}, "mlflow": {"log_plots": True}}
+
+
+def small_cfg(root: Path, tune_section: dict, **sections):
+    return load_config(overrides={**SMALL, **sections, "storage": {"root": str(root)},
+                                  "tune": {"startup_trials": 2, "prune_warmup_epochs": 2, **tune_section}})
+
+
+def mlflow_runs(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    return mlflow.search_runs(experiment_names=["piarec-tune"], output_format="list")
+
+
+@pytest.fixture(scope="module")
+def snap():
+    return make_planted_snapshot()
+
+
+def test_a_search_beats_the_given_config_and_writes_only_the_tuned_keys(snap, tmp_path):
+    # The given lr (1e-4) barely trains in 8 epochs; the space holds it, so it is trial 0.
+    cfg = small_cfg(tmp_path, {"trials": 6, "pruner": "none", "space": {
+        "training.lr": {"low": 1e-4, "high": 3e-2, "log": True}, "model.latent_dim": {"choices": [4, 8, 16]},
+        "training.anneal_epochs": {"low": 1, "high": 20}}})
+    out = tune(cfg, snap, source="memory://planted")
+
+    assert out["trials"] == {"complete": 6, "pruned": 0, "fail": 0}
+    assert out["given"]["trial"] == 0 and out["given"]["params"]["training.lr"] == 1e-4
+    assert out["best"]["val_ndcg_at_100"] > out["given"]["val_ndcg_at_100"] + 0.05
+    assert out["best"]["test"]["ndcg_at_100"] > 0  # reported for the record, never used to choose
+    assert out["cpu_seconds"]["this_run"] > 0
+
+    text = Path(out["output"]).read_text()
+    assert out["output"] == f"{tmp_path}/tuning/{out['study']}/best_config.yaml"
+    tuned = parse_tuned(text, out["output"])
+    assert set(tuned) <= {"model", "training"}
+    assert {f"{s}.{k}" for s, keys in tuned.items() for k in keys} == {"training.lr", "model.latent_dim",
+                                                                       "training.anneal_epochs"}
+    applied = load_config(tuned=tuned)
+    assert applied.training.lr == out["best"]["params"]["training.lr"]
+    assert applied.model.latent_dim == out["best"]["params"]["model.latent_dim"]
+    assert applied.model.hidden_dim == 600 and applied.training.epochs == 200  # the rest is the config's
+
+    runs = mlflow_runs(tmp_path)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out["run_id"]]
+    assert len(parent) == 1 and parent[0].info.run_id == out["run_id"] and len(trials) == 6
+    assert parent[0].data.metrics["best_val_ndcg_at_100"] == pytest.approx(out["best"]["val_ndcg_at_100"])
+    assert {r.data.tags["trial_state"] for r in trials} == {"COMPLETE"}
+    best_run = next(r for r in trials if r.data.tags["trial"] == str(out["best"]["trial"]))
+    assert float(best_run.data.params["training.lr"]) == pytest.approx(out["best"]["params"]["training.lr"])
+
+    from mlflow import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
+    plots = {a.path for a in MlflowClient().list_artifacts(out["run_id"], "plots")}
+    assert {"best_config.yaml", "space.json"} <= artifacts
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
+
+
+def test_the_median_pruner_stops_trials_behind_the_earlier_ones(snap, tmp_path):
+    # lr 1e-7 does not move the model: once a good trial has run, such a trial is stopped early.
+    cfg = small_cfg(tmp_path, {"trials": 6, "startup_trials": 1, "prune_warmup_epochs": 1, "space": {
+        "training.lr": {"choices": [3e-3, 1e-7]}}}, training={**SMALL["training"], "lr": 3e-3})
+    out = tune(cfg, snap, source="memory://planted")
+
+    assert out["trials"]["pruned"] >= 1 and out["best"]["params"] == {"training.lr": 3e-3}
+    runs = mlflow_runs(tmp_path)
+    pruned = [r for r in runs if r.data.tags.get("trial_state") == "PRUNED"]
+    assert pruned and all(r.info.status == "KILLED" and r.data.params["training.lr"] == "1e-07" for r in pruned)
+    from mlflow import MlflowClient
+
+    epochs = [len(MlflowClient().get_metric_history(r.info.run_id, "val_ndcg_at_100")) for r in pruned]
+    assert max(epochs) < 8  # stopped before its last epoch
+
+
+def test_a_collapsed_configuration_is_never_chosen(snap, tmp_path):
+    cfg = small_cfg(tmp_path, {"trials": 2, "space": {"training.lr": {"low": 1e-3, "high": 1e-2}}},
+                    gate={"min_active_units": 9})  # more than the 8 latent units the model has
+    with pytest.raises(TrainingError, match="no trial .* with at least 9 active units"):
+        tune(cfg, snap, source="memory://planted")
+    assert not list(tmp_path.glob("tuning/**/best_config.yaml"))  # nothing written
+
+
+def test_a_killed_search_resumes_with_its_finished_trials(snap, tmp_path):
+    import optuna
+
+    space = {"training.lr": {"low": 1e-3, "high": 3e-2, "log": True}}
+    storage = f"sqlite:///{tmp_path}/study.db"
+    first = tune(small_cfg(tmp_path, {"trials": 3, "study_storage": storage, "study_name": "s", "space": space}),
+                 snap, source="memory://planted")
+    # A kill leaves the trial it was running RUNNING in the study database.
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.ask()
+    again = tune(small_cfg(tmp_path, {"trials": 5, "study_storage": storage, "study_name": "s", "space": space}),
+                 snap, source="memory://planted")
+
+    assert sum(first["trials"].values()) == 3 and sum(again["trials"].values()) == 5  # 2 new, not 5
+    assert again["best"]["val_ndcg_at_100"] >= first["best"]["val_ndcg_at_100"]
+    children = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == again["run_id"]]
+    assert sorted(int(r.data.tags["trial"]) for r in children) == [4, 5]  # 3 was the killed one
+    assert again["cpu_seconds"]["study"] > again["cpu_seconds"]["this_run"]
+
+
+def test_trial_zero_is_the_given_configuration_where_the_space_holds_it():
+    cfg = load_config(overrides={"training": {"lr": 0.5}, "tune": {"space": {
+        "training.lr": {"low": 1e-4, "high": 1e-2}, "model.keep_prob": {"low": 0.1, "high": 0.9},
+        "pia.schedule": {"choices": ["paper", "patience"]}, "training.anneal_epochs": {"low": 1, "high": 5}}}})
+    # lr 0.5 is outside its range and anneal_epochs is unset: those two are sampled
+    assert current_values(cfg) == {"model.keep_prob": 0.5, "pia.schedule": "patience"}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"storage.root": {"choices": ["x"]}}, "must start with one of model, pia, training"),
+    ({"training.nope": {"low": 1, "high": 2}}, "TrainingConfig has no field 'nope'"),
+    ({"model.keep_prob.x": {"low": 1, "high": 2}}, "'keep_prob' is not a section"),
+    ({"training.lr": {"low": 2, "high": 1}}, "low < high"),
+    ({"training.lr": {"low": 0, "high": 1, "log": True}}, "low > 0"),
+    ({"training.lr": {"low": 0.1, "high": 1, "choices": [1]}}, "either a range"),
+])
+def test_a_bad_search_space_fails_at_load_naming_the_key(space, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={"tune": {"space": space}})
+
+
+def test_a_tuned_config_sets_only_training_keys_and_sits_between_the_file_and_the_environment(tmp_path):
+    with pytest.raises(ConfigError, match="may set only model, pia, training; it also sets storage"):
+        parse_tuned("storage:\n  root: /elsewhere\ntraining:\n  lr: 0.01\n", "t.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_tuned("training: [", "t.yaml")
+    base = tmp_path / "pipeline.yaml"
+    base.write_text(yaml.safe_dump({"training": {"lr": 0.002, "batch_size": 64}}))
+    tuned = parse_tuned("training:\n  lr: 0.01\n  batch_size: 128\n", "t.yaml")
+    cfg = load_config(base, tuned=tuned, environ={"PIAREC__TRAINING__BATCH_SIZE": "256"})
+    assert cfg.training.lr == 0.01 and cfg.training.batch_size == 256
+
+
+def test_piarec_tune_then_train_with_the_tuned_config(snap, tmp_path, monkeypatch, capsys):
+    """The CLI end to end: tune on a published snapshot, then `piarec train --tuned-config`
+    trains and registers with the tuned values, and says which file it used."""
+    from test_gate import write_snapshot
+
+    from piarec.cli import main
+
+    uri = write_snapshot(snap, tmp_path / "snapshots" / "window_end=2026-04-01")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "storage": {"root": str(tmp_path / "work")},
+                                      "tune": {"startup_trials": 1, "space": {
+                                          "training.lr": {"low": 1e-3, "high": 3e-2, "log": True},
+                                          "model.keep_prob": {"low": 0.4, "high": 0.9}}}}))
+    monkeypatch.delenv("PIAREC_CONFIG", raising=False)
+    assert main(["--config", str(config), "tune", "--snapshot", uri, "--trials", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trials"]["complete"] == 3
+    assert main(["--config", str(config), "train", "--snapshot", uri, "--tuned-config", out["output"]]) == 0
+    trained = json.loads(capsys.readouterr().out)
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(trained["run_id"])
+    assert run.data.tags["tuned_config"] == out["output"]
+    assert float(run.data.params["training.lr"]) == pytest.approx(out["best"]["params"]["training.lr"])
+    assert float(run.data.params["model.keep_prob"]) == pytest.approx(out["best"]["params"]["model.keep_prob"])
+    assert run.data.params["training.epochs"] == "8"  # untouched keys keep the config file's value
+
+    assert main(["--config", str(config), "train", "--snapshot", uri, "--tuned-config",
+                 str(tmp_path / "missing.yaml")]) == 2
+    assert "tuned config" in capsys.readouterr().err
