@@ -12,6 +12,10 @@ and ``+nc`` (noise-contrastive, weight ``--nc-weight``, prior N(0, ``--nc-scale`
 ``--nc-noise``) switch on the collapse regularizers of ``model.regularizers``. Each neural
 run also reports the collapse diagnostics of ``piarec.evaluate.diagnostics`` on the test users.
 
+A name may end in ``@<config>``: the tuned configuration ``benchmarks/configs/<config>.yaml``
+(``benchmarks/tune.py``; a path when it holds a ``/``) applied over these options, with its own
+lambda_A instead of the grid, e.g. ``multivae+pia@ml-100k-multivae-pia``.
+
 Protocol (piarec.research.datasets): strong generalization, one fixed split (``--split-seed``),
 training seeds 0..S-1. Everything is picked on validation users: the epoch (best validation
 NDCG@100, early stopping after ``--patience`` epochs without improvement), EASE's lambda,
@@ -42,7 +46,7 @@ import torch
 
 from piarec.models.baselines import DEFAULT_EASE_LAMBDAS, train_popularity
 from piarec.evaluate.compare import paired_bootstrap
-from piarec.config import DiagnosticsConfig, load_config
+from piarec.config import DiagnosticsConfig, deep_merge, load_config, parse_tuned
 from piarec.research.datasets import load_dataset
 from piarec.evaluate.diagnostics import collapse_metrics
 from piarec.evaluate.protocol import fit_ease_on_validation, model_topk, per_user_evaluation, popularity_topk
@@ -104,8 +108,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None) -> dict[str, Any]:
-    """Train one model with one seed; test metrics per user. Cached by its settings."""
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def split_config(name: str) -> tuple[str, dict[str, Any] | None]:
+    """'multivae+pia@ml-100k-pia' -> ('multivae+pia', the tuned YAML benchmarks/configs/ml-100k-pia.yaml
+    as written by benchmarks/tune.py or `piarec tune`); a name with '/' after '@' is a path."""
+    base, _, config = name.partition("@")
+    if not config:
+        return name, None
+    path = Path(config) if "/" in config else CONFIGS / f"{config}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"model {name!r}: no tuned configuration at {path}")
+    return base, parse_tuned(path.read_text(), str(path))
+
+
+def settings(snap, args, name: str, lam: float, seed: int) -> dict[str, Any]:
+    """The configuration overrides of one neural run: the options of this script, then the
+    model name's tuned configuration (``@config``) over them."""
+    name, tuned = split_config(name)
     backbone, encoder, pia = parse_model(name)
     lr = args.recvae_lr if backbone == "recvae" else args.lr
     model_cfg = {"backbone": backbone, **ENCODERS[encoder]}
@@ -126,6 +147,12 @@ def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None)
     for arg in ("schedule", "alignment"):
         if getattr(args, arg) is not None:
             overrides["pia"][arg] = getattr(args, arg)
+    return deep_merge(overrides, tuned) if tuned else overrides
+
+
+def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None) -> dict[str, Any]:
+    """Train one model with one seed; test metrics per user. Cached by its settings."""
+    overrides = settings(snap, args, name, lam, seed)
     key = hashlib.sha256(json.dumps([snap.uri, snap.manifest["protocol"], overrides], sort_keys=True).encode()).hexdigest()[:20]
     if cache is not None and (cache / f"{key}.json").exists():
         return json.loads((cache / f"{key}.json").read_text())
@@ -164,8 +191,10 @@ def run_model(snap, args, name: str, cache: Path | None) -> dict[str, Any]:
         log(f"  ease: validation ndcg by lambda {ease.val_ndcg} -> {ease.lam:g} ({time.perf_counter() - t0:.0f}s)")
         return {"model": name, "settings": f"lambda={ease.lam:g}", "val_grid": ease.val_ndcg,
                 "runs": [{"seed": 0, "val": {"ndcg_at_100": ease.val_ndcg[ease.lam]}, "per_user": per_user}]}
-    _, _, pia = parse_model(name)
-    grid = args.lambda_grid if pia else [0.0]
+    base, tuned = split_config(name)
+    _, _, pia = parse_model(base)
+    tuned_lambda = (tuned or {}).get("pia", {}).get("lambda_a")
+    grid = ([tuned_lambda] if tuned_lambda is not None else args.lambda_grid) if pia else [0.0]
     tuned = {lam: neural_run(snap, args, name, lam, 0, cache) for lam in grid}
     lam = max(tuned, key=lambda v: tuned[v]["val"]["ndcg_at_100"])
     runs = [tuned[lam]] + [neural_run(snap, args, name, lam, s, cache) for s in range(1, args.seeds)]
@@ -281,7 +310,7 @@ def markdown(snap, args, results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--format", default="auto")
@@ -323,14 +352,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache", default=None, help="folder caching finished runs by their settings")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    args = (parser or build_parser()).parse_args(argv)
     args.lambda_grid = [float(v) for v in args.lambda_grid.split(",")]
     args.ease_grid = [float(v) for v in args.ease_grid.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in ("popularity", "ease"):
-            parse_model(m)
+            parse_model(split_config(m)[0])
 
     cache = Path(args.cache) if args.cache else None
     per_fold = []

@@ -45,8 +45,8 @@ with DAG(
     params={"window_end": Param(None, type=["null", "string"], format="date",
                                 description="snapshot window end (exclusive), default: the logical date"),
             "tuned_config": Param(os.environ.get("PIAREC_TUNED_CONFIG") or None, type=["null", "string"],
-                                  pattern=r"^[A-Za-z0-9_./:=+-]+$",
-                                  description="a `piarec tune` best_config.yaml (path or s3:// URI); "
+                                  pattern=r"^[A-Za-z0-9_./:=+-]*$",
+                                  description="a `piarec tune` best_config.yaml (an absolute path or s3:// URI); "
                                               "empty = the pipeline config as it is")},
     tags=["piarec"],
     doc_md=__doc__,

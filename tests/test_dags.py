@@ -438,7 +438,7 @@ sys.path.insert(0, sys.argv[1])
 from airflow.dag_processing.dagbag import DagBag
 dag = DagBag(dag_folder=sys.argv[1]).dags["piarec_weekly_training"]
 out = {}
-for value in ("s3://bucket/tuning/tune-1/best_config.yaml", "x.yaml; rm -rf /", "$(id)", None):
+for value in ("s3://bucket/tuning/tune-1/best_config.yaml", "x.yaml; rm -rf /", "$(id)", None, ""):
     try:
         out[str(value)] = dag.params.get_param("tuned_config").resolve(value)
     except Exception as exc:
@@ -454,4 +454,4 @@ def test_the_tuned_config_param_stays_one_shell_word(tmp_path):
     proc = run([str(AIRFLOW_VENV / "bin" / "python"), "-c", CHECK_PARAM, str(REPO / "dags")], env, timeout=300)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"s3://bucket/tuning/tune-1/best_config.yaml": "s3://bucket/tuning/tune-1/best_config.yaml",
-                   "x.yaml; rm -rf /": "ParamValidationError", "$(id)": "ParamValidationError", "None": None}
+                   "x.yaml; rm -rf /": "ParamValidationError", "$(id)": "ParamValidationError", "None": None, "": ""}

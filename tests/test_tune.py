@@ -44,7 +44,8 @@ def test_a_search_beats_the_given_config_and_writes_only_the_tuned_keys(snap, tm
     out = tune(cfg, snap, source="memory://planted")
 
     assert out["trials"] == {"complete": 6, "pruned": 0, "fail": 0}
-    assert out["given"]["trial"] == 0 and out["given"]["params"]["training.lr"] == 1e-4
+    # trial 0 is the config as given: anneal_epochs (unset, outside the range) is not drawn for it
+    assert out["given"]["trial"] == 0 and out["given"]["params"] == {"training.lr": 1e-4, "model.latent_dim": 8}
     assert out["best"]["val_ndcg_at_100"] > out["given"]["val_ndcg_at_100"] + 0.05
     assert out["best"]["test"]["ndcg_at_100"] > 0  # reported for the record, never used to choose
     assert out["cpu_seconds"]["this_run"] > 0
@@ -71,6 +72,8 @@ def test_a_search_beats_the_given_config_and_writes_only_the_tuned_keys(snap, tm
 
     from mlflow import MlflowClient
 
+    experiment = MlflowClient().get_experiment_by_name("piarec-tune")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
     artifacts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
     plots = {a.path for a in MlflowClient().list_artifacts(out["run_id"], "plots")}
     assert {"best_config.yaml", "space.json"} <= artifacts
@@ -93,6 +96,24 @@ def test_the_median_pruner_stops_trials_behind_the_earlier_ones(snap, tmp_path):
     assert max(epochs) < 8  # stopped before its last epoch
 
 
+def test_a_trial_that_raises_is_a_failed_trial_and_the_search_goes_on(snap, tmp_path, monkeypatch):
+    import piarec.train.tune as tune_module
+
+    real = tune_module.train
+
+    def flaky(cfg, snap, **kw):  # e.g. a GPU out of memory at the space's largest corner
+        if cfg.model.latent_dim == 16:
+            raise RuntimeError("CUDA out of memory")
+        return real(cfg, snap, **kw)
+    monkeypatch.setattr(tune_module, "train", flaky)
+    cfg = small_cfg(tmp_path, {"trials": 6, "pruner": "none", "space": {"model.latent_dim": {"choices": [8, 16]}}})
+    out = tune(cfg, snap, source="memory://planted")
+    assert out["trials"]["fail"] >= 1 and out["trials"]["complete"] >= 1
+    assert sum(out["trials"].values()) == 6 and out["best"]["params"] == {"model.latent_dim": 8}
+    failed = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("trial_state") == "FAILED"]
+    assert failed and all(r.info.status == "FAILED" and "out of memory" in r.data.tags["error"] for r in failed)
+
+
 def test_a_collapsed_configuration_is_never_chosen(snap, tmp_path):
     cfg = small_cfg(tmp_path, {"trials": 2, "space": {"training.lr": {"low": 1e-3, "high": 1e-2}}},
                     gate={"min_active_units": 9})  # more than the 8 latent units the model has
@@ -109,8 +130,12 @@ def test_a_killed_search_resumes_with_its_finished_trials(snap, tmp_path):
     first = tune(small_cfg(tmp_path, {"trials": 3, "study_storage": storage, "study_name": "s", "space": space}),
                  snap, source="memory://planted")
     # A kill leaves the trial it was running RUNNING in the study database.
+    from mlflow import MlflowClient
+
     study = optuna.load_study(study_name="s", storage=storage)
-    study.ask()
+    killed = MlflowClient().create_run(MlflowClient().get_experiment_by_name("piarec-tune").experiment_id)
+    study.ask().set_user_attr("mlflow_run_id", killed.info.run_id)
+    study.set_user_attr("mlflow_run_id", killed.info.run_id)
     again = tune(small_cfg(tmp_path, {"trials": 5, "study_storage": storage, "study_name": "s", "space": space}),
                  snap, source="memory://planted")
 
@@ -118,6 +143,9 @@ def test_a_killed_search_resumes_with_its_finished_trials(snap, tmp_path):
     assert again["best"]["val_ndcg_at_100"] >= first["best"]["val_ndcg_at_100"]
     children = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == again["run_id"]]
     assert sorted(int(r.data.tags["trial"]) for r in children) == [4, 5]  # 3 was the killed one
+    assert MlflowClient().get_run(killed.info.run_id).info.status == "KILLED"  # closed, not left RUNNING
+    lrs = [t.params["training.lr"] for t in optuna.load_study(study_name="s", storage=storage).trials if t.params]
+    assert len(set(lrs)) == len(lrs)  # the resumed sampler is reseeded: no startup draw repeated
     assert again["cpu_seconds"]["study"] > again["cpu_seconds"]["this_run"]
 
 
@@ -136,6 +164,12 @@ def test_trial_zero_is_the_given_configuration_where_the_space_holds_it():
     ({"training.lr": {"low": 2, "high": 1}}, "low < high"),
     ({"training.lr": {"low": 0, "high": 1, "log": True}}, "low > 0"),
     ({"training.lr": {"low": 0.1, "high": 1, "choices": [1]}}, "either a range"),
+    ({"model.regularizers": {"choices": [1]}}, "names a section, not a field"),
+    ({"pia.schedule": {"low": 1, "high": 2}}, "a range needs a numeric field"),
+    ({"pia.schedule": {"choices": ["paper", "bogus"]}}, "'patience' or 'paper'"),
+    ({"model.latent_dim": {"choices": [8, "x"]}}, "valid integer"),
+    ({"model.latent_dim": {"low": 10.2, "high": 10.8}}, "fractional part"),
+    ({"model.keep_prob": {"low": 0.5, "high": 1.5}}, "less than or equal to 1"),
 ])
 def test_a_bad_search_space_fails_at_load_naming_the_key(space, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,9 +9,10 @@ allowed values in the message.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 # The validation metrics the promotion gate can compare: the names
 # piarec.evaluate.metrics.summarize returns (tests/test_config.py checks they agree).
@@ -282,7 +283,32 @@ class TuneConfig(_Section):
                 owner = field.annotation
             if parts[-1] not in owner.model_fields:
                 raise ValueError(f"tune.space key {key!r}: {owner.__name__} has no field {parts[-1]!r}")
+            _check_searchable(key, owner.model_fields[parts[-1]], self.space[key])
         return self
+
+
+def _check_searchable(key: str, field, spec: SearchParam) -> None:
+    """Every choice, and both ends of a range, must be a valid value of the field (its type and
+    bounds); a range needs a numeric field, and an integer one must hold an integer."""
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        raise ValueError(f"tune.space key {key!r} names a section, not a field")
+    adapter = TypeAdapter(Annotated[ann, *field.metadata] if field.metadata else ann)
+    kinds = set(get_args(ann)) or {ann}
+    try:
+        if spec.choices is not None:
+            for choice in spec.choices:
+                adapter.validate_python(choice, strict=True)
+            return
+        if not kinds & {int, float}:
+            raise ValueError(f"tune.space key {key!r}: a range needs a numeric field; give choices")
+        for end in (spec.low, spec.high):
+            adapter.validate_python(int(end) if float not in kinds and float(end).is_integer() else end)
+    except ValidationError as err:
+        raise ValueError(f"tune.space key {key!r}: {err.errors()[0]['msg']} "
+                         f"(got {spec.choices if spec.choices is not None else [spec.low, spec.high]})") from None
+    if float not in kinds and math.ceil(spec.low) > math.floor(spec.high):
+        raise ValueError(f"tune.space key {key!r}: the integer range [{spec.low}, {spec.high}] holds no integer")
 
 
 ARM_NAME = r"^[A-Za-z0-9_-]+$"  # arm names name folders (arm=<name>)

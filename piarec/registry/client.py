@@ -55,7 +55,9 @@ def ensure_experiment(cfg: PipelineConfig, name: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage))
+    # "Model training" experiments: the UI opens them on their runs, not on the GenAI overview.
+    return c.create_experiment(name, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage),
+                               tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def register_version(

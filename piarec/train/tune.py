@@ -97,17 +97,36 @@ def apply(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(f"the trial's values {values} make an invalid configuration: {problems}") from None
 
 
+def _value(cfg: PipelineConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def effective_values(cfg: PipelineConfig) -> dict[str, Any]:
+    """The value of every searched key in ``cfg``: what a trial trained with (and what the tuned
+    YAML writes, so applying it over another base config reproduces the trial)."""
+    return {key: _value(cfg, key) for key in cfg.tune.space}
+
+
 def current_values(cfg: PipelineConfig) -> dict[str, Any]:
-    """The configuration's own value of every searched key the space holds (trial 0)."""
+    """The configuration's own value of every searched key the space holds (enqueued as trial 0;
+    the other keys keep the configuration's value in that trial)."""
     out: dict[str, Any] = {}
     for key, spec in cfg.tune.space.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _value(cfg, key)
         if (value in spec.choices) if spec.choices is not None else (
                 isinstance(value, (int, float)) and spec.low <= value <= spec.high):
             out[key] = value
     return out
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
 
 
 # -- one trial -----------------------------------------------------------------------------------
@@ -139,7 +158,11 @@ def _objective(search: _Search):
     cfg, snap = search.cfg, search.snap
 
     def objective(trial: optuna.Trial) -> float:
-        values = {key: suggest(trial, key, spec) for key, spec in cfg.tune.space.items()}
+        # Trial 0 takes the given configuration's values: the enqueued keys, and the config's own
+        # for keys whose value the space does not hold (nothing is drawn for it).
+        given = trial.user_attrs.get("given")
+        space = {k: v for k, v in cfg.tune.space.items() if not given or k in trial.user_attrs["given_keys"]}
+        values = {key: suggest(trial, key, spec) for key, spec in space.items()}
         cpu0, wall0 = time.process_time(), time.perf_counter()
         with mlflow.start_run(experiment_id=search.experiment_id, nested=True, run_name=f"trial {trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -148,6 +171,9 @@ def _objective(search: _Search):
             state = "FAILED"
             try:
                 trial_cfg = apply(cfg, values)
+                effective = effective_values(trial_cfg)
+                trial.set_user_attr("values", effective)
+                mlflow.log_params({k: v for k, v in effective.items() if k not in values})  # the given ones
 
                 def on_epoch(row: dict[str, float]) -> None:
                     mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
@@ -172,6 +198,12 @@ def _objective(search: _Search):
                 return value
             except optuna.TrialPruned:
                 state = "PRUNED"
+                raise
+            except Exception as exc:  # a failed trial, not a failed search (KeyboardInterrupt still stops it)
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:500])
+                log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+                _free_device_memory()
                 raise
             finally:
                 cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -260,7 +292,39 @@ def tuned_yaml(best, study_name: str, source: str, n_finished: int) -> str:
     header = (f"# piarec tune: study {study_name}, trial {best.number} of {n_finished} finished, "
               f"validation NDCG@100 {best.value:.4f}\n# snapshot: {source}\n"
               f"# apply with: piarec train --tuned-config <this file>\n")
-    return header + yaml.safe_dump(nested(best.params), sort_keys=True)
+    return header + yaml.safe_dump(nested(best.user_attrs.get("values", best.params)), sort_keys=True)
+
+
+def _redacted(url: str | None) -> str | None:
+    """A database URL without its password (it goes into MLflow params)."""
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _close_killed_runs(study, client) -> None:
+    """MLflow runs of an earlier, killed invocation (its search run and the trial it was running)
+    are left RUNNING; mark them KILLED."""
+    import optuna
+
+    ids = [study.user_attrs.get("mlflow_run_id")] + [
+        t.user_attrs.get("mlflow_run_id") for t in study.trials
+        if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)]
+    for run_id in filter(None, ids):
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+        except Exception as exc:  # noqa: BLE001 - bookkeeping only; the search matters more
+            log.warning("could not close the interrupted run %s: %s", run_id, exc)
+
+
+def _sampler(cfg: PipelineConfig, seed: int):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials,
+                                      constraints_func=_feasible(cfg))
 
 
 def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None = None,
@@ -281,29 +345,38 @@ def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name, storage=_storage(tc.study_storage), load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials,
-                                           constraints_func=_feasible(cfg)),
+        sampler=_sampler(cfg, tc.seed),
         pruner=(optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials, n_warmup_steps=tc.prune_warmup_epochs)
                 if tc.pruner == "median" else optuna.pruners.NopPruner()))
+    if study.trials:
+        # A resumed study: trials a killed process left RUNNING past the heartbeat's grace period
+        # become FAIL, and the sampler gets a new seed so it does not redraw the startup trials.
+        optuna.storages.fail_stale_trials(study)
+        study.sampler = _sampler(cfg, tc.seed + len(study.trials))
+    else:
+        given = current_values(cfg)
+        study.enqueue_trial(given, user_attrs={"given": True, "given_keys": sorted(given)})
     earlier = [t for t in study.trials if t.state.is_finished()]
-    if not study.trials:
-        study.enqueue_trial(current_values(cfg), user_attrs={"given": True})
     remaining = tc.trials - len(earlier)
 
     experiment_id = registry.ensure_experiment(cfg, tc.experiment)  # binds mlflow to the tracking URI
+    _close_killed_runs(study, registry.client(cfg))
     search = _Search(cfg, snap, progress, experiment_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {study_name}") as run:
+        study.set_user_attr("mlflow_run_id", run.info.run_id)
         mlflow.set_tags({"snapshot": source, "study": study_name, "resumed_trials": str(len(earlier))})
-        mlflow.log_params({f"tune.{k}": v for k, v in tc.model_dump(exclude={"space"}).items()})
+        mlflow.log_params({f"tune.{k}": v for k, v in tc.model_dump(exclude={"space"}).items()}
+                          | {"tune.study_storage": _redacted(tc.study_storage)})
         mlflow.log_params({"n_train_users": snap.train.n_rows, "n_val_users": snap.val.fold_in.n_rows,
                            "n_items": snap.train.n_cols})
         mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in tc.space.items()}, "space.json")
         progress(f"study {study_name}: {len(earlier)} trials finished earlier, {max(remaining, 0)} to run"
                  f"{f' within {tc.timeout_s:.0f} s' if tc.timeout_s else ''}; {len(tc.space)} parameters")
         if remaining > 0:
-            study.optimize(_objective(search), n_trials=remaining, timeout=tc.timeout_s,
-                           catch=(TrainingError, ConfigError),
-                           callbacks=[lambda s, t: _report_trial(search, s, t)])
+            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+            study.optimize(_objective(search), n_trials=None, timeout=tc.timeout_s, catch=(Exception,),
+                           callbacks=[lambda s, t: _report_trial(search, s, t),
+                                      optuna.study.MaxTrialsCallback(tc.trials, states=finished)])
 
         states = {s.name.lower(): sum(t.state == s for t in study.trials)
                   for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -312,8 +385,10 @@ def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None
                            "wall_seconds": time.perf_counter() - search.started})
         best = best_trial(study, cfg)
         if best is None:
+            errors = sorted({t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs})
             raise TrainingError(f"no trial of study {study_name} completed with at least {_min_active(cfg)} active "
-                                f"units ({states}); nothing written")
+                                f"units ({states}){'; errors: ' + ' | '.join(errors[:3]) if errors else ''}; "
+                                "nothing written")
         given = next((t for t in study.trials if t.user_attrs.get("given")), None)
         text = tuned_yaml(best, study_name, source, sum(t.state.is_finished() for t in study.trials))
         replace_bytes(resolve(output), text.encode())
