@@ -72,8 +72,6 @@ def test_a_search_beats_the_given_config_and_writes_only_the_tuned_keys(snap, tm
 
     from mlflow import MlflowClient
 
-    experiment = MlflowClient().get_experiment_by_name("piarec-tune")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
     artifacts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
     plots = {a.path for a in MlflowClient().list_artifacts(out["run_id"], "plots")}
     assert {"best_config.yaml", "space.json"} <= artifacts

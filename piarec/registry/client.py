@@ -55,9 +55,7 @@ def ensure_experiment(cfg: PipelineConfig, name: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    # "Model training" experiments: the UI opens them on their runs, not on the GenAI overview.
-    return c.create_experiment(name, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage),
-                               tags={"mlflow.experimentKind": "custom_model_development"})
+    return c.create_experiment(name, artifact_location=layout.artifact_location(cfg.mlflow, cfg.storage))
 
 
 def register_version(
