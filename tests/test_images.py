@@ -280,7 +280,7 @@ def test_pins_agree_across_images_requirement_files_and_makefile(images, pyproje
 @pytest.mark.parametrize(("image", "stage_name", "needs", "torch_index"), [
     ("spark", "build", {"pyspark", "torch", "mlflow"}, r"/whl/cpu\b"),
     ("airflow", "project", {"pyspark", "torch", "mlflow"}, r"/whl/cpu\b"),
-    ("trainer", "build", {"torch", "mlflow"}, r"/whl/cu\d+\b"),
+    ("trainer", "build", {"torch", "mlflow", "optuna"}, r"/whl/cu\d+\b"),
 ])
 def test_project_environments_pin_the_core_packages(images, image, stage_name, needs, torch_index):
     stg = stage(images[image], stage_name)
