@@ -37,6 +37,8 @@ from piarec.config.schema import (
     TUNABLE_SECTIONS,
     TuneConfig,
     check_arms,
+    integer_field,
+    space_field,
 )
 from piarec.errors import ConfigError
 
@@ -69,6 +71,8 @@ __all__ = [
     "check_arms",
     "deep_merge",
     "env_overrides",
+    "integer_field",
     "load_config",
     "parse_tuned",
+    "space_field",
 ]

@@ -269,22 +269,33 @@ class TuneConfig(_Section):
 
     @model_validator(mode="after")
     def _keys_name_tunable_fields(self) -> "TuneConfig":
-        sections = {"model": ModelConfig, "pia": PIAConfig, "training": TrainingConfig}
-        for key in self.space:
-            parts = key.split(".")
-            section = sections.get(parts[0])
-            if section is None or len(parts) < 2:
-                raise ValueError(f"tune.space key {key!r} must start with one of {', '.join(TUNABLE_SECTIONS)}")
-            owner: type[BaseModel] = section
-            for name in parts[1:-1]:
-                field = owner.model_fields.get(name)
-                if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-                    raise ValueError(f"tune.space key {key!r}: {name!r} is not a section of {owner.__name__}")
-                owner = field.annotation
-            if parts[-1] not in owner.model_fields:
-                raise ValueError(f"tune.space key {key!r}: {owner.__name__} has no field {parts[-1]!r}")
-            _check_searchable(key, owner.model_fields[parts[-1]], self.space[key])
+        for key, spec in self.space.items():
+            _check_searchable(key, space_field(key), spec)
         return self
+
+
+def space_field(key: str):
+    """The pydantic field a dotted ``tune.space`` key names (``training.lr``,
+    ``model.regularizers.nc_weight``); ValueError naming what is wrong with the key."""
+    sections = {"model": ModelConfig, "pia": PIAConfig, "training": TrainingConfig}
+    parts = key.split(".")
+    owner: type[BaseModel] | None = sections.get(parts[0])
+    if owner is None or len(parts) < 2:
+        raise ValueError(f"tune.space key {key!r} must start with one of {', '.join(TUNABLE_SECTIONS)}")
+    for name in parts[1:-1]:
+        field = owner.model_fields.get(name)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            raise ValueError(f"tune.space key {key!r}: {name!r} is not a section of {owner.__name__}")
+        owner = field.annotation
+    if parts[-1] not in owner.model_fields:
+        raise ValueError(f"tune.space key {key!r}: {owner.__name__} has no field {parts[-1]!r}")
+    return owner.model_fields[parts[-1]]
+
+
+def integer_field(field) -> bool:
+    """Whether a field takes integers and not floats (``int``, ``int | None``): its range is drawn as integers."""
+    kinds = set(get_args(field.annotation)) or {field.annotation}
+    return int in kinds and float not in kinds
 
 
 def _check_searchable(key: str, field, spec: SearchParam) -> None:
@@ -294,20 +305,20 @@ def _check_searchable(key: str, field, spec: SearchParam) -> None:
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         raise ValueError(f"tune.space key {key!r} names a section, not a field")
     adapter = TypeAdapter(Annotated[ann, *field.metadata] if field.metadata else ann)
-    kinds = set(get_args(ann)) or {ann}
+    integer = integer_field(field)
     try:
         if spec.choices is not None:
             for choice in spec.choices:
                 adapter.validate_python(choice, strict=True)
             return
-        if not kinds & {int, float}:
+        if not (integer or float in (set(get_args(ann)) or {ann})):
             raise ValueError(f"tune.space key {key!r}: a range needs a numeric field; give choices")
         for end in (spec.low, spec.high):
-            adapter.validate_python(int(end) if float not in kinds and float(end).is_integer() else end)
+            adapter.validate_python(int(end) if integer and float(end).is_integer() else end)
     except ValidationError as err:
         raise ValueError(f"tune.space key {key!r}: {err.errors()[0]['msg']} "
                          f"(got {spec.choices if spec.choices is not None else [spec.low, spec.high]})") from None
-    if float not in kinds and math.ceil(spec.low) > math.floor(spec.high):
+    if integer and math.ceil(spec.low) > math.floor(spec.high):
         raise ValueError(f"tune.space key {key!r}: the integer range [{spec.low}, {spec.high}] holds no integer")
 
 

@@ -27,12 +27,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, get_args
+from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from piarec.config import PipelineConfig, SearchParam, deep_merge
+from piarec.config import PipelineConfig, SearchParam, deep_merge, integer_field, space_field
 from piarec.data import layout
 from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.data.storage import replace_bytes, resolve
@@ -50,27 +50,12 @@ BEST_CONFIG = "best_config.yaml"
 
 
 # -- the space -----------------------------------------------------------------------------------
-def _field(key: str):
-    """The pydantic field a dotted key names (``tune.space`` keys are checked at config load)."""
-    owner: type[BaseModel] = PipelineConfig
-    *sections, name = key.split(".")
-    for section in sections:
-        owner = owner.model_fields[section].annotation
-    return owner.model_fields[name]
-
-
-def _is_int(key: str) -> bool:
-    ann = _field(key).annotation
-    kinds = set(get_args(ann)) or {ann}
-    return int in kinds and float not in kinds
-
-
 def suggest(trial, key: str, spec: SearchParam) -> Any:
     """The trial's value of ``key``: one of its choices, or a draw from its range (an integer
     for an integer field)."""
     if spec.choices is not None:
         return trial.suggest_categorical(key, spec.choices)
-    if _is_int(key):
+    if integer_field(space_field(key)):
         return trial.suggest_int(key, math.ceil(spec.low), math.floor(spec.high), log=spec.log)
     return trial.suggest_float(key, spec.low, spec.high, log=spec.log)
 
@@ -138,10 +123,6 @@ class _Search:
     experiment_id: str
     started: float = field(default_factory=time.perf_counter)
     cpu_seconds: float = 0.0
-
-
-def _min_active(cfg: PipelineConfig) -> int:
-    return cfg.gate.min_active_units
 
 
 def _active_units(model, snap: Snapshot, cfg: PipelineConfig) -> float:
@@ -216,14 +197,16 @@ def _objective(search: _Search):
     return objective
 
 
+def _shortfall(trial, floor: int) -> float:
+    """Active latent units a trial's model lacks for the gate's floor (<= 0: feasible; 0 when
+    they could not be measured)."""
+    active = trial.user_attrs.get("active_units")
+    return 0.0 if active is None or not math.isfinite(active) else float(floor - active)
+
+
 def _feasible(cfg: PipelineConfig):
     """Optuna's constraint (<= 0 is feasible): enough active latent units for the gate."""
-    floor = _min_active(cfg)
-
-    def constraints(trial) -> list[float]:
-        active = trial.user_attrs.get("active_units")
-        return [0.0 if active is None or not math.isfinite(active) else float(floor - active)]
-    return constraints
+    return lambda trial: [_shortfall(trial, cfg.gate.min_active_units)]
 
 
 def _report_trial(search: _Search, study, trial) -> None:
@@ -245,10 +228,8 @@ def best_trial(study, cfg: PipelineConfig):
     ``gate.min_active_units`` active units; None when there is none."""
     import optuna
 
-    floor = _min_active(cfg)
     ok = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-          and not (math.isfinite(t.user_attrs.get("active_units", math.inf))
-                   and t.user_attrs.get("active_units", math.inf) < floor)]
+          and _shortfall(t, cfg.gate.min_active_units) <= 0]
     return max(ok, key=lambda t: (t.value, -t.number)) if ok else None
 
 
@@ -372,21 +353,19 @@ def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None
         mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in tc.space.items()}, "space.json")
         progress(f"study {study_name}: {len(earlier)} trials finished earlier, {max(remaining, 0)} to run"
                  f"{f' within {tc.timeout_s:.0f} s' if tc.timeout_s else ''}; {len(tc.space)} parameters")
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
         if remaining > 0:
-            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
             study.optimize(_objective(search), n_trials=None, timeout=tc.timeout_s, catch=(Exception,),
                            callbacks=[lambda s, t: _report_trial(search, s, t),
                                       optuna.study.MaxTrialsCallback(tc.trials, states=finished)])
 
-        states = {s.name.lower(): sum(t.state == s for t in study.trials)
-                  for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                            optuna.trial.TrialState.FAIL)}
+        states = {s.name.lower(): sum(t.state == s for t in study.trials) for s in finished}
         mlflow.log_metrics({f"trials_{k}": v for k, v in states.items()} | {"cpu_seconds": search.cpu_seconds,
                            "wall_seconds": time.perf_counter() - search.started})
         best = best_trial(study, cfg)
         if best is None:
             errors = sorted({t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs})
-            raise TrainingError(f"no trial of study {study_name} completed with at least {_min_active(cfg)} active "
+            raise TrainingError(f"no trial of study {study_name} completed with at least {cfg.gate.min_active_units} active "
                                 f"units ({states}){'; errors: ' + ' | '.join(errors[:3]) if errors else ''}; "
                                 "nothing written")
         given = next((t for t in study.trials if t.user_attrs.get("given")), None)
