@@ -12,7 +12,7 @@ from torch import nn
 from piarec.config import DiagnosticsConfig, ModelConfig
 from piarec.evaluate.diagnostics import (
     active_units, collapse_metrics, decoder_ima_contrast, ima_contrast, kl_per_dim, kl_per_dimension,
-    map_ima_contrast, mask_stability, mutual_information, posterior_gaussians, self_consistency,
+    kl_to_prior, map_ima_contrast, mask_stability, mutual_information, posterior_gaussians, self_consistency,
 )
 from piarec.models.contract import SparseBatch
 from piarec.models.factory import build_model
@@ -225,3 +225,94 @@ def test_collapse_metrics_work_for_iaf_and_recvae_and_skip_what_does_not_apply()
 def test_collapse_metrics_refuse_fewer_than_two_users():
     with pytest.raises(ValueError, match="at least two users"):
         collapse_metrics(_model(), CSR.from_lists([[1], []], N_ITEMS), DiagnosticsConfig())
+
+
+# --------------------------------------------------------------------------- z_T and the model's own prior
+def _affine_iaf(mean_shift: float = 0.7, gate: float = -1.0) -> MultiVAE:
+    """An IAF encoder whose steps ignore z and context: every step is z' = s z + (1 - s) c
+    with s = sigmoid(gate) and a per-dimension constant c, so z_T is Gaussian with a known
+    mean and variance (the flow's own closed form)."""
+    m = _model(cfg=ModelConfig(hidden_dim=16, latent_dim=6, encoder="iaf", flow_hidden=8, flow_steps=2))
+    with torch.no_grad():
+        for t, step in enumerate(m.flow.steps):
+            step.out_m.weight.zero_()
+            step.out_s.weight.zero_()
+            step.out_m.bias.copy_(mean_shift * torch.arange(6, dtype=torch.float32) + t)
+            step.out_s.bias.fill_(gate)
+    return m
+
+
+def _affine_iaf_closed_form(m: MultiVAE, rows: CSR) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean, logvar`` float64 of z_T for :func:`_affine_iaf`, in closed form."""
+    mu, logvar, _ = m.encode_base(SparseBatch.from_csr(rows, torch.device("cpu")), 1.0)
+    mean, log_scale = mu.double(), torch.zeros_like(mu, dtype=torch.float64)
+    for step in m.flow.steps:
+        s = torch.sigmoid(step.out_s.bias.double())
+        mean = s * mean + (1 - s) * step.out_m.bias.double()
+        log_scale = log_scale + s.log()
+    return mean.detach(), (logvar.double() + 2 * log_scale).detach()
+
+
+def test_iaf_diagnostics_read_z_t_not_the_base_posterior():
+    m, rows = _affine_iaf(), _rows(20)
+    mean, logvar = _affine_iaf_closed_form(m, rows)
+    want = gaussian_kl(mean, logvar).numpy()
+    base_mu, base_logvar = m.gaussian_posterior(SparseBatch.from_csr(rows, torch.device("cpu")))
+    base = gaussian_kl(base_mu.double(), base_logvar.double()).detach().numpy()
+    assert np.abs(want - base).min() > 1.0  # the two answers are far apart for every user
+
+    torch.manual_seed(0)
+    got = kl_to_prior(m, rows, samples=4000)
+    # log q(z_T | x) - log p(z_T) has a per-user sd of ~sqrt(d / 2 + ...) nats; 4,000 draws
+    # leave a standard error well under 0.15 nats.
+    np.testing.assert_allclose(got, want, atol=0.15)
+    got_mu, got_logvar = posterior_gaussians(m, rows, samples=4000)
+    np.testing.assert_allclose(got_mu, mean.numpy(), atol=0.02)
+    np.testing.assert_allclose(np.exp(got_logvar), np.exp(logvar.numpy()), rtol=0.1)
+
+    out = collapse_metrics(m, rows, DiagnosticsConfig(users=20, posterior_samples=2000, jacobian_users=0,
+                                                      mask_users=0, self_consistency_users=1))
+    assert out["kl_mean"] == pytest.approx(want.mean(), abs=0.1)
+    assert abs(out["kl_mean"] - base.mean()) > 1.0
+
+
+def test_gaussian_encoders_report_their_closed_form_kl_exactly():
+    m, rows = _model(), _rows()
+    mu, logvar = posterior_gaussians(m, rows, samples=2)  # no draws: the posterior itself
+    np.testing.assert_allclose(kl_to_prior(m, rows, samples=2),
+                               gaussian_kl(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy(), rtol=1e-6)
+
+
+def test_recvae_kl_is_to_its_composite_prior():
+    """The Monte Carlo KL against a per-dimension Gauss-Hermite quadrature of
+    KL(q || composite prior): the prior's mixture is taken per dimension, so the KL is a sum
+    of one-dimensional integrals."""
+    torch.manual_seed(1)
+    m = build_model(N_ITEMS, ModelConfig(backbone="recvae", hidden_dim=16, latent_dim=6))
+    with torch.no_grad():  # an old encoder unlike the current one, so the prior is not N(0, I)
+        for p in m.encoder_old.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    rows = _rows(15)
+    batch = SparseBatch.from_csr(rows, torch.device("cpu"))
+    with torch.no_grad():
+        mu, logvar = (t.double().numpy() for t in m.encoder(batch, 1.0))
+        old_mu, old_logvar = (t.double().numpy() for t in m.encoder_old(batch, 1.0))
+        log_w = m.log_prior_weights.double().numpy()
+
+    nodes, weights = np.polynomial.hermite.hermgauss(80)
+    sd = np.exp(0.5 * logvar)
+    z = mu[..., None] + math.sqrt(2.0) * sd[..., None] * nodes  # [B, d, K]
+
+    def log_n(x, m_, lv):
+        return -0.5 * (math.log(2 * math.pi) + lv + (x - m_) ** 2 / np.exp(lv))
+
+    parts = np.stack([log_n(z, 0.0, 0.0), log_n(z, old_mu[..., None], old_logvar[..., None]),
+                      log_n(z, 0.0, 10.0)], axis=-1) + log_w
+    log_p = np.logaddexp.reduce(parts, axis=-1)
+    log_q = log_n(z, mu[..., None], logvar[..., None])
+    want = ((log_q - log_p) * weights / math.sqrt(math.pi)).sum(axis=(1, 2))
+    to_standard = gaussian_kl(torch.from_numpy(mu), torch.from_numpy(logvar)).numpy()
+    assert np.abs(want - to_standard).max() > 0.5  # the composite prior matters here
+
+    torch.manual_seed(0)
+    np.testing.assert_allclose(kl_to_prior(m, rows, samples=20000), want, atol=0.08)

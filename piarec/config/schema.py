@@ -157,6 +157,7 @@ class DiagnosticsConfig(_Section):
     enabled: bool = True  # compute them after validation evaluations
     every: int = Field(1, ge=1)  # every this many epochs
     users: int = Field(1000, ge=2)  # users sampled for active units, KL, mutual information
+    posterior_samples: int = Field(32, ge=2)  # draws per user where q(z | x) has no closed form (IAF; RecVAE's KL)
     self_consistency_users: int = Field(256, ge=1)  # latents checked for encode(decode(z)) = z
     jacobian_users: int = Field(16, ge=0)  # users whose decoder Jacobian gives the IMA contrast; 0 skips it
     mask_users: int = Field(64, ge=0)  # users for mask stability (Proposition 3.2); 0 skips it

@@ -4,7 +4,7 @@ the promotion gate and the reports.
 - **Active units**: a latent dimension is active when the variance over users of its
   posterior mean exceeds 0.01 (Burda et al. 2016, A_d = Var_x(E_q[z_d | x])). A collapsed
   posterior ignores its input: its means barely move between users.
-- **KL to the prior** N(0, I), in total and per dimension (closed form of the Gaussian).
+- **KL to the prior**: in total to the model's own prior, and per dimension to N(0, 1).
 - **Mutual information** I(x; z) = E_x E_q(z|x)[log q(z|x) - log q(z)], q(z) the mixture of
   the sampled users' posteriors; it lies in [0, log N] for N users.
 - **Self-consistency**: ||mu(softmax(logits(z))) - z||^2, the decoder's output distribution
@@ -17,10 +17,17 @@ the promotion gate and the reports.
   variance of the posterior mean and its mean squared distance to the user's item-anchor
   centroid; PIA should shrink both.
 
-Closed forms use the Gaussian part of the posterior: with the IAF encoder that is the base
-q(z0 | x) (``gaussian_posterior``), where PIA's alignment also acts. :func:`collapse_metrics` is
-the entry point; it is deterministic for a seed and leaves the model's mode and the global
-RNG state as it found them.
+Every figure is taken on the latent the decoder reads and against the prior that training
+uses. With the IAF encoder that latent is z_T, whose posterior has no closed form: active
+units use the mean of ``samples`` draws of z_T, the KL is the Monte Carlo mean of log q(z_T | x)
+- log p(z_T) (exact in expectation), and the per-dimension KL and the mutual information use
+the Gaussian with the draws' mean and per-dimension variance (an approximation: the flow's
+posterior is neither Gaussian nor factorised). RecVAE's posterior is Gaussian, so those
+are exact for it, but its prior is the composite one: ``kl_mean`` is the Monte Carlo KL to
+that prior, while the per-dimension KL (``kl_dims_active``) stays against N(0, 1). Mask
+stability reads the Gaussian q(z0 | x) (``gaussian_posterior``), where PIA's alignment acts.
+:func:`collapse_metrics` is the entry point; it is deterministic for a seed and leaves the
+model's mode and the global RNG state as it found them.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from piarec.models.contract import SparseBatch
 from piarec.data.csr import CSR
 
 ACTIVE_VARIANCE = 0.01  # a unit is active when Var over users of its posterior mean > this
+POSTERIOR_SAMPLES = 32  # draws per user where q(z | x) has no closed form (after a flow; RecVAE's KL)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -46,34 +54,45 @@ def posterior_means(model: torch.nn.Module, rows: CSR, batch_size: int = 2000) -
     ``model`` is any model of the contract in :mod:`piarec.models.contract` (``encode`` returns
     ``(mu, logvar)``); ``rows`` is a CSR [U, I] in the model's item space.
     """
-    mu, _ = _encode_rows(model, rows, batch_size, base=False)
+    (mu,) = _encode_rows(model, rows, batch_size, lambda b: (model.encode(b, keep_prob=1.0)[0].float(),))
     return mu
 
 
 @torch.inference_mode()
-def posterior_gaussians(model: torch.nn.Module, rows: CSR, batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """float64 [U, d] each: ``mu, logvar`` of the Gaussian part of q(z | x) (unmasked)."""
-    mu, logvar = _encode_rows(model, rows, batch_size, base=True)
+def posterior_gaussians(model: torch.nn.Module, rows: CSR, batch_size: int = 2000,
+                        samples: int = POSTERIOR_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [U, d] each: ``mean, logvar`` of q(z | x) for the latent the decoder reads
+    (``model.posterior_moments``, unmasked): the posterior itself when it is Gaussian, the
+    moments of ``samples`` draws of z_T after a flow."""
+    mu, logvar = _encode_rows(model, rows, batch_size, lambda b: model.posterior_moments(b, samples))
     return mu.astype(np.float64), logvar.astype(np.float64)
 
 
-def _encode_rows(model: torch.nn.Module, rows: CSR, batch_size: int, base: bool) -> tuple[np.ndarray, np.ndarray]:
+@torch.inference_mode()
+def kl_to_prior(model: torch.nn.Module, rows: CSR, batch_size: int = 2000,
+                samples: int = POSTERIOR_SAMPLES) -> np.ndarray:
+    """float64 [U]: KL(q(z | x) || p(z)) of each row against the model's own prior
+    (``model.kl_to_prior``: closed form, or a Monte Carlo estimate from ``samples`` draws)."""
+    (kl,) = _encode_rows(model, rows, batch_size, lambda b: (model.kl_to_prior(b, samples),))
+    return kl.astype(np.float64)
+
+
+def _encode_rows(model: torch.nn.Module, rows: CSR, batch_size: int,
+                 fn: Callable[[SparseBatch], tuple[torch.Tensor, ...]]) -> tuple[np.ndarray, ...]:
+    """``fn`` of every batch of ``rows`` in eval mode, each output concatenated over rows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    mus, logvars = [], []
+    parts: list[tuple[np.ndarray, ...]] = []
     try:
         for start in range(0, rows.n_rows, batch_size):
             part = rows.take_rows(np.arange(start, min(start + batch_size, rows.n_rows)))
-            batch = SparseBatch.from_csr(part, device)
-            mu, logvar = model.gaussian_posterior(batch, 1.0) if base else model.encode(batch, keep_prob=1.0)
-            mus.append(mu.float().cpu().numpy())
-            logvars.append(logvar.float().cpu().numpy())
+            parts.append(tuple(t.cpu().numpy() for t in fn(SparseBatch.from_csr(part, device))))
     finally:
         model.train(was_training)
-    if not mus:
+    if not parts:
         raise ValueError("posterior means need at least one user")
-    return np.concatenate(mus), np.concatenate(logvars)
+    return tuple(np.concatenate(col) for col in zip(*parts))
 
 
 # --------------------------------------------------------------------------- statistics
@@ -233,8 +252,8 @@ def collapse_metrics(model: torch.nn.Module, rows: CSR, cfg: DiagnosticsConfig, 
     """The collapse diagnostics of ``model`` on the users of ``rows`` (CSR [U, I], e.g. the
     validation fold-in), as flat MLflow-safe keys:
 
-    ``active_units``, ``latent_dim``, ``kl_mean`` (mean KL to N(0, I), nats per user),
-    ``kl_dims_active`` (dimensions with mean KL > 0.01), ``mutual_info`` (nats; bounded by
+    ``active_units``, ``latent_dim``, ``kl_mean`` (mean KL to the model's prior, nats per
+    user), ``kl_dims_active`` (dimensions with mean KL to N(0, 1) > 0.01), ``mutual_info`` (nats; bounded by
     ``mutual_info_bound`` = log N), ``self_consistency``, ``ima_contrast`` (mean over the
     sampled users of finite values), ``mask_variance`` and ``mask_anchor_dist``.
 
@@ -256,11 +275,11 @@ def collapse_metrics(model: torch.nn.Module, rows: CSR, cfg: DiagnosticsConfig, 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             users = rows.take_rows(nonempty[_sample(len(nonempty), cfg.users, rng)])
-            mu, logvar = posterior_gaussians(model, users)
+            mu, logvar = posterior_gaussians(model, users, samples=cfg.posterior_samples)
             per_dim = kl_per_dim(mu, logvar)
             out["active_units"] = float(active_units(mu))
             out["latent_dim"] = float(mu.shape[1])
-            out["kl_mean"] = float(per_dim.sum())
+            out["kl_mean"] = float(kl_to_prior(model, users, samples=cfg.posterior_samples).mean())
             out["kl_dims_active"] = float(np.count_nonzero(per_dim > ACTIVE_VARIANCE))
             out["mutual_info"] = mutual_information(mu, logvar, rng)
             out["mutual_info_bound"] = math.log(len(mu))

@@ -99,8 +99,15 @@ class RecommenderModel(Protocol):
       q(z | x); with ``keep_prob=1.0`` ``logits(mu)`` is the deterministic score used for
       ranking (the scorer, evaluation and the gate all rank by it).
     - ``gaussian_posterior(batch, keep_prob)`` -> ``(mu, logvar)`` of the Gaussian part of
-      the posterior (q(z0 | x) before any flow; the posterior itself otherwise): where the
-      KL diagnostics and PIA's alignment act.
+      the posterior (q(z0 | x) before any flow; the posterior itself otherwise): where PIA's
+      alignment and the mask-stability diagnostic act.
+    - ``posterior_moments(batch, samples)`` -> ``(mean, logvar)`` float [B, d] of q(z | x)
+      for the latent the decoder reads (z_T after a flow), unmasked: exact for a Gaussian
+      posterior, else the moments of ``samples`` draws (global RNG). The collapse
+      diagnostics read it.
+    - ``kl_to_prior(batch, samples)`` -> float [B]: KL(q(z | x) || p(z)) against the model's
+      own prior (N(0, I); RecVAE's composite prior), unmasked: the closed form where one
+      exists, else a Monte Carlo estimate from ``samples`` draws.
     - ``encode_dense(x)`` -> ``(mu, logvar)`` for non-negative dense rows x float [B, I]
       (a decoder's softmax, say), unmasked, L2-normalised like binary input.
     - ``logits(z)`` -> float32 [B, I].
@@ -121,6 +128,10 @@ class RecommenderModel(Protocol):
     def encode(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def gaussian_posterior(self, batch: SparseBatch, keep_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def posterior_moments(self, batch: SparseBatch, samples: int = 32) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def kl_to_prior(self, batch: SparseBatch, samples: int = 32) -> torch.Tensor: ...
 
     def encode_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 

@@ -89,6 +89,34 @@ class MultiVAE(nn.Module):
         mu, logvar, _ = self.encode_base(batch, keep_prob)
         return mu, logvar
 
+    def posterior_moments(self, batch: SparseBatch, samples: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean, logvar`` [B, d] of q(z | x) for the latent the decoder reads, unmasked:
+        exact for the shallow and deeper encoders; with the IAF encoder the mean and
+        per-dimension log-variance of ``samples`` draws of z_T (global RNG)."""
+        mu, logvar, h = self.encode_base(batch, 1.0)
+        if self.flow is None:
+            return mu, logvar
+        z, _ = self._flow_draws(mu, logvar, h, samples)
+        return z.mean(dim=0), z.var(dim=0).clamp_min(torch.finfo(z.dtype).tiny).log()
+
+    def kl_to_prior(self, batch: SparseBatch, samples: int = 32) -> torch.Tensor:
+        """KL(q(z | x) || N(0, I)) per row [B], unmasked: the closed form of the Gaussian
+        encoders (float64); with the IAF encoder the Monte Carlo mean over ``samples``
+        draws of log q(z_T | x) - log p(z_T), the KL that training weighs (Eq. 12-13)."""
+        mu, logvar, h = self.encode_base(batch, 1.0)
+        if self.flow is None:
+            return gaussian_kl(mu.double(), logvar.double())
+        z, log_q = self._flow_draws(mu, logvar, h, samples)
+        return (log_q - log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(dim=-1)).mean(dim=0)
+
+    def _flow_draws(self, mu: torch.Tensor, logvar: torch.Tensor, h: torch.Tensor,
+                    samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``samples`` draws of z_T [S, B, d] through the flows and their log q(z_T | x) [S, B]."""
+        (b, d), s = mu.shape, samples
+        z0 = mu + torch.exp(0.5 * logvar) * torch.randn(s, b, d, device=mu.device, dtype=mu.dtype)
+        z, logdet = self.flow(z0.reshape(s * b, d), h.repeat(s, 1))
+        return z.reshape(s, b, d), log_normal(z0, mu, logvar).sum(dim=-1) - logdet.reshape(s, b)
+
     def encode_dense_base(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """:meth:`encode_base` of dense non-negative rows ``x`` float [B, I] (unmasked)."""
         return self._stats(dense_first_layer(x, self.item_in, self.bias_in))

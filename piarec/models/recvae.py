@@ -83,6 +83,18 @@ class RecVAE(nn.Module):
         """The posterior is Gaussian: :meth:`encode`."""
         return self.encoder(batch, keep_prob)
 
+    def posterior_moments(self, batch: SparseBatch, samples: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior is Gaussian: :meth:`encode` of the unmasked input (``samples`` unused)."""
+        return self.encoder(batch, 1.0)
+
+    def kl_to_prior(self, batch: SparseBatch, samples: int = 32) -> torch.Tensor:
+        """KL(q(z | x) || composite prior) per row [B], unmasked: the Monte Carlo mean over
+        ``samples`` draws (global RNG) of log q(z | x) - log p(z), the KL of :meth:`loss`
+        before its user weight gamma |x_u|."""
+        mu, logvar = self.encoder(batch, 1.0)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)
+        return (log_normal(z, mu, logvar).sum(dim=-1) - self.log_prior(batch, z)).mean(dim=0)
+
     def item_anchors(self) -> torch.Tensor:
         return self.anchors
 
@@ -99,7 +111,7 @@ class RecVAE(nn.Module):
         return self.decoder(z)
 
     def log_prior(self, batch: SparseBatch, z: torch.Tensor) -> torch.Tensor:
-        """log of the composite prior density at z, summed over dimensions: [B]."""
+        """log of the composite prior density at z [..., B, d], summed over dimensions: [..., B]."""
         with torch.no_grad():
             old_mu, old_logvar = self.encoder_old(batch, 1.0)
         zeros = torch.zeros_like(z)
@@ -109,7 +121,7 @@ class RecVAE(nn.Module):
             log_normal(z, zeros, torch.full_like(z, WIDE_PRIOR_LOGVAR)),
         ], dim=-1) + self.log_prior_weights
         # As in the reference: the mixture is taken per dimension, then dimensions summed.
-        return torch.logsumexp(parts, dim=-1).sum(dim=1)
+        return torch.logsumexp(parts, dim=-1).sum(dim=-1)
 
     def loss(
         self, batch: SparseBatch, beta: float, lambda_a: float, phase: Phase | None = None, step: int = 0
