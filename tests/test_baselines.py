@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from piarec.evaluate.protocol import fit_ease_on_validation
-from piarec.models.baselines import EASE, ease_weights, fit_ease, gram
+from piarec.evaluate.metrics import EVAL_K, SELECTION_METRIC, summarize
+from piarec.models.baselines import EASE, EaseDual, ease_weights, fit_ease, gram
 from piarec.scoring.topk import masked_top_k
 from piarec.data.snapshot import Split
 from piarec.data.csr import CSR
@@ -46,3 +47,48 @@ def test_ease_scores_sum_rows_and_lambda_is_picked_on_validation():
     assert set(ease.val_ndcg) == {0.5, 5.0}
     assert ease.val_ndcg[ease.lam] == max(ease.val_ndcg.values()) == 1.0
     assert masked_top_k(ease.scores, val.fold_in, k=2)[0].tolist() in ([2, 3], [3, 2])
+
+
+def _random_csr(n_rows: int, n_cols: int, density: float, seed: int) -> CSR:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n_rows, n_cols)) < density
+    x[np.arange(n_rows), rng.integers(0, n_cols, n_rows)] = True  # no empty rows
+    return CSR.from_lists([np.flatnonzero(r) for r in x], n_cols=n_cols)
+
+
+@pytest.mark.parametrize("lam", [0.5, 10.0, 300.0])
+def test_dual_ease_scores_equal_the_primal_ones(lam):
+    train, part = _random_csr(30, 80, 0.15, 0), _random_csr(7, 80, 0.1, 1)
+    primal = EASE(ease_weights(gram(train), lam), lam).scores(part).double()
+    dual = EaseDual(train)
+    got = dual.scores(part, lam).double()
+    torch.testing.assert_close(got, primal, rtol=1e-5, atol=1e-5)  # float32 output of float64 work
+    b = ease_weights(gram(train), lam)
+    a = gram(train).clone()
+    a.diagonal().add_(lam)
+    p = torch.linalg.inv(a)
+    torch.testing.assert_close(dual.diagonal(lam), lam * p.diagonal(), rtol=1e-10, atol=1e-12)
+    assert b.abs().max() > 0.01  # a non-trivial B, so the equality above says something
+    with pytest.raises(ValueError, match="lambda > 0"):
+        dual.scores(part, 0.0)
+    with pytest.raises(ValueError, match="fewer users than items"):
+        EaseDual(_random_csr(10, 8, 0.3, 2))
+
+
+def test_validation_picks_the_same_lambda_through_the_dual_form():
+    train = _random_csr(40, 120, 0.1, 3)
+    val = Split(np.array([f"u{i}" for i in range(12)], dtype=object), _random_csr(12, 120, 0.08, 4),
+                _random_csr(12, 120, 0.04, 5))
+    grid = (1.0, 5.0, 20.0, 80.0)
+    g = gram(train).float()
+    want = {lam: summarize(masked_top_k(EASE(ease_weights(g, lam), lam).scores, val.fold_in, EVAL_K),
+                           val.held_out)[SELECTION_METRIC] for lam in grid}
+    assert len(set(want.values())) > 1  # the grid matters on this data
+    fitted = fit_ease_on_validation(train, val, grid)
+    # Equal to rounding: near-tied scores may swap ranks (at most a few 1e-5 of NDCG here).
+    assert fitted.val_ndcg == pytest.approx(want, abs=1e-3)
+    assert fitted.lam == max(want, key=want.__getitem__)
+    torch.testing.assert_close(fitted.weights, ease_weights(g, fitted.lam))  # B formed at the chosen lambda
+    lean = fit_ease_on_validation(train, val, grid, weights=False)
+    assert lean.weights is None and lean.lam == fitted.lam
+    torch.testing.assert_close(lean.scores(val.fold_in), fitted.scores(val.fold_in), rtol=1e-4, atol=1e-5)

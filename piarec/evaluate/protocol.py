@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from piarec.evaluate.metrics import EVAL_K, SELECTION_METRIC, per_user_metrics, summarize
-from piarec.models.baselines import DEFAULT_EASE_LAMBDAS, EASE, ease_weights, gram
+from piarec.models.baselines import DEFAULT_EASE_LAMBDAS, EASE, EaseDual, ease_weights, gram
 from piarec.models.contract import RecommenderModel, SparseBatch
 from piarec.scoring.topk import masked_top_k
 from piarec.data.snapshot import Split
@@ -60,16 +60,35 @@ def per_user_evaluation(topk: np.ndarray, split: Split) -> dict[str, np.ndarray]
     return out
 
 
-def fit_ease_on_validation(train: CSR, val: Split, lambdas: Sequence[float] = DEFAULT_EASE_LAMBDAS) -> EASE:
-    """Fit EASE for each lambda and keep the one with the best validation NDCG@100."""
+def fit_ease_on_validation(train: CSR, val: Split, lambdas: Sequence[float] = DEFAULT_EASE_LAMBDAS,
+                           weights: bool = True) -> EASE:
+    """Fit EASE for each lambda and keep the one with the best validation NDCG@100.
+
+    With fewer training users than items every lambda is scored in the dual form
+    (:class:`~piarec.models.baselines.EaseDual`: one eigendecomposition of X X^T for the whole
+    grid); the primal B is then formed once, at the chosen lambda, unless ``weights=False``,
+    where the returned model keeps scoring through the dual form (evaluation only: a bundle
+    needs B). Otherwise each lambda is a primal fit.
+    """
+    if not lambdas:
+        raise ValueError("lambdas must not be empty")
+    scores: dict[float, float] = {}
+    if train.n_rows < train.n_cols:
+        dual = EaseDual(train)
+        for lam in lambdas:
+            d = dual.diagonal(lam)
+            ranked = masked_top_k(lambda part: dual.scores(part, lam, d), val.fold_in, EVAL_K)
+            scores[float(lam)] = summarize(ranked, val.held_out)[SELECTION_METRIC]
+        best_lam = max(scores, key=scores.__getitem__)  # the first of equal maxima, as below
+        b = ease_weights(gram(train).float(), best_lam) if weights else None
+        return EASE(b, best_lam, scores, None if weights else dual)
     g = gram(train).float()
     best: EASE | None = None
-    scores: dict[float, float] = {}
     for lam in lambdas:
         model = EASE(ease_weights(g, lam), float(lam))
         scores[float(lam)] = summarize(masked_top_k(model.scores, val.fold_in, EVAL_K), val.held_out)[SELECTION_METRIC]
         if best is None or scores[float(lam)] > scores[best.lam]:
             best = model
-    assert best is not None, "lambdas must not be empty"
+    assert best is not None
     best.val_ndcg = scores
     return best

@@ -10,6 +10,15 @@ in torch, in float32 (lambda >= 1 keeps G + lambda I well conditioned; float64 i
 slower and, on MovieLens-100K, gives the same top-100 lists). lambda is picked on the validation users
 (:func:`piarec.evaluate.protocol.fit_ease_on_validation`).
 
+With fewer training users n than items I (Last.fm: 1.5k users, 17.6k artists) the same
+scores come from the dual form, by the Woodbury identity with K = X X^T + lambda I [n, n]:
+
+    lambda P = I - X^T K^-1 X,   (x_u B)_j = x_uj - (x_u - x_u X^T K^-1 X)_j / (lambda P_jj)
+
+(the 1/lambda cancels). :class:`EaseDual` diagonalises X X^T = V diag(s) V^T once, keeps
+W = V^T X [n, I], and then serves any lambda in O(n I) for the diagonal and O(b n I) per b
+users, never forming an [I, I] matrix: a fine lambda grid costs about one primal fit.
+
 :class:`PopularityRanker` and :class:`EaseRanker` carry the two baselines into the daily
 scorer as scoring-only models (the part of :class:`~piarec.models.contract.RecommenderModel`
 that :class:`~piarec.scoring.scorer.TopKScorer` calls: ``encode`` gives a user's scores over
@@ -33,15 +42,20 @@ from piarec.models.contract import SparseBatch
 DEFAULT_EASE_LAMBDAS = (25.0, 100.0, 300.0, 1000.0, 3000.0)
 
 
-def gram(train: CSR, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """X^T X [I, I] (co-occurrence counts) from sparse rows."""
+def gram_factor(train: CSR, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """X^T as a sparse COO tensor [I, U] of ones."""
     rows = torch.from_numpy(np.repeat(np.arange(train.n_rows), train.row_lengths()))
     cols = torch.from_numpy(train.indices.astype(np.int64))
-    x = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(cols), dtype=dtype),
-                                (train.n_rows, train.n_cols), check_invariants=True).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([cols, rows]), torch.ones(len(cols), dtype=dtype),
+                                   (train.n_cols, train.n_rows), check_invariants=True).coalesce()
+
+
+def gram(train: CSR, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """X^T X [I, I] (co-occurrence counts) from sparse rows."""
+    xt = gram_factor(train, dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta" from sparse @ sparse
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse.mm(x.t().coalesce(), x).to_dense()
+        return torch.sparse.mm(xt, xt.t().coalesce()).to_dense()
 
 
 def ease_weights(g: torch.Tensor, lam: float) -> torch.Tensor:
@@ -59,19 +73,64 @@ def ease_weights(g: torch.Tensor, lam: float) -> torch.Tensor:
     return p
 
 
+def _bag(part: CSR, table: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` summed over each CSR row's columns: x_part @ table, [b, table cols]."""
+    idx = torch.from_numpy(part.indices.astype(np.int64))
+    offsets = torch.from_numpy(part.indptr[:-1].astype(np.int64))
+    return F.embedding_bag(idx, table, offsets, mode="sum")
+
+
+class EaseDual:
+    """EASE through the dual form, for ``train`` with fewer rows than columns (see the
+    module docstring). float64 throughout; ``scores(part, lam)`` equals the primal
+    ``x_u B`` to rounding (tested)."""
+
+    def __init__(self, train: CSR):
+        if train.n_rows >= train.n_cols:
+            raise ValueError(f"the dual form pays only with fewer users than items, got {train.n_rows} x {train.n_cols}")
+        xt = gram_factor(train)  # X^T, sparse [I, n]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" from sparse @ sparse
+            warnings.simplefilter("ignore", UserWarning)
+            user_gram = torch.sparse.mm(xt.t().coalesce(), xt).to_dense()  # X X^T [n, n]
+        self.eigenvalues, v = torch.linalg.eigh(user_gram)
+        self.eigenvalues.clamp_(min=0.0)  # X X^T is PSD; rounding can leave -1e-13
+        self.wt = torch.sparse.mm(xt, v)  # W^T = X^T V [I, n]
+        self.n_items = train.n_cols
+
+    def diagonal(self, lam: float) -> torch.Tensor:
+        """lambda P_jj = 1 - x_j^T K^-1 x_j for every item j, float64 [I]."""
+        return 1.0 - (self.wt.square() / (self.eigenvalues + lam)).sum(dim=1)
+
+    def scores(self, part: CSR, lam: float, diagonal: torch.Tensor | None = None) -> torch.Tensor:
+        """x_u B for CSR rows at ``lam``: float32 [b, I] (``diagonal`` = :meth:`diagonal`
+        of ``lam``, passed in when scoring many parts)."""
+        if lam <= 0:
+            raise ValueError(f"EASE needs lambda > 0, got {lam}")
+        d = self.diagonal(lam) if diagonal is None else diagonal
+        a = _bag(part, self.wt)  # x_u X^T V [b, n]
+        x = torch.zeros(part.n_rows, self.n_items, dtype=torch.float64)
+        rows = torch.from_numpy(np.repeat(np.arange(part.n_rows), part.row_lengths()))
+        x[rows, torch.from_numpy(part.indices.astype(np.int64))] = 1.0
+        lam_xp = x - (a / (self.eigenvalues + lam)) @ self.wt.t()  # lambda x_u P
+        return (x - lam_xp / d).float()
+
+
 @dataclass
 class EASE:
-    """A fitted EASE model: ``weights`` float32 [I, I]."""
+    """A fitted EASE model: ``weights`` float32 [I, I], or, when it was fitted in the dual
+    form and B was never formed, ``weights=None`` and the scores come from ``dual``."""
 
-    weights: torch.Tensor
+    weights: torch.Tensor | None
     lam: float
     val_ndcg: dict[float, float] = field(default_factory=dict)  # lambda -> validation NDCG@100 (when fitted on it)
+    dual: EaseDual | None = None
 
     def scores(self, part: CSR) -> torch.Tensor:
         """x_u B for CSR rows: float32 [b, I] (rows of B summed with an embedding bag)."""
-        idx = torch.from_numpy(part.indices.astype(np.int64))
-        offsets = torch.from_numpy(part.indptr[:-1].astype(np.int64))
-        return F.embedding_bag(idx, self.weights, offsets, mode="sum")
+        if self.weights is None:
+            assert self.dual is not None, "an EASE without weights needs its dual form"
+            return self.dual.scores(part, self.lam)
+        return _bag(part, self.weights)
 
 
 def fit_ease(train: CSR, lam: float) -> EASE:
