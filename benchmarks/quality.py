@@ -147,6 +147,8 @@ def settings(snap, args, name: str, lam: float, seed: int) -> dict[str, Any]:
     for arg in ("schedule", "alignment"):
         if getattr(args, arg) is not None:
             overrides["pia"][arg] = getattr(args, arg)
+    if args.beta_search:
+        overrides["training"]["beta_search"] = True
     return deep_merge(overrides, tuned) if tuned else overrides
 
 
@@ -170,6 +172,8 @@ def neural_run(snap, args, name: str, lam: float, seed: int, cache: Path | None)
         "val": result.best_metrics, "test": {m: float(np.nanmean(per_user[m])) for m in METRICS},
         "per_user": {k: v.tolist() for k, v in per_user.items()}, "diagnostics": diagnostics,
     }
+    if result.beta_search:
+        run["beta_search"] = {k: result.beta_search[k] for k in ("beta", "epoch", "search_epochs")}
     log(f"  {name} lambda_a={lam:g} seed={seed}: val ndcg {result.best_metrics['ndcg_at_100']:.4f} "
         f"test ndcg {run['test']['ndcg_at_100']:.4f} (best epoch {result.best_epoch}/{len(result.history)}, {seconds:.0f}s)")
     if cache is not None:
@@ -186,7 +190,7 @@ def run_model(snap, args, name: str, cache: Path | None) -> dict[str, Any]:
         return {"model": name, "settings": "-", "runs": [{"seed": 0, "val": val, "per_user": per_user}]}
     if name == "ease":
         t0 = time.perf_counter()
-        ease = fit_ease_on_validation(snap.train, snap.val, args.ease_grid)
+        ease = fit_ease_on_validation(snap.train, snap.val, args.ease_grid, weights=False)
         per_user = per_user_evaluation(masked_top_k(ease.scores, snap.test.fold_in, EVAL_K), snap.test)
         log(f"  ease: validation ndcg by lambda {ease.val_ndcg} -> {ease.lam:g} ({time.perf_counter() - t0:.0f}s)")
         return {"model": name, "settings": f"lambda={ease.lam:g}", "val_grid": ease.val_ndcg,
@@ -344,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="updates over which beta grows to its cap (default: the config's, 200000)")
     p.add_argument("--anneal-epochs", type=int, default=None,
                    help="epochs over which beta grows to its cap, whatever the data size (replaces --anneal-steps)")
+    p.add_argument("--beta-search", action="store_true",
+                   help="Liang et al.'s beta procedure (training.beta_search): anneal beta towards 1 over "
+                        "--anneal-epochs (else --epochs), retrain at the beta of the best validation epoch")
     p.add_argument("--schedule", choices=["patience", "paper"], default=None,
                    help="lambda_A schedule (default: the config's, patience); paper = Algorithm 1, no cap")
     p.add_argument("--alignment", choices=["sum", "mean"], default=None,

@@ -156,6 +156,8 @@ def test_no_file_no_environment_gives_todays_values():
     added_since.update({"tune.trials": 30, "tune.timeout_s": None, "tune.seed": 0, "tune.startup_trials": 8,
                         "tune.pruner": "median", "tune.prune_warmup_epochs": 10, "tune.study_storage": None,
                         "tune.study_name": None, "tune.experiment": "piarec-tune"})  # piarec tune
+    added_since.update({"diagnostics.posterior_samples": 32,  # z_T and RecVAE's composite prior
+                        "training.beta_search": False})  # Liang et al.'s beta procedure
     space = {k for k in got if k.startswith("tune.space.")}
     assert {k.split(".")[2] for k in space} == {"training", "model", "pia"}  # tune.space.<section>.<key>.<part>
     got = {k: v for k, v in got.items() if k not in space}

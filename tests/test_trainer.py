@@ -164,3 +164,47 @@ def test_bf16_autocast_learns_as_fp32_and_keeps_the_loss_in_fp32(planted_snapsho
         assert model.logits(torch.zeros(2, 16)).dtype == torch.bfloat16  # the layers do run in bf16
         parts = model.loss(batch, 0.2, 0.1)
     assert {parts.total.dtype, parts.nll.dtype, parts.kl.dtype, parts.align.dtype} == {torch.float32}
+
+
+def test_picked_beta_is_the_beta_of_the_first_best_validation_epoch():
+    from piarec.train.trainer import picked_beta
+
+    history = [{"epoch": e, "beta": 0.1 * e, "val_ndcg_at_100": v} for e, v in enumerate([0.2, 0.5, 0.4, 0.5], 1)]
+    assert picked_beta(history) == (pytest.approx(0.2), 2)
+
+
+def test_beta_search_trains_again_at_the_beta_of_the_searchs_best_epoch(planted_snapshot, tmp_path):
+    """Liang et al.'s procedure: a search run anneals beta towards 1 (reaching it after
+    anneal_epochs), then the returned run equals a plain run at that cap and the search's rate."""
+    from piarec.train.trainer import picked_beta
+
+    base = {"model": {"hidden_dim": 32, "latent_dim": 8}, "diagnostics": {"enabled": False}, "pia": {"lambda_a": 0.1}}
+    # beta reaches 1 after 40 epochs; on this data validation peaks before the 8th, so the
+    # final run's cap binds in its last epoch(s).
+    training = {"epochs": 8, "batch_size": 100, "lr": 0.01, "device": "cpu", "early_stop_patience": None,
+                "anneal_epochs": 40}
+    cfg = load_config(environ={}, overrides={**base, "training": {**training, "beta_search": True}})
+    seen: list[dict] = []
+    ck = str(tmp_path / "ck.pt")
+    result = train(cfg, planted_snapshot, checkpoint_path=ck, on_search_epoch=seen.append)
+
+    search = result.beta_search
+    per_epoch = -(-planted_snapshot.train.n_rows // 100)
+    assert search["anneal_steps"] == 40 * per_epoch
+    assert [r["beta"] for r in seen] == pytest.approx([(e + 1) / 40 for e in range(8)])
+    assert seen == search["history"] and (search["beta"], search["epoch"]) == picked_beta(seen)
+    assert search["epoch"] < 8  # the pick is not simply the last epoch's beta
+    assert [r["beta"] for r in result.history] == pytest.approx([min(search["beta"], (e + 1) / 40) for e in range(8)])
+
+    plain = load_config(environ={}, overrides={**base, "training": {
+        **training, "anneal_epochs": None, "anneal_steps": 40 * per_epoch, "beta_cap": search["beta"]}})
+    want = train(plain, planted_snapshot)
+    for k, v in want.model.state_dict().items():
+        assert torch.equal(v, result.model.state_dict()[k]), k
+
+    # Both runs checkpoint; a rerun resumes them instead of training again.
+    import os
+    assert os.path.exists(ck) and os.path.exists(ck + ".beta-search")
+    again = train(cfg, planted_snapshot, checkpoint_path=ck)
+    assert again.beta_search["beta"] == search["beta"]
+    assert [r["train_seconds"] for r in again.history] == [r["train_seconds"] for r in result.history]

@@ -192,6 +192,10 @@ class TrainingConfig(_Section):
     # Or: beta reaches beta_cap after this many epochs, whatever the data size (replaces anneal_steps):
     # Liang et al.'s 200,000 updates suit ML-20M; a small data set makes far fewer.
     anneal_epochs: int | None = Field(None, ge=1)
+    # Liang et al.'s beta procedure: a first run anneals beta towards 1 (reaching it after
+    # anneal_epochs, or epochs when unset), the beta of its best validation epoch becomes
+    # beta_cap, and a second run trains at that cap, annealed at the same rate (two runs' cost).
+    beta_search: bool = False
     # Stop after this many epochs without validation improvement (null = run all epochs). It
     # must exceed pia.patience (rho), or lambda_A's schedule could never raise before the stop.
     early_stop_patience: int | None = Field(20, ge=1)

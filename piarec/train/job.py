@@ -171,6 +171,14 @@ def _log_epoch(row: dict[str, float]) -> None:
     mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
+def _log_search_epoch(row: dict[str, float]) -> None:
+    """An epoch of training.beta_search's search run, as ``beta_search_*`` metrics."""
+    import mlflow
+
+    log.info("beta search: epoch %d  beta %.4f  val ndcg@100 %.4f", row["epoch"], row["beta"], row["val_ndcg_at_100"])
+    mlflow.log_metrics({f"beta_search_{k}": float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
 def _evaluation(result: TrainResult, snap: Snapshot, popularity, snapshot_uri: str) -> dict[str, Any]:
     """``evaluation.json``: the best epoch's model and popularity on validation and test users,
     and ``beyond``: the beyond-accuracy figures of both top-EVAL_K lists on validation users
@@ -270,12 +278,19 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | 
                            "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz,
                            "processes": ranks.world})
         try:
-            result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri, ranks=ranks)
+            result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri, ranks=ranks,
+                           on_search_epoch=_log_search_epoch)
         except TrainingError as exc:
             kept = f"the last good checkpoint is kept at {ck_uri}" if exists(resolve(ck_uri)) else "no epoch completed"
             raise TrainingError(f"{exc}; {kept}") from exc
 
         mlflow.set_tags({"stop_reason": result.stop_reason, "epochs_trained": str(len(result.history))})
+        if result.beta_search:
+            picked = result.beta_search
+            mlflow.log_params({"beta_search_picked_beta": picked["beta"], "beta_search_best_epoch": picked["epoch"],
+                               "beta_search_epochs": picked["search_epochs"]})
+            log.info("beta search: beta %.4g at its best epoch %d of %d; trained again at that cap",
+                     picked["beta"], picked["epoch"], picked["search_epochs"])
         log.info("training stopped (%s) after %d epochs; best epoch %d", result.stop_reason, len(result.history),
                  result.best_epoch)
         report = _evaluation(result, snap, popularity, snapshot_uri)

@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,6 +48,8 @@ class TrainResult:
     # Why the loop ended: "early_stop" (no validation improvement for early_stop_patience
     # epochs) or "epochs" (training.epochs reached).
     stop_reason: str = "epochs"
+    # With training.beta_search: the picked beta, the search run's best epoch and its history.
+    beta_search: dict[str, Any] | None = None
 
 
 def beta_at(step: int, cap: float, anneal_steps: float) -> float:
@@ -261,6 +263,21 @@ def _train_epoch(model, groups, opts, rows: TrainRows, loop: _Loop, tc, device: 
     return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
 
+def beta_search_config(cfg: PipelineConfig, updates_per_epoch: int) -> PipelineConfig:
+    """The search run of Liang et al.'s beta procedure: beta annealed towards 1, reaching it
+    after ``training.anneal_epochs`` epochs (``training.epochs`` when unset)."""
+    tc = cfg.training
+    steps = max(1, round((tc.anneal_epochs or tc.epochs) * updates_per_epoch))
+    return cfg.model_copy(update={"training": tc.model_copy(update={
+        "beta_cap": 1.0, "anneal_steps": steps, "anneal_epochs": None, "beta_search": False})})
+
+
+def picked_beta(history: list[dict[str, float]]) -> tuple[float, int]:
+    """``(beta, epoch)`` of the first epoch with the best validation NDCG@100 of a history."""
+    best = max(history, key=lambda row: row[f"val_{SELECTION_METRIC}"])  # max keeps the first of ties
+    return float(best["beta"]), int(best["epoch"])
+
+
 def train(
     cfg: PipelineConfig,
     snap: Snapshot,
@@ -268,9 +285,17 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     checkpoint_path: str | None = None,
     ranks: Ranks | None = None,
+    on_search_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Fit the configured model (+ PIA when ``cfg.pia.enabled``) on ``snap.train``; select
     the epoch with the best validation NDCG@100.
+
+    With ``training.beta_search`` this is Liang et al.'s procedure (section 2.2.2): a search
+    run anneals beta towards 1 (:func:`beta_search_config`; its epochs reach
+    ``on_search_epoch``, its checkpoint sits beside ``checkpoint_path`` with the suffix
+    ``.beta-search``), the beta of its best validation epoch becomes ``beta_cap``
+    (:func:`picked_beta`), and the returned run trains anew at that cap, annealed at the
+    search's rate. ``result.beta_search`` records the pick.
 
     With ``checkpoint_path`` (a local path or ``s3://`` URI) the state is saved after every
     epoch and a run resumes from it when it exists: weights, optimizers, step, schedules and
@@ -283,6 +308,9 @@ def train(
     (:mod:`piarec.train.distributed`); rank 0 alone evaluates, reports and checkpoints, and
     returns the model every rank holds.
     """
+    if cfg.training.beta_search:
+        return _train_beta_searched(cfg, snap, on_epoch=on_epoch, on_search_epoch=on_search_epoch,
+                                    checkpoint_path=checkpoint_path, ranks=ranks)
     tc = cfg.training
     if snap.train.n_rows == 0:
         raise TrainingError("the snapshot has no training users")
@@ -366,3 +394,21 @@ def train(
     best.eval()
     return TrainResult(best, loop.best_epoch, loop.best_metrics, loop.history, loop.lam.value,
                        "early_stop" if stopped_early else "epochs")
+
+
+def _train_beta_searched(cfg: PipelineConfig, snap: Snapshot, *, on_epoch, on_search_epoch, checkpoint_path,
+                         ranks) -> TrainResult:
+    """:func:`train`'s ``training.beta_search`` path: search run, pick, final run."""
+    probe = build_model(snap.train.n_cols, cfg.model)  # how many updates an epoch makes
+    updates_per_epoch = sum(p.passes for p in probe.phases()) * -(-snap.train.n_rows // cfg.training.batch_size)
+    del probe
+    search_cfg = beta_search_config(cfg, updates_per_epoch)
+    search = train(search_cfg, snap, on_epoch=on_search_epoch, ranks=ranks,
+                   checkpoint_path=f"{checkpoint_path}.beta-search" if checkpoint_path else None)
+    beta, epoch = picked_beta(search.history)
+    final_cfg = search_cfg.model_copy(update={"training": search_cfg.training.model_copy(update={"beta_cap": beta})})
+    result = train(final_cfg, snap, on_epoch=on_epoch, checkpoint_path=checkpoint_path, ranks=ranks)
+    result.beta_search = {"beta": beta, "epoch": epoch, "search_best_metrics": search.best_metrics,
+                          "search_epochs": len(search.history), "anneal_steps": search_cfg.training.anneal_steps,
+                          "history": search.history}
+    return result
