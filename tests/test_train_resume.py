@@ -144,3 +144,23 @@ def test_training_error_without_any_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(MultiVAE, "loss", lambda *a, **k: (_ for _ in ()).throw(TrainingError("loss became inf")))
     with pytest.raises(TrainingError, match="no epoch completed"):
         run_training(cfg, snapshot)
+
+
+def test_beta_search_logs_its_search_and_its_pick(tmp_path):
+    root = tmp_path / "beta"
+    _, cfg = _config(root)
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={
+        "epochs": 4, "anneal_epochs": 8, "beta_search": True, "early_stop_patience": None})})
+    out = run_training(cfg, _snapshot(root))
+    client = registry.client(cfg)
+    run = client.get_run(out["run_id"])
+    picked = float(run.data.params["beta_search_picked_beta"])
+    epoch = int(run.data.params["beta_search_best_epoch"])
+    searched = client.get_metric_history(out["run_id"], "beta_search_val_ndcg_at_100")
+    betas = {m.step: m.value for m in client.get_metric_history(out["run_id"], "beta_search_beta")}
+    assert sorted(m.step for m in searched) == [1, 2, 3, 4] and sorted(betas) == [1, 2, 3, 4]
+    assert max(searched, key=lambda m: (m.value, -m.step)).step == epoch and betas[epoch] == pytest.approx(picked)
+    assert betas[4] == pytest.approx(0.5)  # towards 1, reached after anneal_epochs = 8
+    final = client.get_metric_history(out["run_id"], "beta")
+    assert max(m.value for m in final) == pytest.approx(min(picked, 0.5))  # the retrain is capped at the pick
+    assert out["version"] == "1"
