@@ -4,7 +4,7 @@ projected wall time of a weekly run.
     python benchmarks/train_scale.py [--users 200000] [--items 4000] [--mean-length 40]
         [--updates 30] [--batch-size 500] [--epochs 200] [--project-users 25000000]
         [--arms fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000]
-        [--threads 1] [--load-users 0 [--load-baseline DIR]] [--json OUT]
+        [--threads 1] [--load-users 0 [--load-baseline DIR] [--load-shards N]] [--json OUT]
 
 The matrix is synthetic and shaped like the production window (paper section 4.1: ~25M users,
 ~4,000 titles, ~40 positives per user): heavy-tailed user lengths (lognormal, clipped to
@@ -39,7 +39,8 @@ most runs sooner; the table in docs/training-scale.md gives the samples/s each b
 ``--load-users N`` also writes an N-user snapshot in the published layout and reports the peak
 memory (VmHWM) of ``load_snapshot`` in a fresh process, bytes per user and per positive; with
 ``--load-baseline DIR`` the loader of another checkout (``git worktree add DIR REV``) is
-measured on the same snapshot in the same run.
+measured on the same snapshot in the same run; with ``--load-shards N``, also this checkout's
+``load_snapshot(shard=(0, N))``: what one of N data-parallel ranks holds.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
         globals_ = [seq[j * batch_size : (j + 1) * batch_size] for j in range(args.updates + 2)]
         source = ((1.0, b) for b in _prefetched(train, globals_, device))
     else:  # the trainer's own batches: with several ranks, this rank's shard of each global batch
-        source = TrainRows.of(train, ranks, keyed=ranks.parallel).batches(seq, batch_size, device, stream=0)
+        source = TrainRows.sliced(train, ranks, keyed=ranks.parallel).batches(seq, batch_size, device, stream=0)
     t0 = 0.0
     for j, (weight, batch) in enumerate(source):
         if j == 2:
@@ -228,18 +229,23 @@ def load_rss(n_users: int, args) -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         uri = write_snapshot(snap, Path(tmp, "window_end=2026-04-01"))
-        for code_dir in [str(Path(__file__).parents[1]), *([args.load_baseline] if args.load_baseline else [])]:
+        here = str(Path(__file__).parents[1])
+        runs = [(here, None), *([(here, (0, args.load_shards))] if args.load_shards > 1 else []),
+                *([(args.load_baseline, None)] if args.load_baseline else [])]
+        for code_dir, shard in runs:
             # import piarec from code_dir, ahead of an editable install's finder
             pre = (f"import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
                    f"sys.path.insert(0, {code_dir!r}); import piarec.data.snapshot as m; ")
             base = subprocess.run([sys.executable, "-c", pre + f"print({hwm})"], capture_output=True, text=True,
                                   check=True)
-            got = subprocess.run([sys.executable, "-c", pre + f"s = m.load_snapshot(sys.argv[1]); "
+            load = "m.load_snapshot(sys.argv[1])" if shard is None else f"m.load_snapshot(sys.argv[1], shard={shard!r})"
+            got = subprocess.run([sys.executable, "-c", pre + f"s = {load}; "
                                   f"print(m.__file__, s.train.nnz, {hwm})", uri],
                                  capture_output=True, text=True, check=True)
             where, nnz, peak_kb = got.stdout.split()
             extra = (int(peak_kb) - int(base.stdout)) * 1024
-            out.append({"code": where, "users": n_users, "positives": int(nnz), "peak_rss_mb": int(peak_kb) / 1024,
+            out.append({"code": where, "shard": list(shard) if shard else None, "users": n_users,
+                        "positives": int(nnz), "peak_rss_mb": int(peak_kb) / 1024,
                         "above_imports_mb": extra / 2**20, "bytes_per_user": extra / n_users,
                         "bytes_per_positive": extra / int(nnz)})
     return out
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", default="fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--load-users", type=int, default=0, help="also measure load_snapshot's peak RSS")
+    p.add_argument("--load-shards", type=int, default=0,
+                   help="with --load-users: also the peak of loading rank 0's shard of N (load_snapshot(shard=(0, N)))")
     p.add_argument("--load-baseline", metavar="DIR", help="another checkout whose loader is measured beside this one")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
@@ -312,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         for ld in out["load"]:
             ratio = ld["above_imports_mb"] / out["load"][0]["above_imports_mb"]
-            print(f"load_snapshot ({ld['code']}), {ld['users']:,} users / {ld['positives']:,} positives: peak RSS "
+            shard = f", shard {ld['shard'][0]} of {ld['shard'][1]}" if ld["shard"] else ""
+            print(f"load_snapshot ({ld['code']}{shard}), {ld['users']:,} users / {ld['positives']:,} positives: peak RSS "
                   f"{ld['peak_rss_mb']:,.0f} MB, {ld['above_imports_mb']:,.0f} MB above the imports = "
                   f"{ld['bytes_per_positive']:.0f} B per positive, {ld['bytes_per_user'] * 1e6 / 2**30:.2f} GB per "
                   f"million users ({ratio:.2f}x this checkout's)")

@@ -67,3 +67,44 @@ def test_load_snapshot_refuses_parts_that_contradict_the_splits(tmp_path):
     pq.write_table(table.set_column(2, "part", parts), part_file)
     with pytest.raises(InputDataError, match="interaction parts contradict user splits"):
         load_snapshot(uri)
+
+
+def test_a_shard_of_the_snapshot_holds_every_worldth_training_user_and_counts_them_all(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_gate import planted, write_snapshot
+
+    from piarec.data.commit import read_pointer
+    from piarec.data.snapshot import load_snapshot
+
+    snap = planted(300)
+    uri = write_snapshot(snap, tmp_path / "window_end=2026-04-01")
+    # Interleave the splits in user_idx order, as the matrix build does (users hashed).
+    version = tmp_path / "window_end=2026-04-01" / "_versions" / read_pointer(uri).version
+    n_users = sum(pq.read_table(f).num_rows for f in (version / "users").glob("*.parquet"))
+    new_idx = np.random.default_rng(0).permutation(n_users).astype(np.int32)
+    for name in ("users", "interactions"):
+        for f in (version / name).glob("*.parquet"):
+            table = pq.read_table(f)
+            col = table.schema.get_field_index("user_idx")
+            pq.write_table(table.set_column(col, "user_idx", pa.array(new_idx[table.column(col).to_numpy()])), f)
+
+    whole = load_snapshot(uri)
+    assert whole.train_user_ids.tolist() != snap.train_user_ids.tolist()  # training rows reordered
+    assert sorted(whole.train_user_ids.tolist()) == sorted(snap.train_user_ids.tolist())
+    assert whole.shard is None and whole.n_train_users == whole.train.n_rows
+    world = 3
+    shards = [load_snapshot(uri, shard=(r, world)) for r in range(world)]
+    for r, part in enumerate(shards):
+        rows = np.arange(r, whole.train.n_rows, world)
+        want = whole.train.take_rows(rows)
+        assert part.train.indptr.tolist() == want.indptr.tolist()
+        assert part.train.indices.tolist() == want.indices.tolist()
+        assert part.train_user_ids.tolist() == whole.train_user_ids[rows].tolist()
+        assert part.n_train_users == whole.n_train_users and part.train_nnz == whole.train_nnz
+        np.testing.assert_array_equal(part.train_popularity(), whole.train_popularity())
+        assert part.val.fold_in.nnz == whole.val.fold_in.nnz  # held-out users load whole
+    assert sum(p.train.nnz for p in shards) == whole.train.nnz
+    with pytest.raises(ValueError, match="0 <= rank < world"):
+        load_snapshot(uri, shard=(3, 3))

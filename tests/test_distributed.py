@@ -163,3 +163,20 @@ def test_piarec_train_on_two_processes_registers_the_one_process_model(tmp_path)
     reference = train(load_config(str(config), environ={}, overrides={"training": {"noise": "keyed"}}),
                       load_snapshot(uri), ranks=Ranks())
     _assert_same_weights(bundle.model.state_dict(), reference.model.state_dict())
+
+
+def test_a_rank_takes_its_shard_as_loaded_and_refuses_another_ranks(planted_snapshot):
+    import dataclasses
+
+    from piarec.data.snapshot import TrainShard
+    from piarec.train.trainer import TrainRows
+
+    n = planted_snapshot.train.n_rows
+    shard = TrainShard(1, 2, n, planted_snapshot.train.nnz, np.zeros(planted_snapshot.n_items, np.int64))
+    mine = dataclasses.replace(planted_snapshot, train=planted_snapshot.train.take_rows(np.arange(1, n, 2)), shard=shard)
+    rows = TrainRows.of(mine, Ranks(rank=1, world=2), keyed=True)
+    sliced = TrainRows.of(planted_snapshot, Ranks(rank=1, world=2), keyed=True)
+    assert rows.n_users == sliced.n_users == n
+    assert rows.csr.indices.tolist() == sliced.csr.indices.tolist()
+    with pytest.raises(TrainingError, match="holds shard 1 of 2, but this process is rank 0 of 2"):
+        TrainRows.of(mine, Ranks(rank=0, world=2), keyed=True)

@@ -50,7 +50,7 @@ from piarec.data.reader import open_committed
 from piarec.data.storage import Location, exists
 
 __all__ = [
-    "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "Snapshot", "load_snapshot",
+    "SCHEMA_VERSION", "SPLITS", "PARTS", "Split", "TrainShard", "Snapshot", "load_snapshot",
     "HISTORIES_SCHEMA", "HISTORIES_SCHEMA_VERSION",
     "code_version",
 ]
@@ -80,6 +80,19 @@ class Split:
 
 
 @dataclass(frozen=True)
+class TrainShard:
+    """What a snapshot loaded for one of ``world`` processes holds of the training users:
+    ``Snapshot.train`` rows are the training users ``rank, rank + world, rank + 2 world, ...``
+    (in user_idx order); the rest describes all of them."""
+
+    rank: int
+    world: int
+    n_users: int  # training users over every shard
+    nnz: int  # their positives
+    item_users: np.ndarray  # int64 [I]: training users per item, over every shard
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A training snapshot in memory. Item positions are ``item_idx`` everywhere."""
 
@@ -91,10 +104,28 @@ class Snapshot:
     train_user_ids: np.ndarray  # object (str) [U_train], rows of ``train``
     val: Split
     test: Split
+    shard: TrainShard | None = None  # None: ``train`` holds every training user
 
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def n_train_users(self) -> int:
+        """Training users over every shard."""
+        return self.train.n_rows if self.shard is None else self.shard.n_users
+
+    @property
+    def train_nnz(self) -> int:
+        """Training positives over every shard."""
+        return self.train.nnz if self.shard is None else self.shard.nnz
+
+    def train_popularity(self) -> np.ndarray:
+        """float32 [I]: training users per item over every shard (the popularity baseline,
+        :func:`piarec.models.baselines.train_popularity` of the whole training matrix)."""
+        if self.shard is None:
+            return np.bincount(self.train.indices, minlength=self.train.n_cols).astype(np.float32)
+        return self.shard.item_users.astype(np.float32)
 
     def manifest_digest(self) -> str:
         """sha256 of the manifest (canonical JSON): which data a model was fitted on."""
@@ -180,16 +211,21 @@ def _users(loc: Location) -> tuple[np.ndarray, np.ndarray]:
 _PIECES = ((0, "train"), (1, "fold_in"), (1, "held_out"), (2, "fold_in"), (2, "held_out"))
 
 
-def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.ndarray, n_items: int):
+def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.ndarray, n_items: int,
+                  shard: tuple[int, int]):
     """interactions/ as the train CSR and the val/test splits, read one record batch at a
     time: only the int32 (row, item) pairs of each piece accumulate, never the whole table,
     an int64 copy or a Python object per positive (about 33 bytes a positive at the peak:
-    benchmarks/train_scale.py --load-users)."""
+    benchmarks/train_scale.py --load-users). Of the training users only the ``shard``
+    (rank, world) is kept: training row t goes to row t // world of the rank t % world;
+    every training pair is still counted (``counted``: nnz and users per item)."""
+    rank, world = shard
     dataset = _dataset(loc, "interactions")
     local = np.full(len(user_ids), -1, dtype=np.int32)  # user_idx -> row within its split
     members = {code: np.flatnonzero(user_split == code) for code in range(len(SPLITS))}
     for rows in members.values():
         local[rows] = np.arange(len(rows), dtype=np.int32)
+    counted = {"nnz": 0, "item_users": np.zeros(n_items, np.int64)}
     pieces: dict[tuple[int, str], tuple[list, list]] = {key: ([], []) for key in _PIECES}
     for batch in dataset.to_batches(columns=["user_idx", "item_idx", "part"], batch_size=1 << 22):
         u = _index(batch.column(0), len(user_ids), uri)
@@ -200,23 +236,37 @@ def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.
             raise InputDataError(f"snapshot {uri!r}: interaction parts contradict user splits")
         for (code, name), (r, c) in pieces.items():
             sel = part[name] & (row_split == code)
-            r.append(local[u[sel]])
-            c.append(i[sel])
+            rows, cols = local[u[sel]], i[sel]
+            if code == 0:
+                counted["nnz"] += len(cols)
+                counted["item_users"] += np.bincount(cols, minlength=n_items)
+                if world > 1:
+                    mine = rows % world == rank
+                    rows, cols = rows[mine] // world, cols[mine]
+            r.append(rows)
+            c.append(cols)
 
-    def csr(code: int, name: str) -> CSR:
+    def csr(code: int, name: str, n_rows: int) -> CSR:
         r, c = pieces.pop((code, name))
         rows, cols = (np.concatenate(x) if x else np.zeros(0, np.int32) for x in (r, c))
         del r[:], c[:]
-        return CSR.from_pairs(rows, cols, len(members[code]), n_items)
+        return CSR.from_pairs(rows, cols, n_rows, n_items)
 
-    train = csr(0, "train")
-    splits = {name: Split(user_ids[members[code]], csr(code, "fold_in"), csr(code, "held_out"))
+    train_ids = user_ids[members[0]][rank::world]
+    train = csr(0, "train", len(train_ids))
+    splits = {name: Split(user_ids[members[code]], csr(code, "fold_in", len(members[code])),
+                          csr(code, "held_out", len(members[code])))
               for code, name in ((1, "val"), (2, "test"))}
-    return user_ids[members[0]], train, splits
+    return train_ids, train, splits, counted
 
 
-def load_snapshot(uri: str) -> Snapshot:
+def load_snapshot(uri: str, *, shard: tuple[int, int] | None = None) -> Snapshot:
     """Load the published snapshot at ``uri`` (local path or ``s3://``).
+
+    ``shard=(rank, world)``: keep only that process's training users (rows rank, rank +
+    world, ... of the training matrix; :class:`TrainShard`), as each rank of a data-parallel
+    run does: the training matrix in memory shrinks by ``world``; validation and test users
+    are loaded whole. The counts are still checked over every training user.
 
     Raises :class:`InputDataError` when the prefix is not published (no ``_SUCCESS``), the
     schema version is unknown, indices are not dense, parts contradict splits, or the
@@ -236,13 +286,17 @@ def load_snapshot(uri: str) -> Snapshot:
             f"this code reads version {SCHEMA_VERSION}"
         )
 
+    rank, world = shard or (0, 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"shard (rank, world) needs 0 <= rank < world, got {shard}")
     item_ids, popularity = _items(loc)
     n_items = len(item_ids)
     user_ids, user_split = _users(loc)
 
-    train_ids, train, splits = _interactions(loc, uri, user_ids, user_split, n_items)
+    train_ids, train, splits, counted = _interactions(loc, uri, user_ids, user_split, n_items, (rank, world))
+    n_train = int((user_split == 0).sum())
     _check_counts(uri, manifest, n_items, {
-        "train": (len(train_ids), {"train": train.nnz, "fold_in": 0, "held_out": 0}),
+        "train": (n_train, {"train": counted["nnz"], "fold_in": 0, "held_out": 0}),
         **{name: (s.n_users, {"train": 0, "fold_in": s.fold_in.nnz, "held_out": s.held_out.nnz})
            for name, s in splits.items()},
     })
@@ -255,6 +309,7 @@ def load_snapshot(uri: str) -> Snapshot:
         train_user_ids=train_ids,
         val=splits["val"],
         test=splits["test"],
+        shard=None if shard is None else TrainShard(rank, world, n_train, counted["nnz"], counted["item_users"]),
     )
 
 

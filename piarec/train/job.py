@@ -24,7 +24,6 @@ from piarec.config import PipelineConfig
 from piarec.evaluate.beyond import as_metrics, beyond_accuracy, describe, item_vectors
 from piarec.evaluate.metrics import EVAL_K, summarize
 from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, model_topk, popularity_topk
-from piarec.models.baselines import train_popularity
 from piarec.errors import TrainingError
 from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json
@@ -200,7 +199,7 @@ def _evaluation(result: TrainResult, snap: Snapshot, popularity, snapshot_uri: s
         "val": {who: summarize(topk, snap.val.held_out) for who, topk in lists.items()},
         "test": both(snap.test) if snap.test.fold_in.n_rows else {},
         "beyond": {"k": EVAL_K, "head_share": head_share, "item_vectors": source, "val": {
-            who: beyond_accuracy(topk, popularity, snap.train.n_rows, vectors, head_share)
+            who: beyond_accuracy(topk, popularity, snap.n_train_users, vectors, head_share)
             for who, topk in lists.items()}},
         "snapshot": {"uri": snapshot_uri, "window": snap.manifest.get("window", {}),
                      "counts": snap.manifest.get("counts", {})},
@@ -254,14 +253,15 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | 
     import mlflow
 
     ranks = ranks_from_env()
-    snap = load_snapshot(snapshot_uri)
+    # Each process of a data-parallel run loads only its shard of the training users.
+    snap = load_snapshot(snapshot_uri, shard=(ranks.rank, ranks.world) if ranks.parallel else None)
     digest = snap.manifest_digest()
     ck_dir = checkpoint_dir(cfg, digest)
     ck_uri, attempt = child_uri(ck_dir, "checkpoint.pt"), resolve(child_uri(ck_dir, "attempt.json"))
     if not ranks.main:
         train(cfg, snap, checkpoint_path=ck_uri, ranks=ranks)
         return {"rank": ranks.rank}
-    popularity = train_popularity(snap.train)
+    popularity = snap.train_popularity()
     experiment_id = registry.ensure_experiment(cfg)
     window = snap.manifest.get("window", {})
     interrupted = _close_interrupted_run(registry.client(cfg), attempt)
@@ -274,8 +274,8 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | 
             log.info("resuming the training of run %s from %s", interrupted, ck_uri)
         write_json(attempt, {"run_id": run.info.run_id, "snapshot": snapshot_uri})
         mlflow.log_params(_params(cfg))
-        mlflow.log_params({"n_items": snap.train.n_cols, "n_train_users": snap.train.n_rows,
-                           "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train.nnz,
+        mlflow.log_params({"n_items": snap.n_items, "n_train_users": snap.n_train_users,
+                           "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train_nnz,
                            "processes": ranks.world})
         try:
             result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri, ranks=ranks,

@@ -164,7 +164,19 @@ class TrainRows:
     keyed: bool  # masks and noise keyed by (seed, pass, user)
 
     @classmethod
-    def of(cls, train: CSR, ranks: Ranks, keyed: bool) -> "TrainRows":
+    def of(cls, snap: Snapshot, ranks: Ranks, keyed: bool) -> "TrainRows":
+        """This rank's rows: the snapshot's own when it was loaded as this rank's shard
+        (``load_snapshot(shard=(rank, world))``), else sliced from the whole matrix."""
+        if snap.shard is not None:
+            if (snap.shard.rank, snap.shard.world) != (ranks.rank, ranks.world):
+                raise TrainingError(f"the snapshot holds shard {snap.shard.rank} of {snap.shard.world}, "
+                                    f"but this process is rank {ranks.rank} of {ranks.world}")
+            return cls(snap.train, snap.n_train_users, ranks, keyed)
+        return cls.sliced(snap.train, ranks, keyed)
+
+    @classmethod
+    def sliced(cls, train: CSR, ranks: Ranks, keyed: bool) -> "TrainRows":
+        """This rank's rows sliced from the whole training matrix ``train``."""
         held = train.take_rows(np.arange(ranks.rank, train.n_rows, ranks.world)) if ranks.parallel else train
         return cls(held, train.n_rows, ranks, keyed)
 
@@ -312,7 +324,7 @@ def train(
         return _train_beta_searched(cfg, snap, on_epoch=on_epoch, on_search_epoch=on_search_epoch,
                                     checkpoint_path=checkpoint_path, ranks=ranks)
     tc = cfg.training
-    if snap.train.n_rows == 0:
+    if snap.n_train_users == 0:
         raise TrainingError("the snapshot has no training users")
     if snap.val.fold_in.n_rows == 0:
         raise TrainingError("the snapshot has no validation users; raise split.val_fraction")
@@ -325,12 +337,12 @@ def train(
     if keyed and cfg.model.regularizers.noise_contrastive:
         raise TrainingError("the noise-contrastive regularizer draws from torch's generator; it trains with "
                             "training.noise 'generator' in one process only")
-    if snap.train.n_rows < ranks.world:
-        raise TrainingError(f"{ranks.world} processes for {snap.train.n_rows} training users")
+    if snap.n_train_users < ranks.world:
+        raise TrainingError(f"{ranks.world} processes for {snap.n_train_users} training users")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     device = local_device(pick_device(tc.device), ranks)
     join(ranks, device)
-    rows = TrainRows.of(snap.train, ranks, keyed)
+    rows = TrainRows.of(snap, ranks, keyed)
     model = build_model(snap.train.n_cols, cfg.model).to(device)
     groups = model.param_groups()
     # Fused Adam: one kernel over all tensors (~15 % faster per step on CPU), same update rule.
@@ -341,7 +353,7 @@ def train(
                  LambdaSchedule(pia.lambda_a if pia.enabled else 0.0, pia.lambda_scale, pia.patience, pia.lambda_max,
                                 mode=pia.schedule))
     align_weight = 1.0 / cfg.model.latent_dim if pia.alignment == "mean" else 1.0
-    updates_per_epoch = sum(p.passes for p in model.phases()) * -(-snap.train.n_rows // tc.batch_size)
+    updates_per_epoch = sum(p.passes for p in model.phases()) * -(-snap.n_train_users // tc.batch_size)
     anneal = anneal_steps(tc, updates_per_epoch)
     diagnose = cfg.diagnostics.enabled and diagnosable(snap.val.fold_in)
 
@@ -400,7 +412,7 @@ def _train_beta_searched(cfg: PipelineConfig, snap: Snapshot, *, on_epoch, on_se
                          ranks) -> TrainResult:
     """:func:`train`'s ``training.beta_search`` path: search run, pick, final run."""
     probe = build_model(snap.train.n_cols, cfg.model)  # how many updates an epoch makes
-    updates_per_epoch = sum(p.passes for p in probe.phases()) * -(-snap.train.n_rows // cfg.training.batch_size)
+    updates_per_epoch = sum(p.passes for p in probe.phases()) * -(-snap.n_train_users // cfg.training.batch_size)
     del probe
     search_cfg = beta_search_config(cfg, updates_per_epoch)
     search = train(search_cfg, snap, on_epoch=on_search_epoch, ranks=ranks,
