@@ -9,7 +9,12 @@ decoder 200 -> I, PIA lambda_A = 0.1, Adam) on the same user batches, in the sam
 
 - sparse: the trainer's path: CSR rows -> ``SparseBatch`` -> ``embedding_bag`` first layer;
 - dense: each batch densified with ``CSR.to_dense()`` and pushed through an equivalent
-  dense first layer (``dropout(normalize(x)) @ W + b``), the rest unchanged.
+  dense first layer (``dropout(normalize(x)) @ W + b``), the rest unchanged;
+- lazy: the sparse path with a sparse first-layer gradient (``embedding_bag(sparse=True)``:
+  only the batch's item rows) and ``torch.optim.SparseAdam`` for that layer (lazy Adam: the
+  moments of untouched rows do not decay; not the same optimizer as Adam);
+- frozen: the sparse path with the first layer not trained: no first-layer gradient and no
+  step, so the ceiling of any cheaper first-layer update.
 
 Each arm runs ``--batches`` timed updates after two warm-up updates (time-boxed); the
 per-epoch time is extrapolated to all users. On a CUDA machine the sparse arm is also
@@ -27,8 +32,9 @@ import torch.nn.functional as F
 
 from piarec.config import ModelConfig
 from piarec.models.contract import SparseBatch
+from piarec.models import multivae
 from piarec.models.multivae import MultiVAE
-from piarec.models.ops import alignment_closed_form, gaussian_kl
+from piarec.models.ops import alignment_closed_form, gaussian_kl, sparse_first_layer
 from piarec.data.csr import CSR
 
 
@@ -59,11 +65,48 @@ def dense_loss(model: MultiVAE, x: torch.Tensor, batch: SparseBatch, beta: float
     return nll + beta * gaussian_kl(mu, logvar).mean() + lam * align
 
 
+def first_layer_sparse_grad(batch: SparseBatch, weight: torch.Tensor, bias: torch.Tensor,
+                            keep_prob: float) -> torch.Tensor:
+    """``ops.sparse_first_layer`` whose weight gradient is a sparse tensor holding only the
+    batch's item rows (``embedding_bag(sparse=True)``) instead of a zero-filled dense [I, H]."""
+    lengths = batch.lengths.clamp(min=1).to(weight.dtype)
+    weights = torch.repeat_interleave(lengths.rsqrt(), batch.lengths)
+    keep = torch.rand(weights.shape, device=weights.device) < keep_prob
+    weights = weights * keep / keep_prob
+    return F.embedding_bag(batch.indices, weight, batch.offsets, mode="sum", per_sample_weights=weights,
+                           sparse=True) + bias
+
+
+def _optimizers(arm: str, model: MultiVAE) -> list[torch.optim.Optimizer]:
+    """Adam over every parameter; ``lazy``: SparseAdam (moments and weights of the batch's
+    rows only) for the first layer, Adam for the rest; ``frozen``: the first layer untrained
+    (the ceiling of any first-layer update: its gradient and step cost nothing)."""
+    first = [model.item_in]
+    rest = [p for name, p in model.named_parameters() if name != "item_in"]
+    if arm == "lazy":
+        return [torch.optim.SparseAdam(first, lr=1e-3), torch.optim.Adam(rest, lr=1e-3, fused=True)]
+    if arm == "frozen":
+        model.item_in.requires_grad_(False)
+        return [torch.optim.Adam(rest, lr=1e-3, fused=True)]
+    return [torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)]  # as the trainer
+
+
 def time_arm(arm: str, train: CSR, batches: list[np.ndarray], device: torch.device) -> float:
     """Seconds per update, averaged over all but the first two (warm-up) batches."""
     torch.manual_seed(0)
     model = MultiVAE(train.n_cols, ModelConfig()).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opts = _optimizers(arm, model)
+    patched = arm == "lazy"
+    if patched:
+        multivae.sparse_first_layer = first_layer_sparse_grad
+    try:
+        return _time_updates(arm, model, opts, train, batches, device)
+    finally:
+        multivae.sparse_first_layer = sparse_first_layer
+
+
+def _time_updates(arm: str, model: MultiVAE, opts: list[torch.optim.Optimizer], train: CSR,
+                  batches: list[np.ndarray], device: torch.device) -> float:
     t0 = 0.0
     for j, rows in enumerate(batches):
         if j == 2:
@@ -72,14 +115,16 @@ def time_arm(arm: str, train: CSR, batches: list[np.ndarray], device: torch.devi
             t0 = time.perf_counter()
         part = train.take_rows(rows)
         batch = SparseBatch.from_csr(part, device)
-        opt.zero_grad(set_to_none=True)
-        if arm == "sparse":
-            loss = model.loss(batch, 0.1, 0.1).total
-        else:
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        if arm == "dense":
             x = torch.from_numpy(part.to_dense()).to(device)
             loss = dense_loss(model, x, batch, 0.1, 0.1)
+        else:
+            loss = model.loss(batch, 0.1, 0.1).total
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / (len(batches) - 2)
@@ -106,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch = -(-train.n_rows // args.batch_size)
 
     rows = []
-    arms = [("sparse", torch.device("cpu")), ("dense", torch.device("cpu"))]
+    arms = [("sparse", torch.device("cpu")), ("lazy", torch.device("cpu")), ("frozen", torch.device("cpu")),
+            ("dense", torch.device("cpu"))]
     if torch.cuda.is_available():
         arms += [("sparse", torch.device("cuda")), ("dense", torch.device("cuda"))]
     for arm, device in arms:
