@@ -231,7 +231,8 @@ def pool_folds(per_fold: list[tuple[Any, dict[str, dict[str, Any]]]]):
                              for k in fold_runs[0]["per_user"]}}
             if "best_epoch" in fold_runs[0]:
                 run["best_epoch"] = int(np.median([r["best_epoch"] for r in fold_runs]))
-                run["train_seconds"] = float(sum(r["train_seconds"] for r in fold_runs))
+                run["train_seconds"] = float(np.mean([r["train_seconds"] for r in fold_runs]))  # per run
+                run["train_seconds_folds"] = float(sum(r["train_seconds"] for r in fold_runs))
             if "diagnostics" in fold_runs[0]:
                 run["diagnostics"] = {k: float(np.mean([r["diagnostics"][k] for r in fold_runs]))
                                       for k in fold_runs[0]["diagnostics"]}
