@@ -72,23 +72,17 @@ def fit_ease_on_validation(train: CSR, val: Split, lambdas: Sequence[float] = DE
     """
     if not lambdas:
         raise ValueError("lambdas must not be empty")
+    dual = EaseDual(train) if train.n_rows < train.n_cols else None
+    g = gram(train).float() if dual is None else None
     scores: dict[float, float] = {}
-    if train.n_rows < train.n_cols:
-        dual = EaseDual(train)
-        for lam in lambdas:
-            d = dual.diagonal(lam)
-            ranked = masked_top_k(lambda part: dual.scores(part, lam, d), val.fold_in, EVAL_K)
-            scores[float(lam)] = summarize(ranked, val.held_out)[SELECTION_METRIC]
-        best_lam = max(scores, key=scores.__getitem__)  # the first of equal maxima, as below
-        b = ease_weights(gram(train).float(), best_lam) if weights else None
-        return EASE(b, best_lam, scores, None if weights else dual)
-    g = gram(train).float()
     best: EASE | None = None
-    for lam in lambdas:
-        model = EASE(ease_weights(g, lam), float(lam))
-        scores[float(lam)] = summarize(masked_top_k(model.scores, val.fold_in, EVAL_K), val.held_out)[SELECTION_METRIC]
-        if best is None or scores[float(lam)] > scores[best.lam]:
+    for lam in map(float, lambdas):
+        model = EASE(ease_weights(g, lam), lam) if dual is None else EASE(None, lam, dual=dual)
+        scores[lam] = summarize(masked_top_k(model.scores, val.fold_in, EVAL_K), val.held_out)[SELECTION_METRIC]
+        if best is None or scores[lam] > scores[best.lam]:
             best = model
     assert best is not None
+    if dual is not None and weights:
+        best = EASE(ease_weights(gram(train).float(), best.lam), best.lam)
     best.val_ndcg = scores
     return best

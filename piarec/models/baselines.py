@@ -96,23 +96,22 @@ class EaseDual:
         self.eigenvalues.clamp_(min=0.0)  # X X^T is PSD; rounding can leave -1e-13
         self.wt = torch.sparse.mm(xt, v)  # W^T = X^T V [I, n]
         self.n_items = train.n_cols
+        self._diagonals: dict[float, torch.Tensor] = {}  # lambda -> diagonal(lambda)
 
     def diagonal(self, lam: float) -> torch.Tensor:
-        """lambda P_jj = 1 - x_j^T K^-1 x_j for every item j, float64 [I]."""
-        return 1.0 - (self.wt.square() / (self.eigenvalues + lam)).sum(dim=1)
+        """lambda P_jj = 1 - x_j^T K^-1 x_j for every item j, float64 [I] (computed once per lambda)."""
+        if lam not in self._diagonals:
+            self._diagonals[lam] = 1.0 - (self.wt.square() / (self.eigenvalues + lam)).sum(dim=1)
+        return self._diagonals[lam]
 
-    def scores(self, part: CSR, lam: float, diagonal: torch.Tensor | None = None) -> torch.Tensor:
-        """x_u B for CSR rows at ``lam``: float32 [b, I] (``diagonal`` = :meth:`diagonal`
-        of ``lam``, passed in when scoring many parts)."""
+    def scores(self, part: CSR, lam: float) -> torch.Tensor:
+        """x_u B for CSR rows at ``lam``: float32 [b, I]."""
         if lam <= 0:
             raise ValueError(f"EASE needs lambda > 0, got {lam}")
-        d = self.diagonal(lam) if diagonal is None else diagonal
         a = _bag(part, self.wt)  # x_u X^T V [b, n]
-        x = torch.zeros(part.n_rows, self.n_items, dtype=torch.float64)
-        rows = torch.from_numpy(np.repeat(np.arange(part.n_rows), part.row_lengths()))
-        x[rows, torch.from_numpy(part.indices.astype(np.int64))] = 1.0
+        x = torch.from_numpy(part.to_dense()).double()
         lam_xp = x - (a / (self.eigenvalues + lam)) @ self.wt.t()  # lambda x_u P
-        return (x - lam_xp / d).float()
+        return (x - lam_xp / self.diagonal(lam)).float()
 
 
 @dataclass
