@@ -275,6 +275,12 @@ def _train_epoch(model, groups, opts, rows: TrainRows, loop: _Loop, tc, device: 
     return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
 
+def epoch_updates(model: torch.nn.Module, n_users: int, batch_size: int) -> int:
+    """Optimizer updates an epoch of ``n_users`` training users makes: every phase's passes
+    over every batch."""
+    return sum(p.passes for p in model.phases()) * -(-n_users // batch_size)
+
+
 def beta_search_config(cfg: PipelineConfig, updates_per_epoch: int) -> PipelineConfig:
     """The search run of Liang et al.'s beta procedure: beta annealed towards 1, reaching it
     after ``training.anneal_epochs`` epochs (``training.epochs`` when unset)."""
@@ -353,8 +359,7 @@ def train(
                  LambdaSchedule(pia.lambda_a if pia.enabled else 0.0, pia.lambda_scale, pia.patience, pia.lambda_max,
                                 mode=pia.schedule))
     align_weight = 1.0 / cfg.model.latent_dim if pia.alignment == "mean" else 1.0
-    updates_per_epoch = sum(p.passes for p in model.phases()) * -(-snap.n_train_users // tc.batch_size)
-    anneal = anneal_steps(tc, updates_per_epoch)
+    anneal = anneal_steps(tc, epoch_updates(model, snap.n_train_users, tc.batch_size))
     diagnose = cfg.diagnostics.enabled and diagnosable(snap.val.fold_in)
 
     # -- resume: a checkpoint of the same run continues it exactly -------------------------
@@ -411,10 +416,9 @@ def train(
 def _train_beta_searched(cfg: PipelineConfig, snap: Snapshot, *, on_epoch, on_search_epoch, checkpoint_path,
                          ranks) -> TrainResult:
     """:func:`train`'s ``training.beta_search`` path: search run, pick, final run."""
-    probe = build_model(snap.train.n_cols, cfg.model)  # how many updates an epoch makes
-    updates_per_epoch = sum(p.passes for p in probe.phases()) * -(-snap.n_train_users // cfg.training.batch_size)
+    probe = build_model(snap.train.n_cols, cfg.model)  # its phases say how many updates an epoch makes
+    search_cfg = beta_search_config(cfg, epoch_updates(probe, snap.n_train_users, cfg.training.batch_size))
     del probe
-    search_cfg = beta_search_config(cfg, updates_per_epoch)
     search = train(search_cfg, snap, on_epoch=on_search_epoch, ranks=ranks,
                    checkpoint_path=f"{checkpoint_path}.beta-search" if checkpoint_path else None)
     beta, epoch = picked_beta(search.history)
