@@ -218,7 +218,7 @@ def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.
     an int64 copy or a Python object per positive (about 33 bytes a positive at the peak:
     benchmarks/train_scale.py --load-users). Of the training users only the ``shard``
     (rank, world) is kept: training row t goes to row t // world of the rank t % world;
-    every training pair is still counted (``counted``: nnz and users per item)."""
+    every training pair is still counted (``counted``: nnz, and users per item when world > 1)."""
     rank, world = shard
     dataset = _dataset(loc, "interactions")
     local = np.full(len(user_ids), -1, dtype=np.int32)  # user_idx -> row within its split
@@ -239,8 +239,8 @@ def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.
             rows, cols = local[u[sel]], i[sel]
             if code == 0:
                 counted["nnz"] += len(cols)
-                counted["item_users"] += np.bincount(cols, minlength=n_items)
-                if world > 1:
+                if world > 1:  # a shard's own rows cannot give these counts
+                    counted["item_users"] += np.bincount(cols, minlength=n_items)
                     mine = rows % world == rank
                     rows, cols = rows[mine] // world, cols[mine]
             r.append(rows)
@@ -266,7 +266,8 @@ def load_snapshot(uri: str, *, shard: tuple[int, int] | None = None) -> Snapshot
     ``shard=(rank, world)``: keep only that process's training users (rows rank, rank +
     world, ... of the training matrix; :class:`TrainShard`), as each rank of a data-parallel
     run does: the training matrix in memory shrinks by ``world``; validation and test users
-    are loaded whole. The counts are still checked over every training user.
+    are loaded whole. The counts are still checked over every training user. A shard of one
+    process is the whole snapshot (``shard`` None).
 
     Raises :class:`InputDataError` when the prefix is not published (no ``_SUCCESS``), the
     schema version is unknown, indices are not dense, parts contradict splits, or the
@@ -309,7 +310,7 @@ def load_snapshot(uri: str, *, shard: tuple[int, int] | None = None) -> Snapshot
         train_user_ids=train_ids,
         val=splits["val"],
         test=splits["test"],
-        shard=None if shard is None else TrainShard(rank, world, n_train, counted["nnz"], counted["item_users"]),
+        shard=TrainShard(rank, world, n_train, counted["nnz"], counted["item_users"]) if world > 1 else None,
     )
 
 
