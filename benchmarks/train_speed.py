@@ -96,8 +96,7 @@ def time_arm(arm: str, train: CSR, batches: list[np.ndarray], device: torch.devi
     torch.manual_seed(0)
     model = MultiVAE(train.n_cols, ModelConfig()).to(device)
     opts = _optimizers(arm, model)
-    patched = arm == "lazy"
-    if patched:
+    if arm == "lazy":
         multivae.sparse_first_layer = first_layer_sparse_grad
     try:
         return _time_updates(arm, model, opts, train, batches, device)
