@@ -3,7 +3,8 @@ projected wall time of a weekly run.
 
     python benchmarks/train_scale.py [--users 200000] [--items 4000] [--mean-length 40]
         [--updates 30] [--batch-size 500] [--epochs 200] [--project-users 25000000]
-        [--arms fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000]
+        [--arms fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000,
+                ranks2+batch2000+coalesced,pair2+batch2000]
         [--threads 1] [--load-users 0 [--load-baseline DIR] [--load-shards N]] [--json OUT]
 
 The matrix is synthetic and shaped like the production window (paper section 4.1: ~25M users,
@@ -27,7 +28,13 @@ two warm-up updates, in the same run:
 - ``compiled`` (CUDA only): the decoder under ``torch.compile``;
 - ``ranks2``: two processes with ``--threads`` torch threads each, data-parallel over gloo
   (NCCL on a GPU host with two GPUs), against one process with the same threads;
-  ``ranks2+batch2000``: the same at 2,000 users per global batch.
+  ``ranks2+batch2000``: the same at 2,000 users per global batch;
+- ``ranks2+batch2000+coalesced``: the same, with the gradients summed as the trainer did before
+  it overlapped them with backward (one all-reduce of all of them, flattened, after backward):
+  the baseline of that overlap;
+- ``pair2+batch2000``: the two processes of ``ranks2+batch2000`` each stepping on its own half of
+  every global batch, with no all-reduce: what two processes sharing this machine can reach at
+  all, the ceiling of the ``ranks2`` arms (samples/s of both together, timed by the slower).
 
 Reported per arm: samples (users) per second, seconds per epoch of the measured matrix and of
 ``--project-users``, peak host RSS and peak device memory. Evaluation is timed on
@@ -120,10 +127,28 @@ def _prefetched(train: CSR, batches, device: torch.device):
         yield cur
 
 
+def coalesced_step(model, opt, batch: SparseBatch, weight: float) -> None:
+    """One data-parallel update summing the gradients after backward in one flattened
+    all-reduce (the trainer's step before :func:`~piarec.train.distributed.summed_gradients`)."""
+    opt.zero_grad(set_to_none=True)
+    parts = model.loss(batch, 0.2, 0.1, None, step=0)
+    (parts.total * weight).backward()
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), parts.total.detach().reshape(1) * weight])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    opt.step()
+
+
 def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device,
              ranks: Ranks = Ranks()) -> dict:
     """Samples/s of ``arm`` over ``args.updates`` global batches of ``order`` (after 2 warm-up
-    updates); with several ``ranks``, this rank's part of each global batch."""
+    updates); with several ``ranks``, this rank's part of each global batch (``pair2`` arms:
+    stepped on alone, without the all-reduce)."""
+    alone = arm.startswith("pair2")
     bf16 = "bf16" in arm
     batch_size = 2000 if "batch2000" in arm else args.batch_size
     lr = 1e-3 * math.sqrt(batch_size / 500)
@@ -144,15 +169,21 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
         if j == 2:
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            if ranks.parallel:
+                torch.distributed.barrier()
             t0 = time.perf_counter()
-        train_step(model, opt, batch, 0.2, 0.1, weight=weight, ranks=ranks, precision=cfg.training.precision)
+        if arm.endswith("+coalesced"):
+            coalesced_step(model, opt, batch, weight)
+        else:
+            train_step(model, opt, batch, 0.2, 0.1, weight=1.0 if alone else weight,
+                       ranks=Ranks() if alone else ranks, precision=cfg.training.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     row = {"arm": arm, "device": device.type, "batch_size": batch_size,
            "samples_per_s": args.updates * batch_size / seconds, "host_peak_mb": _host_peak_mb(),
            "device_peak_mb": _peak_device_mb(device)}
-    if ranks.parallel:  # what one update's all-reduce alone costs: the whole gradient, 5 times
+    if ranks.parallel and not alone:  # what one update's all-reduce alone costs: the whole gradient, 5 times
         flat = torch.zeros(sum(p.numel() for p in model.parameters()), device=device)
         t = time.perf_counter()
         for _ in range(5):
@@ -170,9 +201,7 @@ def _rank_main(rank: int, world: int, port: int, arm: str, train: CSR, order: np
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     try:
-        row = time_arm(arm, train, order, args, device, Ranks(rank, world, rank))
-        if rank == 0:
-            out.update(row)
+        out[rank] = time_arm(arm, train, order, args, device, Ranks(rank, world, rank))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -186,7 +215,10 @@ def time_ranks(arm: str, train: CSR, order: np.ndarray, args, world: int = 2) ->
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank_main, args=(world, port, arm, train, order, args, out), nprocs=world, join=True)
-        return dict(out)
+        row = dict(out[0])  # every rank times the same global batches; the slowest sets the pace
+        row["samples_per_s"] = min(out[r]["samples_per_s"] for r in range(world))
+        row["host_peak_mb"] = max(out[r]["host_peak_mb"] for r in range(world))
+        return row
 
 
 def time_evaluation(train: CSR, args, device: torch.device) -> float:
@@ -286,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         if arm in ("pinned", "compiled") and device.type != "cuda":
             print(f"{arm}: CUDA only, skipped on this machine")
             continue
-        row = time_ranks(arm, train, order, args) if arm.startswith("ranks2") else time_arm(arm, train, order, args, device)
+        row = time_ranks(arm, train, order, args) if arm.startswith(("ranks2", "pair2")) else time_arm(arm, train, order, args, device)
         rows.append(row)
         comm = f" (all-reduce of {row['parameters']:,} floats: {row['allreduce_ms']:.0f} ms)" if "allreduce_ms" in row else ""
         print(f"{arm}: {row['samples_per_s']:,.0f} samples/s, {row['batch_size'] / row['samples_per_s'] * 1000:.0f} ms "

@@ -12,13 +12,15 @@ global batches (docs/training-scale.md):
   summed gradient is the global batch's;
 - input masks and reparameterisation noise are keyed by (seed, pass, user)
   (:mod:`piarec.models.noise`), so a user draws the same wherever it is trained;
-- one all-reduce (sum) per update carries the flattened gradients and the loss parts; every
-  rank then takes the same optimizer step, so the parameters stay equal without a broadcast.
+- each parameter's gradient is summed over the ranks (an asynchronous all-reduce) as soon as
+  backward has finished it, so the decoder's sums travel while the encoder's gradients are
+  still being computed; a last small all-reduce carries the loss parts. Every rank then takes
+  the same optimizer step, so the parameters stay equal without a broadcast.
 
 Gradients are reduced by hand rather than by ``DistributedDataParallel``: RecVAE's phases
 switch ``requires_grad`` between updates and Multi-VAE leaves the anchors without a gradient
-when PIA is off, both of which DDP's fixed buckets refuse, and a single coalesced all-reduce
-per update is what DDP would do on a model this size.
+when PIA is off, both of which DDP's fixed buckets refuse. The overlap is DDP's; the buckets
+are the parameters themselves (a few large tensors).
 
 Rank 0 evaluates on the validation users, logs and writes the checkpoint; every rank
 restores from it.
@@ -27,12 +29,14 @@ restores from it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "ranks_from_env", "join", "stop", "all_reduce_sum", "broadcast_object", "local_device"]
+__all__ = ["Ranks", "ranks_from_env", "join", "stop", "all_reduce_sum", "summed_gradients", "broadcast_object", "local_device"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,32 @@ def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     if ranks.parallel:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+@contextmanager
+def summed_gradients(params: Iterable[torch.nn.Parameter], ranks: Ranks) -> Iterator[None]:
+    """Around one backward: sum each of ``params``' gradients over the ranks, in place, as soon
+    as backward has accumulated it (an asynchronous all-reduce per parameter, overlapping the
+    rest of backward); on exit every sum has arrived. No-op for one process.
+
+    Every rank must run the same backward, so the hooks fire, and the all-reduces are issued,
+    in the same order everywhere; a parameter that gets no gradient is skipped on every rank."""
+    if not ranks.parallel:
+        yield
+        return
+    pending: list[dist.Work] = []
+
+    def reduce(p: torch.Tensor) -> None:
+        pending.append(dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True))
+
+    hooks = [p.register_post_accumulate_grad_hook(reduce) for p in params if p.requires_grad]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for work in pending:
+            work.wait()
 
 
 def broadcast_object(obj, ranks: Ranks):

@@ -35,7 +35,8 @@ from piarec.data.snapshot import Snapshot
 from piarec.data.csr import CSR
 from piarec.models.noise import stream_key
 from piarec.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from piarec.train.distributed import Ranks, all_reduce_sum, broadcast_object, join, local_device, ranks_from_env
+from piarec.train.distributed import (Ranks, all_reduce_sum, broadcast_object, join, local_device, ranks_from_env,
+                                      summed_gradients)
 
 
 @dataclass
@@ -118,9 +119,10 @@ def train_step(
     weights). Returns the loss parts as floats; raises TrainingError on a non-finite loss.
 
     Data-parallel (``ranks.parallel``): ``batch`` is this rank's part of a global batch and
-    ``weight`` its share of the global batch's users; the weighted gradients and loss parts
-    are summed over the ranks in one all-reduce, so every rank steps with the global batch's
-    gradient and every rank sees the same loss (and raises together)."""
+    ``weight`` its share of the global batch's users; the weighted gradients are summed over
+    the ranks while backward runs (:func:`summed_gradients`) and the loss parts after it, so
+    every rank steps with the global batch's gradient and every rank sees the same loss (and
+    raises together)."""
     opt.zero_grad(set_to_none=True)
     with torch.autocast(batch.indices.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         parts = model.loss(batch, beta, lambda_a, phase, step=step)
@@ -128,14 +130,9 @@ def train_step(
     if ranks.parallel:
         # Backward even on a non-finite loss: every rank must send the same buffer, and the
         # non-finite sum then stops every rank below.
-        (parts.total * weight).backward()
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        flat = torch.cat([*(g.reshape(-1) for g in grads), values])
-        all_reduce_sum(flat, ranks)
-        values, offset = flat[-len(_PARTS):], 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        with summed_gradients((p for g in opt.param_groups for p in g["params"]), ranks):
+            (parts.total * weight).backward()
+        all_reduce_sum(values, ranks)
     total, nll, kl, align = values.tolist()
     if not math.isfinite(total):
         raise TrainingError(f"loss became {total} (nll={nll}, kl={kl}, align={align}); "
