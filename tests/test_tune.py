@@ -113,11 +113,21 @@ def test_a_trial_that_raises_is_a_failed_trial_and_the_search_goes_on(snap, tmp_
 
 
 def test_a_collapsed_configuration_is_never_chosen(snap, tmp_path):
-    cfg = small_cfg(tmp_path, {"trials": 2, "space": {"training.lr": {"low": 1e-3, "high": 1e-2}}},
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    cfg = small_cfg(tmp_path, {"trials": 2, "study_storage": storage, "study_name": "s",
+                               "space": {"training.lr": {"low": 1e-3, "high": 1e-2}}},
                     gate={"min_active_units": 9})  # more than the 8 latent units the model has
     with pytest.raises(TrainingError, match="no trial .* with at least 9 active units"):
         tune(cfg, snap, source="memory://planted")
     assert not list(tmp_path.glob("tuning/**/best_config.yaml"))  # nothing written
+    # The sampler is told too: each trial carries its shortfall as an infeasible constraint.
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert len(trials) == 2
+    for t in trials:
+        assert t.constraints == {"active_unit_shortfall": pytest.approx(9 - t.user_attrs["active_units"])}
+        assert t.constraints["active_unit_shortfall"] > 0
 
 
 def test_a_killed_search_resumes_with_its_finished_trials(snap, tmp_path):

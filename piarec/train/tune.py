@@ -167,6 +167,7 @@ def _objective(search: _Search):
                 value = float(result.best_metrics[SELECTION_METRIC])
                 active = _active_units(result.model, snap, trial_cfg)
                 trial.set_user_attr("active_units", active)
+                trial.set_constraint("active_unit_shortfall", _shortfall(active, trial_cfg.gate.min_active_units))
                 trial.set_user_attr("best_epoch", result.best_epoch)
                 trial.set_user_attr("stop_reason", result.stop_reason)
                 test = evaluate_model(result.model, snap.test) if snap.test.fold_in.n_rows else {}
@@ -197,16 +198,10 @@ def _objective(search: _Search):
     return objective
 
 
-def _shortfall(trial, floor: int) -> float:
-    """Active latent units a trial's model lacks for the gate's floor (<= 0: feasible; 0 when
-    they could not be measured)."""
-    active = trial.user_attrs.get("active_units")
+def _shortfall(active: float | None, floor: int) -> float:
+    """Active latent units a model lacks for the gate's floor: Optuna's constraint (<= 0 is
+    feasible; 0 when they could not be measured)."""
     return 0.0 if active is None or not math.isfinite(active) else float(floor - active)
-
-
-def _feasible(cfg: PipelineConfig):
-    """Optuna's constraint (<= 0 is feasible): enough active latent units for the gate."""
-    return lambda trial: [_shortfall(trial, cfg.gate.min_active_units)]
 
 
 def _report_trial(search: _Search, study, trial) -> None:
@@ -229,7 +224,7 @@ def best_trial(study, cfg: PipelineConfig):
     import optuna
 
     ok = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-          and _shortfall(t, cfg.gate.min_active_units) <= 0]
+          and _shortfall(t.user_attrs.get("active_units"), cfg.gate.min_active_units) <= 0]
     return max(ok, key=lambda t: (t.value, -t.number)) if ok else None
 
 
@@ -304,8 +299,7 @@ def _close_killed_runs(study, client) -> None:
 def _sampler(cfg: PipelineConfig, seed: int):
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials,
-                                      constraints_func=_feasible(cfg))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
 
 
 def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None = None,
