@@ -352,3 +352,21 @@ def test_config_package_imports_no_other_piarec_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert set(json.loads(out)) <= {"piarec", "piarec.config", "piarec.config.schema", "piarec.config.loader",
                               "piarec.errors"}
+
+
+BENCHMARK_CONFIGS = sorted((Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=lambda p: p.stem)
+def test_each_committed_tuned_config_applies_as_written(path):
+    """Every configuration in benchmarks/configs is one `piarec train --tuned-config` accepts:
+    only tunable sections, every key one the schema knows, and each value lands in the loaded
+    configuration unchanged (a misspelled or moved key fails here, not in the weekly job)."""
+    from piarec.config import parse_tuned
+
+    tuned = parse_tuned(path.read_text(), str(path))
+    assert tuned, f"{path.name} sets nothing"
+    cfg = load_config(tuned=tuned, environ={})
+    for section, values in tuned.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
