@@ -1,7 +1,7 @@
 """Tune one model on a public dataset with `piarec tune`'s search; write benchmarks/configs/<name>.yaml.
 
     python benchmarks/tune.py --data ../shared/data/ml-100k/u.data --model multivae+pia --trials 20 \\
-        [--timeout-s 900] [--study-storage sqlite:///ml-100k.db] [--name ml-100k-multivae-pia] \\
+        [--timeout-s 900] [--study-storage sqlite:///ml-100k.db] [--name ml-100k-multivae-pia] [--max-cost-ratio 2] \\
         [any option of benchmarks/quality.py]
 
 The search is :func:`piarec.train.tune.tune` on the validation users of quality.py's split of
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study-storage", default=None, metavar="URL",
                    help="an Optuna storage (sqlite:///beauty.db): a killed search rerun with the same "
                         "command resumes with its finished trials; --trials counts them")
+    p.add_argument("--max-cost-ratio", type=float, default=None,
+                   help="tune.max_cost_ratio: never choose a trial whose training takes more than this many "
+                        "times as long as trial 0's (quality.py's settings); default no limit")
     p.add_argument("--name", default=None, help="the config's name (default <data folder>-<model>)")
     p.add_argument("--workdir", default="piarec-tune-bench", help="MLflow store and scratch output")
     args = parse_args(argv, p)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(environ={}, overrides={
         **base, "diagnostics": {"enabled": args.epoch_diagnostics}, "storage": {"root": str(work)},
         "tune": {"trials": args.trials, "timeout_s": args.timeout_s, "seed": args.tune_seed, "study_name": name,
-                 "study_storage": args.study_storage,
+                 "study_storage": args.study_storage, "max_cost_ratio": args.max_cost_ratio,
                  "space": {k: v.model_dump(exclude_none=True) for k, v in space.items()}}})
     t0 = time.perf_counter()
     out = tune(cfg, snap, source=str(args.data), output=str(work / f"{name}.yaml"),

@@ -155,7 +155,8 @@ def test_no_file_no_environment_gives_todays_values():
                         "training.noise": "auto", "training.precision": "fp32"})
     added_since.update({"tune.trials": 30, "tune.timeout_s": None, "tune.seed": 0, "tune.startup_trials": 8,
                         "tune.pruner": "median", "tune.prune_warmup_epochs": 10, "tune.study_storage": None,
-                        "tune.study_name": None, "tune.experiment": "piarec-tune"})  # piarec tune
+                        "tune.study_name": None, "tune.experiment": "piarec-tune",  # piarec tune
+                        "tune.max_cost_ratio": None})
     added_since.update({"diagnostics.posterior_samples": 32,  # z_T and RecVAE's composite prior
                         "training.beta_search": False})  # Liang et al.'s beta procedure
     space = {k for k in got if k.startswith("tune.space.")}

@@ -130,6 +130,36 @@ def test_a_collapsed_configuration_is_never_chosen(snap, tmp_path):
         assert t.constraints["active_unit_shortfall"] > 0
 
 
+def test_a_trial_that_trains_past_the_cost_ratio_is_never_chosen(snap, tmp_path):
+    import optuna
+
+    # Trial 0 trains the given 2 epochs (outside the space's range, so kept as given); every
+    # other trial draws 30-40 epochs: better on validation, and 15-20x the training time.
+    storage = f"sqlite:///{tmp_path}/study.db"
+    cfg = small_cfg(tmp_path, {"trials": 3, "pruner": "none", "max_cost_ratio": 2.0, "study_storage": storage,
+                               "study_name": "s", "space": {"training.epochs": {"low": 30, "high": 40}}},
+                    training={**SMALL["training"], "epochs": 2, "lr": 3e-3})
+    out = tune(cfg, snap, source="memory://planted")
+
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    given, others = trials[0], trials[1:]
+    assert given.user_attrs["given"] and given.constraints["train_cost_excess"] == pytest.approx(1.0 - 2.0)
+    assert len(others) == 2 and all(t.params["training.epochs"] >= 30 for t in others)
+    for t in others:  # the sampler sees each as infeasible, by how far its time ratio is above 2
+        ratio = t.user_attrs["train_seconds"] / given.user_attrs["train_seconds"]
+        assert ratio > 2.0 and t.constraints["train_cost_excess"] == pytest.approx(ratio - 2.0)
+    assert max(t.value for t in others) > given.value  # chosen for its cost, not its value
+    assert out["best"]["trial"] == 0 and out["given"]["train_seconds"] == out["best"]["train_seconds"]
+    assert "# training: " in Path(out["output"]).read_text() and "1.00x trial 0" in Path(out["output"]).read_text()
+
+    # A limit below trial 0's own cost leaves nothing to choose: a clear error, nothing written.
+    strict = small_cfg(tmp_path / "strict", {"trials": 1, "max_cost_ratio": 0.5, "space": {
+        "training.epochs": {"low": 30, "high": 40}}}, training={**SMALL["training"], "epochs": 2})
+    with pytest.raises(TrainingError, match=r"within 0.5x trial 0's training time"):
+        tune(strict, snap, source="memory://planted")
+    assert not list((tmp_path / "strict").glob("tuning/**/best_config.yaml"))
+
+
 def test_a_killed_search_resumes_with_its_finished_trials(snap, tmp_path):
     import optuna
 

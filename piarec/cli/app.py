@@ -89,7 +89,7 @@ def _torchrun(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     given = {"trials": args.trials, "timeout_s": args.timeout_s, "study_storage": args.study_storage,
-             "study_name": args.study_name}
+             "study_name": args.study_name, "max_cost_ratio": args.max_cost_ratio}
     cfg = _config(args, {"tune": {k: v for k, v in given.items() if v is not None}})
     from piarec.train.tune import run_tuning
 

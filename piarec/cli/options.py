@@ -104,6 +104,9 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study-storage", metavar="URL",
                    help="override tune.study_storage: an Optuna database (sqlite:///tune.db) a killed search resumes from")
     p.add_argument("--study-name", help="override tune.study_name (default tune-<snapshot manifest digest>)")
+    p.add_argument("--max-cost-ratio", type=float,
+                   help="override tune.max_cost_ratio: never choose a trial whose training takes more than this "
+                        "many times as long as trial 0's")
     p.add_argument("--output", metavar="URI",
                    help="where the best configuration's YAML goes (default <root>/tuning/<study>/best_config.yaml)")
 

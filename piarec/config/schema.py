@@ -264,6 +264,10 @@ class TuneConfig(_Section):
     # earlier trials at the same epoch, after `startup_trials` trials and `prune_warmup_epochs` epochs.
     pruner: Literal["median", "none"] = "median"
     prune_warmup_epochs: int = Field(10, ge=0)
+    # A trial whose training takes more than this many times as long as trial 0's (the
+    # configuration as given; wall seconds of the training itself) is infeasible, like a collapsed
+    # one: recorded, never chosen, and the sampler is told. null = no limit.
+    max_cost_ratio: float | None = Field(None, gt=0)
     # An Optuna storage URL (sqlite:///tune.db, or a database server): a killed search resumes there
     # with its finished trials. null = in memory, one invocation.
     study_storage: str | None = None

@@ -7,8 +7,10 @@ selection metric: validation NDCG@100 of a trial's best epoch. Trial 0 is the co
 as given (where the space holds its values), so the search reports what it gained over it.
 
 A trial counts as feasible when its best model keeps at least ``gate.min_active_units``
-active latent units: a collapsed configuration the promotion gate would refuse is recorded
-but never chosen.
+active latent units (a collapsed configuration the promotion gate would refuse) and, with
+``tune.max_cost_ratio``, when its training took at most that many times as long as trial
+0's (wall seconds of the training). An infeasible trial is recorded but never chosen, and
+the sampler is told (an Optuna constraint).
 
 MLflow: one run per invocation in ``tune.experiment`` (the space, the budget, the best
 trial, ``best_config.yaml`` and the study's plots: optimisation history, intermediate values,
@@ -123,6 +125,7 @@ class _Search:
     experiment_id: str
     started: float = field(default_factory=time.perf_counter)
     cpu_seconds: float = 0.0
+    study: Any = None
 
 
 def _active_units(model, snap: Snapshot, cfg: PipelineConfig) -> float:
@@ -164,6 +167,12 @@ def _objective(search: _Search):
                                                  f"{int(row['epoch'])} is below the median of earlier trials")
 
                 result = train(trial_cfg, snap, on_epoch=on_epoch)
+                train_seconds = time.perf_counter() - wall0
+                trial.set_user_attr("train_seconds", train_seconds)
+                if cfg.tune.max_cost_ratio is not None:
+                    given_seconds = train_seconds if given else _given_train_seconds(search.study)
+                    trial.set_constraint("train_cost_excess",
+                                         _cost_excess(train_seconds, given_seconds, cfg.tune.max_cost_ratio))
                 value = float(result.best_metrics[SELECTION_METRIC])
                 active = _active_units(result.model, snap, trial_cfg)
                 trial.set_user_attr("active_units", active)
@@ -174,6 +183,7 @@ def _objective(search: _Search):
                 trial.set_user_attr("test", test)
                 mlflow.log_metrics({f"best_{OBJECTIVE}": value, "best_epoch": result.best_epoch,
                                     "epochs_trained": len(result.history), "active_units": active,
+                                    "train_seconds": train_seconds,
                                     **{f"test_{k}": v for k, v in test.items()}})
                 mlflow.set_tag("stop_reason", result.stop_reason)
                 state = "COMPLETE"
@@ -204,6 +214,21 @@ def _shortfall(active: float | None, floor: int) -> float:
     return 0.0 if active is None or not math.isfinite(active) else float(floor - active)
 
 
+def _given_train_seconds(study) -> float | None:
+    """Training seconds of the study's trial 0 (the configuration as given); None until it has
+    completed."""
+    given = next((t for t in study.trials if t.user_attrs.get("given")), None)
+    return None if given is None else given.user_attrs.get("train_seconds")
+
+
+def _cost_excess(seconds: float | None, given_seconds: float | None, max_ratio: float | None) -> float:
+    """How far a trial's training time is above ``max_ratio`` times trial 0's, as a ratio:
+    Optuna's constraint (<= 0 is feasible; 0 without a limit or either time)."""
+    if max_ratio is None or seconds is None or not given_seconds:
+        return 0.0
+    return seconds / given_seconds - max_ratio
+
+
 def _report_trial(search: _Search, study, trial) -> None:
     import optuna
 
@@ -219,12 +244,15 @@ def _report_trial(search: _Search, study, trial) -> None:
 
 # -- the study -------------------------------------------------------------------------------------
 def best_trial(study, cfg: PipelineConfig):
-    """The complete trial with the highest validation NDCG@100 among those with at least
-    ``gate.min_active_units`` active units; None when there is none."""
+    """The complete trial with the highest validation NDCG@100 among the feasible ones: at least
+    ``gate.min_active_units`` active units and, with ``tune.max_cost_ratio``, training within
+    that many times trial 0's CPU seconds; None when there is none."""
     import optuna
 
+    given_seconds = _given_train_seconds(study)
     ok = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-          and _shortfall(t.user_attrs.get("active_units"), cfg.gate.min_active_units) <= 0]
+          and _shortfall(t.user_attrs.get("active_units"), cfg.gate.min_active_units) <= 0
+          and _cost_excess(t.user_attrs.get("train_seconds"), given_seconds, cfg.tune.max_cost_ratio) <= 0]
     return max(ok, key=lambda t: (t.value, -t.number)) if ok else None
 
 
@@ -264,9 +292,12 @@ def _plots(study) -> dict[str, Any]:
     return figures
 
 
-def tuned_yaml(best, study_name: str, source: str, n_finished: int) -> str:
+def tuned_yaml(best, study_name: str, source: str, n_finished: int, given_seconds: float | None = None) -> str:
+    seconds = best.user_attrs.get("train_seconds")
+    cost = (f"# training: {seconds:.0f} s{f', {seconds / given_seconds:.2f}x trial 0' if given_seconds else ''}\n"
+            if seconds is not None else "")
     header = (f"# piarec tune: study {study_name}, trial {best.number} of {n_finished} finished, "
-              f"validation NDCG@100 {best.value:.4f}\n# snapshot: {source}\n"
+              f"validation NDCG@100 {best.value:.4f}\n{cost}# snapshot: {source}\n"
               f"# apply with: piarec train --tuned-config <this file>\n")
     return header + yaml.safe_dump(nested(best.user_attrs.get("values", best.params)), sort_keys=True)
 
@@ -336,7 +367,7 @@ def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None
 
     experiment_id = registry.ensure_experiment(cfg, tc.experiment)  # binds mlflow to the tracking URI
     _close_killed_runs(study, registry.client(cfg))
-    search = _Search(cfg, snap, progress, experiment_id)
+    search = _Search(cfg, snap, progress, experiment_id, study=study)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {study_name}") as run:
         study.set_user_attr("mlflow_run_id", run.info.run_id)
         mlflow.set_tags({"snapshot": source, "study": study_name, "resumed_trials": str(len(earlier))})
@@ -359,15 +390,20 @@ def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None
         best = best_trial(study, cfg)
         if best is None:
             errors = sorted({t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs})
+            cost = (f" within {tc.max_cost_ratio:g}x trial 0's training time"
+                    if tc.max_cost_ratio is not None else "")
             raise TrainingError(f"no trial of study {study_name} completed with at least {cfg.gate.min_active_units} active "
-                                f"units ({states}){'; errors: ' + ' | '.join(errors[:3]) if errors else ''}; "
+                                f"units{cost} ({states}){'; errors: ' + ' | '.join(errors[:3]) if errors else ''}; "
                                 "nothing written")
         given = next((t for t in study.trials if t.user_attrs.get("given")), None)
-        text = tuned_yaml(best, study_name, source, sum(t.state.is_finished() for t in study.trials))
+        given_seconds = _given_train_seconds(study)
+        text = tuned_yaml(best, study_name, source, sum(t.state.is_finished() for t in study.trials), given_seconds)
         replace_bytes(resolve(output), text.encode())
         mlflow.log_text(text, BEST_CONFIG)
         mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
         mlflow.log_metrics({f"best_{OBJECTIVE}": best.value, "best_trial": best.number,
+                            **({"best_train_cost_ratio": best.user_attrs["train_seconds"] / given_seconds}
+                               if given_seconds and "train_seconds" in best.user_attrs else {}),
                             **({f"given_{OBJECTIVE}": given.value} if given is not None and given.value is not None else {}),
                             **{f"best_test_{k}": v for k, v in best.user_attrs.get("test", {}).items()}})
         mlflow.set_tags({"best_config": output, "best_trial_run": best.user_attrs.get("mlflow_run_id", "")})
@@ -380,9 +416,11 @@ def tune(cfg: PipelineConfig, snap: Snapshot, *, source: str, output: str | None
         "study": study_name, "run_id": run.info.run_id, "output": output, "trials": states,
         "best": {"trial": best.number, OBJECTIVE: best.value, "params": best.params,
                  "active_units": best.user_attrs.get("active_units"), "best_epoch": best.user_attrs.get("best_epoch"),
-                 "test": best.user_attrs.get("test", {}), "cpu_seconds": best.user_attrs.get("cpu_seconds")},
+                 "test": best.user_attrs.get("test", {}), "cpu_seconds": best.user_attrs.get("cpu_seconds"),
+                 "train_seconds": best.user_attrs.get("train_seconds")},
         "given": None if given is None else {"trial": given.number, OBJECTIVE: given.value,
-                                             "params": given.params, "state": given.state.name.lower()},
+                                             "params": given.params, "state": given.state.name.lower(),
+                                             "train_seconds": given_seconds},
         "cpu_seconds": {"this_run": search.cpu_seconds, "study": cpu_all},
     }
 
