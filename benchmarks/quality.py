@@ -296,13 +296,15 @@ def markdown(snap, args, results: dict[str, dict[str, Any]]) -> str:
     base = {n: split_config(n)[0] if n not in ("popularity", "ease") else n for n in results}
     tuned = {n: "@" in n for n in results}
     # ± PIA (both tuned, or both not), each regularizer against its plain model, each tuned
-    # configuration against the same model untuned, EASE against every PIA model and every
-    # tuned configuration.
+    # configuration against the same model untuned and against each earlier configuration of
+    # it (A before B in --models), EASE against every PIA model and every tuned configuration.
     pairs = [(m, n) for n in results if base[n].endswith("+pia") for m in results
              if base[m] == base[n][: -len("+pia")] and tuned[m] == tuned[n]]
     pairs += [(split_regularizers(n)[0], n) for n in results
               if split_regularizers(n)[1] and split_regularizers(n)[0] in results]
     pairs += [(base[n], n) for n in results if tuned[n] and base[n] in results]
+    names = list(results)
+    pairs += [(m, n) for i, n in enumerate(names) for m in names[:i] if tuned[m] and tuned[n] and base[m] == base[n]]
     if "ease" in results:
         pairs += [("ease", n) for n in results if base[n].endswith("+pia") or tuned[n]]
     if pairs:
