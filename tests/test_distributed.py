@@ -165,6 +165,29 @@ def test_piarec_train_on_two_processes_registers_the_one_process_model(tmp_path)
     _assert_same_weights(bundle.model.state_dict(), reference.model.state_dict())
 
 
+def test_a_rank_leaves_the_process_group_even_when_its_training_fails(tmp_path, monkeypatch):
+    """`run_training` on a rank other than 0: the process group is destroyed on the way out, also
+    when training raises, so no rank exits with gloo's threads still running (they can abort it)."""
+    import torch.distributed as dist
+
+    from piarec.train.job import run_training
+    from test_gate import planted, write_snapshot
+
+    uri = write_snapshot(planted(200), tmp_path / "snapshots" / "window_end=2026-04-01")
+    cfg = load_config(environ={}, overrides={**_overrides(regularizers={"noise_contrastive": True}),
+                                             "storage": {"root": str(tmp_path)}})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(TrainingError, match="noise-contrastive"):
+            run_training(cfg, uri)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_a_rank_takes_its_shard_as_loaded_and_refuses_another_ranks(planted_snapshot):
     import dataclasses
 

@@ -27,7 +27,7 @@ from piarec.evaluate.protocol import evaluate_model, evaluate_popularity, model_
 from piarec.errors import TrainingError
 from piarec.data.snapshot import Snapshot, load_snapshot
 from piarec.data.storage import child_uri, exists, read_json, remove, resolve, write_json
-from piarec.train.distributed import ranks_from_env
+from piarec.train.distributed import ranks_from_env, stop
 from piarec.train.trainer import TrainResult, train
 from piarec.data import layout
 
@@ -239,6 +239,16 @@ def _description(cfg: PipelineConfig, report: dict[str, Any], tags: dict[str, st
     )
 
 
+def _train_and_leave(cfg: PipelineConfig, snap, **kwargs):
+    """:func:`train`, then this rank leaves the process group, whether training ended or failed.
+    A rank that exits with gloo's threads still running can abort at exit ("terminate called
+    without an active exception", SIGABRT), and torchrun then fails the whole run."""
+    try:
+        return train(cfg, snap, **kwargs)
+    finally:
+        stop()
+
+
 def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | None = None) -> dict[str, Any]:
     """Train on the snapshot at ``snapshot_uri`` and register the result as challenger
     (``tuned_config``: the URI of the tuned configuration already applied to ``cfg``, for the record).
@@ -259,7 +269,7 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | 
     ck_dir = checkpoint_dir(cfg, digest)
     ck_uri, attempt = child_uri(ck_dir, "checkpoint.pt"), resolve(child_uri(ck_dir, "attempt.json"))
     if not ranks.main:
-        train(cfg, snap, checkpoint_path=ck_uri, ranks=ranks)
+        _train_and_leave(cfg, snap, checkpoint_path=ck_uri, ranks=ranks)
         return {"rank": ranks.rank}
     popularity = snap.train_popularity()
     experiment_id = registry.ensure_experiment(cfg)
@@ -278,8 +288,8 @@ def run_training(cfg: PipelineConfig, snapshot_uri: str, *, tuned_config: str | 
                            "n_val_users": snap.val.fold_in.n_rows, "train_nnz": snap.train_nnz,
                            "processes": ranks.world})
         try:
-            result = train(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri, ranks=ranks,
-                           on_search_epoch=_log_search_epoch)
+            result = _train_and_leave(cfg, snap, on_epoch=_log_epoch, checkpoint_path=ck_uri, ranks=ranks,
+                                      on_search_epoch=_log_search_epoch)
         except TrainingError as exc:
             kept = f"the last good checkpoint is kept at {ck_uri}" if exists(resolve(ck_uri)) else "no epoch completed"
             raise TrainingError(f"{exc}; {kept}") from exc
