@@ -1,7 +1,8 @@
 """Started by torchrun from tests/test_distributed.py: trains on the planted snapshot of
 conftest.py with the configuration overrides given as JSON, and saves what each rank ends
 with (``--out``: ``<out>.rank<r>``: the best epoch's weights, the epoch history and the epoch
-it started from).
+it started from), and ``<out>.rank<r>.threads``: the names of the threads still running once
+the rank has left the process group.
 
 ``--crash-after-epoch N`` makes rank 0 exit hard right after writing epoch N's checkpoint: a
 run killed between two epochs, which torchrun then tears down.
@@ -53,6 +54,9 @@ def main() -> int:
     torch.save({"best": result.model.state_dict(), "best_epoch": result.best_epoch, "history": result.history,
                 "start_epoch": ck.epoch if ck else 0, "world": ranks.world}, f"{args.out}.rank{ranks.rank}")
     stop()
+    # the threads this rank still runs once it has left the process group (Linux names them)
+    threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    Path(f"{args.out}.rank{ranks.rank}.threads").write_text(json.dumps(sorted(threads)))
     return 0
 
 

@@ -73,6 +73,14 @@ def local_device(device: torch.device, ranks: Ranks) -> torch.device:
 def join(ranks: Ranks, device: torch.device) -> None:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); no-op for one process."""
     if ranks.parallel and not dist.is_initialized():
+        # torch._dynamo, which the first optimizer step imports, holds on to a process group that
+        # exists when it is first imported: destroy_process_group then cannot free the group, its
+        # worker threads outlive the interpreter, and one that drops its last finished work while
+        # Python shuts down aborts the process (SIGABRT, "terminate called without an active
+        # exception"). Imported before the group exists, it holds nothing and :func:`stop` joins
+        # the threads.
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
