@@ -192,11 +192,13 @@ def _items(loc: Location) -> tuple[np.ndarray, np.ndarray]:
     return items.column("item_id").to_numpy().astype(object), items.column("n_users").to_numpy().astype(np.int64)
 
 
-def _users(loc: Location) -> tuple[np.ndarray, np.ndarray]:
-    """users/: ids (object [U]) and split codes (int8 [U], the index in SPLITS) by user_idx."""
+def _users(loc: Location) -> tuple[pa.Array, np.ndarray]:
+    """users/: ids (an Arrow string array [U]) and split codes (int8 [U], the index in SPLITS)
+    by user_idx. The ids stay in Arrow (about 17 bytes a user against about 70 as Python
+    strings) until :func:`_interactions` takes the ones the process keeps."""
     users = _read(loc, "users", ["user_idx", "user_id", "split"]).sort_by("user_idx")
     _dense(users.column("user_idx").to_numpy(), "user_idx", loc.uri)
-    user_ids = users.column("user_id").to_numpy().astype(object)
+    user_ids = users.column("user_id").combine_chunks()
     split_col = users.column("split")
     user_split = np.full(len(user_ids), -1, dtype=np.int8)
     for code, name in enumerate(SPLITS):
@@ -211,12 +213,13 @@ def _users(loc: Location) -> tuple[np.ndarray, np.ndarray]:
 _PIECES = ((0, "train"), (1, "fold_in"), (1, "held_out"), (2, "fold_in"), (2, "held_out"))
 
 
-def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.ndarray, n_items: int,
+def _interactions(loc: Location, uri: str, user_ids: pa.Array, user_split: np.ndarray, n_items: int,
                   shard: tuple[int, int]):
     """interactions/ as the train CSR and the val/test splits, read one record batch at a
-    time: only the int32 (row, item) pairs of each piece accumulate, never the whole table,
-    an int64 copy or a Python object per positive (about 33 bytes a positive at the peak:
-    benchmarks/train_scale.py --load-users). Of the training users only the ``shard``
+    time, with no read-ahead (the scanner otherwise decodes whole files ahead of the loop):
+    only the int32 (row, item) pairs of each piece accumulate, never the whole table, an
+    int64 copy or a Python object per positive (benchmarks/train_scale.py --load-users;
+    docs/training-scale.md). Of the training users only the ``shard``
     (rank, world) is kept: training row t goes to row t // world of the rank t % world;
     every training pair is still counted (``counted``: nnz, and users per item when world > 1)."""
     rank, world = shard
@@ -227,7 +230,8 @@ def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.
         local[rows] = np.arange(len(rows), dtype=np.int32)
     counted = {"nnz": 0, "item_users": np.zeros(n_items, np.int64)}
     pieces: dict[tuple[int, str], tuple[list, list]] = {key: ([], []) for key in _PIECES}
-    for batch in dataset.to_batches(columns=["user_idx", "item_idx", "part"], batch_size=1 << 22):
+    for batch in dataset.to_batches(columns=["user_idx", "item_idx", "part"], batch_size=1 << 22,
+                                    batch_readahead=0, fragment_readahead=0):
         u = _index(batch.column(0), len(user_ids), uri)
         i = _index(batch.column(1), n_items, uri)
         part = {p: _is(batch.column(2), p) for p in PARTS}
@@ -252,9 +256,14 @@ def _interactions(loc: Location, uri: str, user_ids: np.ndarray, user_split: np.
         del r[:], c[:]
         return CSR.from_pairs(rows, cols, n_rows, n_items)
 
-    train_ids = user_ids[members[0]][rank::world]
+    pa.default_memory_pool().release_unused()  # the scan's buffers, before the CSRs are built
+
+    def ids(rows: np.ndarray) -> np.ndarray:  # Python strings only for the users kept
+        return user_ids.take(pa.array(rows)).to_numpy(zero_copy_only=False)
+
+    train_ids = ids(members[0][rank::world])
     train = csr(0, "train", len(train_ids))
-    splits = {name: Split(user_ids[members[code]], csr(code, "fold_in", len(members[code])),
+    splits = {name: Split(ids(members[code]), csr(code, "fold_in", len(members[code])),
                           csr(code, "held_out", len(members[code])))
               for code, name in ((1, "val"), (2, "test"))}
     return train_ids, train, splits, counted
