@@ -362,12 +362,13 @@ def main(argv: list[str] | None = None) -> None:
             ratio = ld["above_imports_mb"] / out["load"][0]["above_imports_mb"]
             shard = f", shard {ld['shard'][0]} of {ld['shard'][1]}" if ld["shard"] else ""
             same = next(b for b in out["load"] if b["shard"] == ld["shard"])  # this checkout's load of it
+            against = (f"; this checkout's load of it is {same['above_imports_mb'] / ld['above_imports_mb']:.2f}x"
+                       if same is not ld else "")
             lo, hi = ld["peak_rss_mb_range"]
             print(f"load_snapshot ({ld['code']}{shard}), {ld['users']:,} users / {ld['positives']:,} positives: peak RSS "
                   f"{ld['peak_rss_mb']:,.0f} MB ({lo:,.0f}-{hi:,.0f}), {ld['above_imports_mb']:,.0f} MB above the "
                   f"imports = {ld['bytes_per_positive']:.0f} B per positive, {ld['bytes_per_user'] * 1e6 / 2**30:.2f} GB "
-                  f"per million users ({ratio:.2f}x this checkout's whole load; this checkout's load of it is "
-                  f"{same['above_imports_mb'] / ld['above_imports_mb']:.2f}x)")
+                  f"per million users ({ratio:.2f}x this checkout's whole load{against})")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 
