@@ -15,7 +15,8 @@ the popularity fallback). Every arm reads those Parquet files and writes Parquet
   encoder, fp32 decoder in batches of 4,096, mask, ``torch.topk``, pyarrow Parquet zstd
   writer with default settings; torch on all cores. Stage times are reported.
 - local: ``piarec score --engine local`` (:func:`piarec.daily.local_engine.run_local`), one worker
-  thread per core, and again with one worker thread.
+  thread per core, and again with one worker thread; on a machine with a CUDA GPU also on the
+  GPU (``--device cuda``: the bf16 decoder pass and its exact correction, scoring.precision auto).
 - spark: ``piarec score --histories`` (:func:`pipelines.score_users.run`), local[cores],
   timed after a warm-up run on a smaller day in the same session.
 - cluster: the same job on the Spark standalone cluster of ``piarec stack up --no-airflow``
@@ -230,7 +231,7 @@ def arm_local(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, environ={})
     plan = plan_models(cfg, args.model)
     t = time.perf_counter()
-    manifests = run_local(cfg, DAY, args.histories, args.out_dir, plan, args.k, device="cpu",
+    manifests = run_local(cfg, DAY, args.histories, args.out_dir, plan, args.k, device=args.device or "cpu",
                           threads=args.threads)
     seconds = time.perf_counter() - t
     users = manifests["champion"]["counts"]["users"]
@@ -305,7 +306,7 @@ def run_arm(name: str, tree: Path = REPO, **kw) -> dict:
 def arm_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("name")
-    for opt in ("config", "model", "histories", "out-dir"):
+    for opt in ("config", "model", "histories", "out-dir", "device"):
         p.add_argument(f"--{opt}")
     for opt in ("k", "threads", "als-users"):
         p.add_argument(f"--{opt}", type=int)
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--als-users", type=int, default=20_000)
     p.add_argument("--memory", default="1000000,4000000", help="user counts for the memory arm")
     p.add_argument("--workdir", default="/tmp/piarec-bench-score")
-    p.add_argument("--skip", default="", help="comma list of arms to skip: spark, cluster, als, memory")
+    p.add_argument("--skip", default="", help="comma list of arms to skip: spark, cluster, als, memory, gpu")
     p.add_argument("--out", help="write the Markdown report here")
     p.add_argument("--baseline-tree", type=Path,
                    help="a checkout of an earlier revision (git worktree add DIR REV): its local engine "
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
                         "times and report the medians (their ratio is the change's cost)")
     args = p.parse_args(argv)
     skip, work, model, config = prepare(args)
+    gpu = gpu_name()
     hist = make_histories(work / f"histories-{args.users}", DAY, args.users, args.items, args.seen)
     make_histories(work / f"histories-{args.users}", WARM_DAY, max(args.users // 10, 1000), args.items, args.seen)
     common = {"config": config, "model": model, "histories": hist, "k": args.k}
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     results["plain"] = run_arm("plain", out_dir=work / "out-plain", **common)
     results["local"] = run_arm("local", out_dir=work / "out-local", **common)
     results["local, 1 thread"] = run_arm("local", out_dir=work / "out-local-1", threads=1, **common)
+    if gpu and "gpu" not in skip:
+        results["local, GPU"] = run_arm("local", out_dir=work / "out-local-gpu", device="cuda", **common)
     if args.baseline_tree:
         base, new = [], [results["local"]]
         for r in range(args.repeats):
@@ -369,6 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.out:
         Path(args.out).write_text(report)
+
+
+def gpu_name() -> str | None:
+    """The CUDA GPU's name, or None on a machine without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -415,7 +426,7 @@ def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int,
                          f"({min(rss):,.0f} -> {max(rss):,.0f} MB).")
     else:
         lines_mem = []
-    head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU; "
+    head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu_name() or 'no GPU'}; "
             f"{args.users:,} users x {args.items:,} titles, ~{args.seen} seen per user, top-{args.k}; "
             f"ALS on {args.als_users:,} users.")
     return "\n".join([head, "", *lines, "", *notes, *lines_mem, ""])
