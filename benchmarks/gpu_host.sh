@@ -74,7 +74,7 @@ run() {
     python3 -c 'import os, platform, sys, torch; print(platform.node(), sys.version.split()[0], "torch", torch.__version__,
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU", os.cpu_count(), "cores")' | tee -a "$OUT/machine.txt"
 
-    local users=2000000 score_users=500000 updates=30 epochs=200
+    local users=2000000 score_users=300000 updates=30 epochs=200
     if [ "${GPU_HOST_SCALE:-full}" = small ]; then users=3000 score_users=5000 updates=2 epochs=2; fi
     step cuda-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
     step train-scale 210 python3 benchmarks/train_scale.py --users "$users" --updates "$updates" \
