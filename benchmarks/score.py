@@ -296,7 +296,7 @@ def run_arm(name: str, tree: Path = REPO, **kw) -> dict:
     the ``--baseline-tree`` of an earlier revision)."""
     cmd = [sys.executable, __file__, "_arm", name] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()
                                                      if v is not None]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"arm {name} failed:\n{done.stderr[-3000:]}")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in [int(x) for x in args.memory.split(",") if x]:
             h = make_histories(work / f"histories-{n}", DAY, n, args.items, args.seen)
             memory[n] = run_arm("local", out_dir=work / f"out-mem-{n}", **{**common, "histories": h})
-    report = render(args, results, memory)
+    report = render(args, results, memory, gpu)
     print(report)
     if args.out:
         Path(args.out).write_text(report)
@@ -388,7 +388,7 @@ def median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "all_seconds": [round(r["seconds"], 2) for r in runs]}
 
 
-def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int, dict]) -> str:
+def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int, dict], gpu: str | None = None) -> str:
     rate = {name: r["users"] / r["seconds"] for name, r in results.items()}
     plain = rate["plain"]
     lines = [
@@ -426,7 +426,7 @@ def render(args: argparse.Namespace, results: dict[str, dict], memory: dict[int,
                          f"({min(rss):,.0f} -> {max(rss):,.0f} MB).")
     else:
         lines_mem = []
-    head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu_name() or 'no GPU'}; "
+    head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu or 'no GPU'}; "
             f"{args.users:,} users x {args.items:,} titles, ~{args.seen} seen per user, top-{args.k}; "
             f"ALS on {args.als_users:,} users.")
     return "\n".join([head, "", *lines, "", *notes, *lines_mem, ""])

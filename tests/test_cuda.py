@@ -3,7 +3,7 @@ step in fp32 and bf16, scoring (fp32, and bf16 with its exact correction) and a 
 training run.
 
 Skipped on a machine without a CUDA GPU (CI, the development machine). The device run
-(``benchmarks/device/run.sh``) runs this file on the GPU host before it times anything.
+(``benchmarks/gpu_host.sh``) runs this file on the GPU host before it times anything.
 ``PIAREC_TEST_DEVICE=cpu`` runs the same checks with the CPU standing in for the GPU, which
 checks the tests themselves where no GPU is present.
 """

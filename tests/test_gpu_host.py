@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as _name
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRIED = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection"}  # gpu_host.sh prepare
-
-
-def _name(dist: str) -> str:
-    return re.sub(r"[-_.]+", "-", dist).lower()
 
 
 def host_distributions() -> set[str]:
