@@ -3,8 +3,8 @@ projected wall time of a weekly run.
 
     python benchmarks/train_scale.py [--users 200000] [--items 4000] [--mean-length 40]
         [--updates 30] [--batch-size 500] [--epochs 200] [--project-users 25000000]
-        [--arms fp32,bf16,batch2000,bf16+batch2000,pinned,compiled,ranks2,ranks2+batch2000,
-                ranks2+batch2000+coalesced,pair2+batch2000]
+        [--warmup 2] [--arms fp32,bf16,batch2000,bf16+batch2000,tf32,pinned,compiled,ranks2,
+                ranks2+batch2000,ranks2+batch2000+coalesced,pair2+batch2000]
         [--threads 1] [--load-users 0 [--load-baseline DIR] [--load-shards N]] [--json OUT]
 
 The matrix is synthetic and shaped like the production window (paper section 4.1: ~25M users,
@@ -16,15 +16,17 @@ and projects to ``--project-users``, saying so.
 
 Every arm trains the production model (Multi-VAE 4,000 -> 600 -> 200 -> 4,000 + PIA, Adam) with
 the trainer's own :func:`~piarec.train.trainer.train_step` on the same global batches, after
-two warm-up updates, in the same run:
+``--warmup`` untimed updates, in the same run:
 
 - ``fp32``: today's trainer (the baseline every ratio is against);
 - ``bf16``: ``training.precision: bf16`` (layers under bf16 autocast, likelihood in fp32);
 - ``batch2000``: 2,000 users per update (the learning rate is scaled by sqrt(4); its validation
   NDCG is a separate measurement: see docs/training-scale.md);
 - ``bf16+batch2000``: both;
-- ``pinned`` (CUDA only): batches built in pinned host memory and copied with
-  ``non_blocking`` one batch ahead;
+- ``tf32`` (CUDA only): fp32 with TF32 matrix products (``torch.backends.cuda.matmul.allow_tf32``),
+  which the trainer leaves off;
+- ``pinned`` (CUDA only): batches built in pinned host memory and copied ``non_blocking`` on a
+  side stream one batch ahead, so the copy of the next batch overlaps this one's update;
 - ``compiled``: the decoder under ``torch.compile`` (compiled during the warm-up updates);
 - ``ranks2``: two processes with ``--threads`` torch threads each, data-parallel over gloo
   (NCCL on a GPU host with two GPUs), against one process with the same threads;
@@ -49,6 +51,9 @@ memory (VmHWM) of ``load_snapshot`` in a fresh process, bytes per user and per p
 measured on the same snapshot in the same run; with ``--load-shards N``, also each checkout's
 ``load_snapshot(shard=(0, N))``: what one of N data-parallel ranks holds. Each load runs in
 ``--load-repeats`` fresh processes (default 3) and the median peak is reported.
+
+An arm that fails is reported as failed and the others still run; ``--json`` is rewritten after
+every arm, so a run cut short by its time limit keeps the arms it finished.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ from piarec.models.contract import SparseBatch
 from piarec.models.factory import build_model
 from piarec.train.distributed import Ranks
 from piarec.train.trainer import TrainRows, train_step
+
+
+ARMS = ("fp32", "bf16", "batch2000", "bf16+batch2000", "tf32", "pinned", "compiled", "ranks2", "ranks2+batch2000",
+        "ranks2+batch2000+coalesced", "pair2+batch2000")
 
 
 def synthetic_window(n_users: int, n_items: int, mean_length: float, seed: int = 0, chunk: int = 1_000_000) -> CSR:
@@ -114,15 +123,22 @@ def _host_peak_mb() -> float:
 
 
 def _prefetched(train: CSR, batches, device: torch.device):
-    """Batches built in pinned memory and copied ``non_blocking`` one batch ahead."""
+    """Batches built in pinned memory and copied ``non_blocking`` on a side stream one batch
+    ahead: the copy of batch j + 1 runs while the compute stream works on batch j."""
+    copies = torch.cuda.Stream(device)
+
     def staged(rows):
-        part = train.take_rows(rows)
-        host = SparseBatch.from_csr(part)
-        return SparseBatch(*(t.pin_memory().to(device, non_blocking=True) for t in
-                             (host.indices, host.offsets, host.lengths)))
+        host = SparseBatch.from_csr(train.take_rows(rows))
+        with torch.cuda.stream(copies):
+            return SparseBatch(*(t.pin_memory().to(device, non_blocking=True) for t in
+                                 (host.indices, host.offsets, host.lengths)))
+
     nxt = staged(batches[0])
     for j in range(len(batches)):
         cur = nxt
+        torch.cuda.current_stream(device).wait_stream(copies)  # this batch's copy is done before it is used
+        for t in (cur.indices, cur.offsets, cur.lengths):
+            t.record_stream(torch.cuda.current_stream(device))  # and its memory is not reused while in use
         if j + 1 < len(batches):
             nxt = staged(batches[j + 1])
         yield cur
@@ -146,9 +162,12 @@ def coalesced_step(model, opt, batch: SparseBatch, weight: float) -> None:
 
 def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device,
              ranks: Ranks = Ranks()) -> dict:
-    """Samples/s of ``arm`` over ``args.updates`` global batches of ``order`` (after 2 warm-up
-    updates); with several ``ranks``, this rank's part of each global batch (``pair2`` arms:
-    stepped on alone, without the all-reduce)."""
+    """Samples/s of ``arm`` over ``args.updates`` global batches of ``order`` (after
+    ``args.warmup`` untimed updates); with several ``ranks``, this rank's part of each global
+    batch (``pair2`` arms: stepped on alone, without the all-reduce)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # each arm reports its own peak
+        torch.backends.cuda.matmul.allow_tf32 = arm == "tf32"
     alone = arm.startswith("pair2")
     bf16 = "bf16" in arm
     batch_size = 2000 if "batch2000" in arm else args.batch_size
@@ -159,15 +178,16 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
     if arm == "compiled":  # the decoder, the dense part of an update (the likelihood is already one fused op)
         model.logits = torch.compile(model.logits)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    seq = np.resize(order, (args.updates + 2) * batch_size)  # wraps round when the matrix is smaller
+    total = args.updates + args.warmup
+    seq = np.resize(order, total * batch_size)  # wraps round when the matrix is smaller
     if arm == "pinned":
-        globals_ = [seq[j * batch_size : (j + 1) * batch_size] for j in range(args.updates + 2)]
+        globals_ = [seq[j * batch_size : (j + 1) * batch_size] for j in range(total)]
         source = ((1.0, b) for b in _prefetched(train, globals_, device))
     else:  # the trainer's own batches: with several ranks, this rank's shard of each global batch
         source = TrainRows.sliced(train, ranks, keyed=ranks.parallel).batches(seq, batch_size, device, stream=0)
     t0 = 0.0
     for j, (weight, batch) in enumerate(source):
-        if j == 2:
+        if j == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if ranks.parallel:
@@ -180,6 +200,7 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
                        ranks=Ranks() if alone else ranks, precision=cfg.training.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.backends.cuda.matmul.allow_tf32 = False
     seconds = time.perf_counter() - t0
     row = {"arm": arm, "device": device.type, "batch_size": batch_size,
            "samples_per_s": args.updates * batch_size / seconds, "host_peak_mb": _host_peak_mb(),
@@ -233,8 +254,14 @@ def time_evaluation(train: CSR, args, device: torch.device) -> float:
     split = Split(np.arange(n).astype(object), CSR.from_lists([r[:c] for r, c in zip(rows, cut)], train.n_cols),
                   CSR.from_lists([r[c:] for r, c in zip(rows, cut)], train.n_cols))
     model = build_model(train.n_cols, _cfg(args.batch_size, 1e-3, "fp32").model).to(device)
+    batch = 2000 if device.type == "cpu" else 20_000
+    warm = min(n, 2000)  # untimed: the device's first kernels and allocations
+    evaluate_model(model, Split(split.user_ids[:warm], split.fold_in.take_rows(np.arange(warm)),
+                                split.held_out.take_rows(np.arange(warm))), batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
-    evaluate_model(model, split, 2000 if device.type == "cpu" else 20_000)
+    evaluate_model(model, split, batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
@@ -296,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--items", type=int, default=4_000)
     p.add_argument("--mean-length", type=float, default=40.0)
     p.add_argument("--chunk", type=int, default=1_000_000)
-    p.add_argument("--updates", type=int, default=30, help="timed updates per arm (after 2 warm-up ones)")
+    p.add_argument("--updates", type=int, default=30, help="timed updates per arm")
+    p.add_argument("--warmup", type=int, default=2, help="untimed updates before them (a GPU needs more)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--epochs", type=int, default=200, help="epochs of the projected weekly run (default: the cap)")
     p.add_argument("--project-users", type=int, default=25_000_000)
@@ -310,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load-baseline", metavar="DIR", help="another checkout whose loader is measured beside this one")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {', '.join(unknown)}; the arms are {', '.join(ARMS)}")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {args.threads} torch thread(s)"
@@ -321,40 +352,59 @@ def main(argv: list[str] | None = None) -> None:
           f"host peak {_host_peak_mb():,.0f} MB); device: {name}")
     order = np.random.default_rng(0).permutation(train.n_rows)
 
-    rows = []
+    eval_s = time_evaluation(train, args, device)
+    eval_users = min(args.eval_users, train.n_rows)
+    eval_per_user = eval_s / eval_users
+    print(f"evaluation: {eval_s:.2f}s for {eval_users:,} users ({eval_per_user * 1e6:.1f} µs/user); "
+          f"a weekly run evaluates 5 % of users per epoch")
+    out = {"device": name, "users": train.n_rows, "items": train.n_cols, "nnz": train.nnz, "arms": [],
+           "failed": {}, "eval_seconds_per_user": eval_per_user, "project_users": args.project_users,
+           "epochs": args.epochs}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+
+    rows = out["arms"]
+    train_users = 0.9 * args.project_users  # 5 % validation and 5 % test users held out
+    eval_epoch = 0.05 * args.project_users * eval_per_user
     for arm in args.arms.split(","):
-        if arm == "pinned" and device.type != "cuda":
+        if arm in ("pinned", "tf32") and device.type != "cuda":
             print(f"{arm}: CUDA only, skipped on this machine")
             continue
-        row = time_ranks(arm, train, order, args) if arm.startswith(("ranks2", "pair2")) else time_arm(arm, train, order, args, device)
+        try:
+            ranked = arm.startswith(("ranks2", "pair2"))
+            row = time_ranks(arm, train, order, args) if ranked else time_arm(arm, train, order, args, device)
+        except Exception as e:  # noqa: BLE001 - one failed arm must not lose the others' figures
+            out["failed"][arm] = f"{type(e).__name__}: {e}"
+            print(f"{arm}: FAILED ({out['failed'][arm]})")
+            save()
+            continue
+        epoch_s = train_users / row["samples_per_s"]
+        row.update(epoch_measured_s=train.n_rows / row["samples_per_s"], epoch_projected_s=epoch_s,
+                   weekly_projected_h=args.epochs * (epoch_s + eval_epoch) / 3600)
         rows.append(row)
         comm = f" (all-reduce of {row['parameters']:,} floats: {row['allreduce_ms']:.0f} ms)" if "allreduce_ms" in row else ""
         print(f"{arm}: {row['samples_per_s']:,.0f} samples/s, {row['batch_size'] / row['samples_per_s'] * 1000:.0f} ms "
               f"per update{comm}")
-    eval_s = time_evaluation(train, args, device)
-    eval_per_user = eval_s / min(args.eval_users, train.n_rows)
+        save()
 
-    base = next(r["samples_per_s"] for r in rows if r["arm"] == "fp32")
+    base = next((r["samples_per_s"] for r in rows if r["arm"] == "fp32"), None)
+    for r in rows:
+        r["ratio"] = r["samples_per_s"] / base if base else None
     scaled = device.type == "cpu" or args.project_users != train.n_rows
-    print(f"\nEvaluation: {eval_s:.2f}s for {min(args.eval_users, train.n_rows):,} users "
-          f"({eval_per_user * 1e6:.1f} µs/user); a weekly run evaluates 5 % of users per epoch.")
-    print(f"Projection to {args.project_users:,} users, {args.epochs} epochs"
+    print(f"\nProjection to {args.project_users:,} users, {args.epochs} epochs"
           f"{' (projected from this machine: ' + name + ')' if scaled else ''}:\n")
     print("| arm | batch | samples/s | vs fp32 | epoch, measured matrix | epoch, projected | weekly run, projected "
           "| host peak MB | device peak MB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        train_users = 0.9 * args.project_users  # 5 % validation and 5 % test users held out
-        epoch_s = train_users / r["samples_per_s"]
-        eval_epoch = 0.05 * args.project_users * eval_per_user
-        r.update(epoch_measured_s=train.n_rows / r["samples_per_s"], epoch_projected_s=epoch_s,
-                 weekly_projected_h=args.epochs * (epoch_s + eval_epoch) / 3600, ratio=r["samples_per_s"] / base)
         dev = f"{r['device_peak_mb']:,.0f}" if r["device_peak_mb"] is not None else "-"
-        print(f"| {r['arm']} | {r['batch_size']} | {r['samples_per_s']:,.0f} | {r['ratio']:.2f}x "
-              f"| {r['epoch_measured_s']:.0f} s | {epoch_s / 3600:.1f} h | {r['weekly_projected_h']:,.0f} h "
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        print(f"| {r['arm']} | {r['batch_size']} | {r['samples_per_s']:,.0f} | {ratio} "
+              f"| {r['epoch_measured_s']:.0f} s | {r['epoch_projected_s'] / 3600:.1f} h | {r['weekly_projected_h']:,.0f} h "
               f"| {r['host_peak_mb']:,.0f} | {dev} |")
-    out = {"device": name, "users": train.n_rows, "items": train.n_cols, "nnz": train.nnz, "arms": rows,
-           "eval_seconds_per_user": eval_per_user, "project_users": args.project_users, "epochs": args.epochs}
+    save()
     if args.load_users:
         out["load"] = load_rss(args.load_users, args)
         print()
@@ -369,8 +419,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{ld['peak_rss_mb']:,.0f} MB ({lo:,.0f}-{hi:,.0f}), {ld['above_imports_mb']:,.0f} MB above the "
                   f"imports = {ld['bytes_per_positive']:.0f} B per positive, {ld['bytes_per_user'] * 1e6 / 2**30:.2f} GB "
                   f"per million users ({ratio:.2f}x this checkout's whole load{against})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        save()
+    if out["failed"]:
+        sys.exit(f"failed arms: {', '.join(out['failed'])}")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def test_the_scorer_on_the_device_returns_the_exact_top_k(precision):
                          np.random.default_rng(0).integers(0, 1000, n_items).astype(np.float32))
     history, seen = rows(300, n_items, seed=4), rows(300, n_items, seed=5, high=200)
     seen = CSR.from_lists([np.union1d(history.row(u), seen.row(u)) for u in range(300)], n_items)
-    scorer = TopKScorer(bundle, k, 128, device=DEVICE, precision=precision)
+    scorer = TopKScorer(bundle, k, 512, device=DEVICE, precision=precision)  # one batch: the reference's shapes
     assert scorer.precision == precision
     scored = scorer.score(history, seen)
     expected = _reference_top_k(scorer.model, history, seen, k, exact64=precision == "bf16")
@@ -162,7 +162,7 @@ def test_training_on_the_device_learns_what_the_cpu_learns(planted_snapshot):
         return load_config(environ={}, overrides={
             "model": {"hidden_dim": 64, "latent_dim": 16},
             "training": {"epochs": 8, "batch_size": 100, "lr": 3e-3, "anneal_steps": 2000, "device": device,
-                         "precision": precision},
+                         "precision": precision, "noise": "keyed"},  # the same masks and noise on both devices
             "pia": {"lambda_a": 0.1},
         })
 

@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name as _name
 
 ROOT = Path(__file__).resolve().parents[1]
-CARRIED = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection"}  # gpu_host.sh prepare
+CARRIED = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"}  # gpu_host.sh prepare
 
 
 def host_distributions() -> set[str]:
@@ -67,21 +67,29 @@ def write_ml100k(path: Path, users: int = 120, items: int = 150, seed: int = 0) 
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
+    """A virtual environment whose only packages are the host's and the carried ones, so the
+    processes the run starts with ``sys.executable`` (score.py's arms) see no more than it."""
     tmp = tmp_path_factory.mktemp("gpu-host")
     site = host_site(tmp / "site", host_distributions() | CARRIED)
-    (tmp / "bin").mkdir()
-    python3 = tmp / "bin" / "python3"  # -S: no site-packages but the stand-in's
-    python3.write_text(f'#!/bin/sh\nPYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{site}" exec {sys.executable} -S "$@"\n')
-    python3.chmod(0o755)
-    env = {"PATH": f"{tmp / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp), "LANG": "C.UTF-8"}
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    purelib = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "host.pth").write_text(f"{site}\n")
+    (venv / "bin/python3").unlink(missing_ok=True)  # only the venv's python3, as the host has only its own
+    (venv / "bin/python3").symlink_to("python")
+    env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp), "LANG": "C.UTF-8"}
     return tmp, env
 
 
 def test_the_stand_in_lacks_what_the_host_lacks(stand_in):
     _, env = stand_in
-    probe = "import importlib.util as u; print([m for m in ('mlflow', 'boto3', 'pyspark', 'torch', 'pydantic') if u.find_spec(m)])"
-    got = subprocess.run(["python3", "-c", probe], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    probe = ("import importlib.util as u, subprocess, sys; "
+             "print([m for m in ('mlflow', 'boto3', 'pyspark', 'torch', 'pydantic') if u.find_spec(m)]); "
+             "subprocess.run([sys.executable, '-c', 'import mlflow'])")  # a child process: the same
+    got = subprocess.run(["python3", "-c", probe], env=env, capture_output=True, text=True, cwd=ROOT)
     assert got.stdout.strip() == "['torch', 'pydantic']"
+    assert "No module named 'mlflow'" in got.stderr
 
 
 def test_the_gpu_run_completes_with_only_what_the_host_has(stand_in):
