@@ -19,8 +19,6 @@ the trainer's own :func:`~piarec.train.trainer.train_step` on the same global ba
 ``--warmup`` untimed updates, in the same run:
 
 - ``fp32``: today's trainer (the baseline every ratio is against);
-- ``lse``: fp32 with the likelihood the trainer had before it saved the forward's softmax
-  (``train_speed.lse_nll``: a log-sum-exp, and the softmax recomputed in the backward);
 - ``bf16``: ``training.precision: bf16`` (layers under bf16 autocast, likelihood in fp32);
 - ``batch2000``: 2,000 users per update (the learning rate is scaled by sqrt(4); its validation
   NDCG is a separate measurement: see docs/training-scale.md);
@@ -78,15 +76,12 @@ import torch.multiprocessing as mp
 from piarec.config import load_config
 from piarec.data.csr import CSR
 from piarec.models.contract import SparseBatch
-from piarec.models import multivae
 from piarec.models.factory import build_model
-from piarec.models.ops import multinomial_nll
 from piarec.train.distributed import Ranks
 from piarec.train.trainer import TrainRows, train_step
-from train_speed import lse_nll  # benchmarks/, beside this script
 
 
-ARMS = ("fp32", "lse", "bf16", "batch2000", "bf16+batch2000", "tf32", "pinned", "compiled", "ranks2", "ranks2+batch2000",
+ARMS = ("fp32", "bf16", "batch2000", "bf16+batch2000", "tf32", "pinned", "compiled", "ranks2", "ranks2+batch2000",
         "ranks2+batch2000+coalesced", "pair2+batch2000")
 
 
@@ -180,7 +175,6 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
     cfg = _cfg(batch_size, lr, "bf16" if bf16 else "fp32")
     torch.manual_seed(0)
     model = build_model(train.n_cols, cfg.model).to(device)
-    multivae.multinomial_nll = lse_nll if arm == "lse" else multinomial_nll  # every arm sets its own
     if arm == "compiled":  # the decoder, the dense part of an update (the likelihood is already one fused op)
         model.logits = torch.compile(model.logits)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
@@ -208,7 +202,6 @@ def time_arm(arm: str, train: CSR, order: np.ndarray, args, device: torch.device
         torch.cuda.synchronize()
         torch.backends.cuda.matmul.allow_tf32 = False
     seconds = time.perf_counter() - t0
-    multivae.multinomial_nll = multinomial_nll
     row = {"arm": arm, "device": device.type, "batch_size": batch_size,
            "samples_per_s": args.updates * batch_size / seconds, "host_peak_mb": _host_peak_mb(),
            "device_peak_mb": _peak_device_mb(device)}

@@ -8,8 +8,6 @@ lengths) is generated in memory. Both arms run the same configuration (shallow e
 decoder 200 -> I, PIA lambda_A = 0.1, Adam) on the same user batches, in the same run:
 
 - sparse: the trainer's path: CSR rows -> ``SparseBatch`` -> ``embedding_bag`` first layer;
-- lse: the sparse path with the likelihood the trainer had before (a log-sum-exp in the
-  forward, ``exp(logits - lse)`` recomputed in the backward) instead of the saved softmax;
 - dense: each batch densified with ``CSR.to_dense()`` and pushed through an equivalent
   dense first layer (``dropout(normalize(x)) @ W + b``), the rest unchanged;
 - lazy: the sparse path with a sparse first-layer gradient (``embedding_bag(sparse=True)``:
@@ -18,8 +16,8 @@ decoder 200 -> I, PIA lambda_A = 0.1, Adam) on the same user batches, in the sam
 - frozen: the sparse path with the first layer not trained: no first-layer gradient and no
   step, so the ceiling of any cheaper first-layer update.
 
-Each arm runs ``--batches`` timed updates after two warm-up updates, the arms taking turns on
-each batch, and reports the median update; the per-epoch time is extrapolated to all users. On a CUDA machine the sparse arm is also
+Each arm runs ``--batches`` timed updates after two warm-up updates (time-boxed); the
+per-epoch time is extrapolated to all users. On a CUDA machine the sparse arm is also
 timed on the GPU (samples/s).
 """
 
@@ -27,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -38,7 +34,7 @@ from piarec.config import ModelConfig
 from piarec.models.contract import SparseBatch
 from piarec.models import multivae
 from piarec.models.multivae import MultiVAE
-from piarec.models.ops import alignment_closed_form, gaussian_kl, multinomial_nll, sparse_first_layer
+from piarec.models.ops import alignment_closed_form, gaussian_kl, sparse_first_layer
 from piarec.data.csr import CSR
 
 
@@ -81,31 +77,6 @@ def first_layer_sparse_grad(batch: SparseBatch, weight: torch.Tensor, bias: torc
                            sparse=True) + bias
 
 
-class _LogSumExpNLL(torch.autograd.Function):
-    """The trainer's multinomial likelihood before it saved the forward's softmax: the same
-    loss and gradient, with the log-sum-exp in the forward and the softmax recomputed in the
-    backward into a new [B, I] buffer."""
-
-    @staticmethod
-    def forward(ctx, logits, rows, cols, lengths):
-        lse = torch.logsumexp(logits, dim=1)
-        per_user = torch.zeros_like(lse).index_add_(0, rows, logits[rows, cols]) - lengths * lse
-        ctx.save_for_backward(logits, lse, rows, cols, lengths)
-        return -per_user.mean()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, lse, rows, cols, lengths = ctx.saved_tensors
-        scale = grad_out / logits.shape[0]
-        grad = torch.sub(logits, lse[:, None]).exp_().mul_((lengths * scale)[:, None])
-        grad.index_put_((rows, cols), (-scale).expand(rows.shape[0]), accumulate=True)
-        return grad, None, None, None
-
-
-def lse_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
-    return _LogSumExpNLL.apply(logits, batch.row_ids(), batch.indices, batch.lengths.to(logits.dtype))
-
-
 def _optimizers(arm: str, model: MultiVAE) -> list[torch.optim.Optimizer]:
     """Adam over every parameter; ``lazy``: SparseAdam (moments and weights of the batch's
     rows only) for the first layer, Adam for the rest; ``frozen``: the first layer untrained
@@ -120,55 +91,42 @@ def _optimizers(arm: str, model: MultiVAE) -> list[torch.optim.Optimizer]:
     return [torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)]  # as the trainer
 
 
-@contextmanager
-def _arm_ops(arm: str) -> Iterator[None]:
-    """The model's first layer and likelihood as ``arm`` has them."""
+def time_arm(arm: str, train: CSR, batches: list[np.ndarray], device: torch.device) -> float:
+    """Seconds per update, averaged over all but the first two (warm-up) batches."""
+    torch.manual_seed(0)
+    model = MultiVAE(train.n_cols, ModelConfig()).to(device)
+    opts = _optimizers(arm, model)
     if arm == "lazy":
         multivae.sparse_first_layer = first_layer_sparse_grad
-    if arm == "lse":
-        multivae.multinomial_nll = lse_nll
     try:
-        yield
+        return _time_updates(arm, model, opts, train, batches, device)
     finally:
-        multivae.sparse_first_layer, multivae.multinomial_nll = sparse_first_layer, multinomial_nll
+        multivae.sparse_first_layer = sparse_first_layer
 
 
-def _update(arm: str, model: MultiVAE, opts: list[torch.optim.Optimizer], train: CSR, rows: np.ndarray,
-            device: torch.device) -> None:
-    part = train.take_rows(rows)
-    batch = SparseBatch.from_csr(part, device)
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    with _arm_ops(arm):
+def _time_updates(arm: str, model: MultiVAE, opts: list[torch.optim.Optimizer], train: CSR,
+                  batches: list[np.ndarray], device: torch.device) -> float:
+    t0 = 0.0
+    for j, rows in enumerate(batches):
+        if j == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        part = train.take_rows(rows)
+        batch = SparseBatch.from_csr(part, device)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         if arm == "dense":
             x = torch.from_numpy(part.to_dense()).to(device)
             loss = dense_loss(model, x, batch, 0.1, 0.1)
         else:
             loss = model.loss(batch, 0.1, 0.1).total
         loss.backward()
-    for opt in opts:
-        opt.step()
+        for opt in opts:
+            opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def time_arms(arms: list[str], train: CSR, batches: list[np.ndarray], device: torch.device) -> dict[str, float]:
-    """Seconds per update of each arm, the median over all but the first two (warm-up)
-    batches. The arms take turns, one update each on the same batch, so a drift in the
-    machine's speed during the run falls on every arm alike."""
-    state = {}
-    for arm in arms:
-        torch.manual_seed(0)
-        model = MultiVAE(train.n_cols, ModelConfig()).to(device)
-        state[arm] = model, _optimizers(arm, model)
-    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
-    for j, rows in enumerate(batches):
-        for arm in arms:
-            t = time.perf_counter()
-            _update(arm, *state[arm], train, rows, device)
-            if j >= 2:
-                seconds[arm].append(time.perf_counter() - t)
-    return {arm: float(np.median(s)) for arm, s in seconds.items()}
+    return (time.perf_counter() - t0) / (len(batches) - 2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,10 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch = -(-train.n_rows // args.batch_size)
 
     rows = []
-    devices = [torch.device("cpu"), *([torch.device("cuda")] if torch.cuda.is_available() else [])]
-    for device in devices:
-        arms = ["lse", "sparse", "lazy", "frozen", "dense"] if device.type == "cpu" else ["sparse", "dense"]
-        rows += [(arm, device.type, sec) for arm, sec in time_arms(arms, train, batches, device).items()]
+    arms = [("sparse", torch.device("cpu")), ("lazy", torch.device("cpu")), ("frozen", torch.device("cpu")),
+            ("dense", torch.device("cpu"))]
+    if torch.cuda.is_available():
+        arms += [("sparse", torch.device("cuda")), ("dense", torch.device("cuda"))]
+    for arm, device in arms:
+        sec = time_arm(arm, train, batches, device)
+        rows.append((arm, device.type, sec))
     base = {dev: sec for arm, dev, sec in rows if arm == "dense"}
     print()
     print("| input | device | s / update | samples/s | epoch (extrapolated) | speed-up vs dense |")

@@ -91,28 +91,22 @@ def sample_from_decoder(logits: torch.Tensor, lengths: torch.Tensor) -> SparseBa
 
 class _MultinomialNLL(torch.autograd.Function):
     """-mean_u sum_{i in S_u} log softmax(logits_u)_i with a hand-written backward,
-    ``mean_u(|S_u| softmax_u - x_u) / B``.
-
-    The forward saves its softmax for the backward: one fused softmax pass over [B, I] and a
-    scaling, instead of a log-sum-exp in the forward and ``exp(logits - lse)`` recomputed in
-    the backward (autograd's own route holds three [B, I] buffers). The log-sum-exp comes from
-    the row maxima: softmax's largest entry is ``exp(max - lse)``, at least 1/I, so
-    ``lse = max - log(max softmax)`` loses nothing to underflow."""
+    ``mean_u(|S_u| softmax_u - x_u) / B``: one [B, I] buffer instead of autograd's three
+    (logsumexp's gradient, a zero-filled gather gradient, and their sum)."""
 
     @staticmethod
     def forward(ctx, logits, rows, cols, lengths):
-        probs = torch.softmax(logits, dim=1)  # [B, I]
-        lse = logits.amax(dim=1) - probs.amax(dim=1).log()  # [B]
+        lse = torch.logsumexp(logits, dim=1)  # [B]
         picked = logits[rows, cols]  # [nnz]
         per_user = torch.zeros_like(lse).index_add_(0, rows, picked) - lengths * lse
-        ctx.save_for_backward(probs, rows, cols, lengths)
+        ctx.save_for_backward(logits, lse, rows, cols, lengths)
         return -per_user.mean()
 
     @staticmethod
     def backward(ctx, grad_out):
-        probs, rows, cols, lengths = ctx.saved_tensors
-        scale = grad_out / probs.shape[0]
-        grad = probs * (lengths * scale)[:, None]  # not in place: a retained graph may run backward again
+        logits, lse, rows, cols, lengths = ctx.saved_tensors
+        scale = grad_out / logits.shape[0]
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_((lengths * scale)[:, None])
         grad.index_put_((rows, cols), (-scale).expand(rows.shape[0]), accumulate=True)
         return grad, None, None, None
 
