@@ -43,6 +43,27 @@ def test_multinomial_nll_gathers_log_softmax_at_positives():
     torch.testing.assert_close(multinomial_nll(logits, _batch()), expected)
 
 
+def test_multinomial_nll_holds_where_positives_have_underflowing_probabilities():
+    """Exact when the logits span far more than float32's exp range (positives whose
+    probability is 0.0 in fp32): the log-probabilities come from a log-sum-exp, never a log."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 8) * 80.0
+    logits[2, 7] = 500.0  # user 2's positive 7 takes all the mass; its other positives underflow
+    x = torch.from_numpy(CSR.from_lists(ROWS, 8).to_dense())
+    expected = -(F.log_softmax(logits.double(), dim=1) * x.double()).sum(dim=1).mean()
+    got = multinomial_nll(logits, _batch())
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-3)
+
+
+def test_multinomial_nll_backward_runs_twice_through_a_retained_graph():
+    logits = torch.randn(3, 8, requires_grad=True)
+    loss = multinomial_nll(logits, _batch())
+    first = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, logits)[0]
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
 def test_alignment_closed_form_matches_monte_carlo():
     torch.manual_seed(1)
     mu, logvar = torch.randn(3, 4), torch.randn(3, 4) * 0.3

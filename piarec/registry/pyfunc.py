@@ -24,7 +24,8 @@ the registered version the model was loaded as (``models:/piarec/3`` -> ``3``,
 ``registered_model_meta`` that MLflow writes into the model folder it downloads for a
 ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` URI; else (a path, ``runs:/``,
 ``models:/<model id>``) ``local-<digest of the bundle files>``, the label the daily job gives
-an unregistered model. With a local-disk artifact store MLflow loads the stored folder in place
+an unregistered model. MLflow 3.18 stopped writing that file (every load would then say
+``local-...``), so the project requires MLflow < 3.18 (pyproject.toml). With a local-disk artifact store MLflow loads the stored folder in place
 and the file stays there, so a later path or ``runs:/`` load of those files says the version
 last loaded by name.
 
