@@ -83,6 +83,7 @@ from piarec.train.trainer import TrainRows, train_step
 
 ARMS = ("fp32", "bf16", "batch2000", "bf16+batch2000", "tf32", "pinned", "compiled", "ranks2", "ranks2+batch2000",
         "ranks2+batch2000+coalesced", "pair2+batch2000")
+CUDA_ONLY = ("tf32", "pinned")  # skipped on a machine without CUDA
 
 
 def synthetic_window(n_users: int, n_items: int, mean_length: float, seed: int = 0, chunk: int = 1_000_000) -> CSR:
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     train_users = 0.9 * args.project_users  # 5 % validation and 5 % test users held out
     eval_epoch = 0.05 * args.project_users * eval_per_user
     for arm in args.arms.split(","):
-        if arm in ("pinned", "tf32") and device.type != "cuda":
+        if arm in CUDA_ONLY and device.type != "cuda":
             print(f"{arm}: CUDA only, skipped on this machine")
             continue
         try:

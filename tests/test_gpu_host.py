@@ -76,8 +76,6 @@ def stand_in(tmp_path_factory):
     purelib = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     Path(purelib, "host.pth").write_text(f"{site}\n")
-    (venv / "bin/python3").unlink(missing_ok=True)  # only the venv's python3, as the host has only its own
-    (venv / "bin/python3").symlink_to("python")
     env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp), "LANG": "C.UTF-8"}
     return tmp, env
 
