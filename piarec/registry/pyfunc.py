@@ -25,9 +25,9 @@ the registered version the model was loaded as (``models:/piarec/3`` -> ``3``,
 ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` URI; else (a path, ``runs:/``,
 ``models:/<model id>``) ``local-<digest of the bundle files>``, the label the daily job gives
 an unregistered model. MLflow 3.18 stopped writing that file (every load would then say
-``local-...``), so the project requires MLflow < 3.18 (pyproject.toml). With a local-disk artifact store MLflow loads the stored folder in place
-and the file stays there, so a later path or ``runs:/`` load of those files says the version
-last loaded by name.
+``local-...``), so the project requires MLflow < 3.18 (pyproject.toml). With a local-disk
+artifact store MLflow loads the stored folder in place and the file stays there, so a later
+path or ``runs:/`` load of those files says the version last loaded by name.
 
 The model carries its code and declares its environment: ``code/piarec/`` (the package,
 put first on ``sys.path`` by MLflow at load) and a ``requirements.txt`` pinning exactly the
