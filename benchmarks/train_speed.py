@@ -14,17 +14,22 @@ decoder 200 -> I, PIA lambda_A = 0.1, Adam) on the same user batches, in the sam
   only the batch's item rows) and ``torch.optim.SparseAdam`` for that layer (lazy Adam: the
   moments of untouched rows do not decay; not the same optimizer as Adam);
 - frozen: the sparse path with the first layer not trained: no first-layer gradient and no
-  step, so the ceiling of any cheaper first-layer update.
+  step, so the ceiling of any cheaper first-layer update;
+- unblocked: the sparse path with the likelihood's log-sum-exp in one ``torch.logsumexp``
+  call over the whole [B, I] batch (the trainer's before it ran in row blocks on the CPU;
+  same result bit for bit).
 
-Each arm runs ``--batches`` timed updates after two warm-up updates (time-boxed); the
-per-epoch time is extrapolated to all users. On a CUDA machine the sparse arm is also
-timed on the GPU (samples/s).
+Each arm runs ``--batches`` timed updates after two warm-up updates, the arms taking turns on
+each batch, and reports the median update; the per-epoch time is extrapolated to all users.
+On a CUDA machine the sparse arm is also timed on the GPU (samples/s).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -32,8 +37,9 @@ import torch.nn.functional as F
 
 from piarec.config import ModelConfig
 from piarec.models.contract import SparseBatch
-from piarec.models import multivae
+from piarec.models import multivae, ops
 from piarec.models.multivae import MultiVAE
+from piarec.models.ops import _row_logsumexp as _blocked_logsumexp
 from piarec.models.ops import alignment_closed_form, gaussian_kl, sparse_first_layer
 from piarec.data.csr import CSR
 
@@ -91,42 +97,59 @@ def _optimizers(arm: str, model: MultiVAE) -> list[torch.optim.Optimizer]:
     return [torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)]  # as the trainer
 
 
-def time_arm(arm: str, train: CSR, batches: list[np.ndarray], device: torch.device) -> float:
-    """Seconds per update, averaged over all but the first two (warm-up) batches."""
-    torch.manual_seed(0)
-    model = MultiVAE(train.n_cols, ModelConfig()).to(device)
-    opts = _optimizers(arm, model)
+@contextmanager
+def _arm_ops(arm: str) -> Iterator[None]:
+    """The model's first layer and log-sum-exp as ``arm`` has them."""
     if arm == "lazy":
         multivae.sparse_first_layer = first_layer_sparse_grad
+    if arm == "unblocked":
+        ops._row_logsumexp = _whole_logsumexp
     try:
-        return _time_updates(arm, model, opts, train, batches, device)
+        yield
     finally:
-        multivae.sparse_first_layer = sparse_first_layer
+        multivae.sparse_first_layer, ops._row_logsumexp = sparse_first_layer, _blocked_logsumexp
 
 
-def _time_updates(arm: str, model: MultiVAE, opts: list[torch.optim.Optimizer], train: CSR,
-                  batches: list[np.ndarray], device: torch.device) -> float:
-    t0 = 0.0
-    for j, rows in enumerate(batches):
-        if j == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        part = train.take_rows(rows)
-        batch = SparseBatch.from_csr(part, device)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
+def _whole_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=1)
+
+
+def _update(arm: str, model: MultiVAE, opts: list[torch.optim.Optimizer], train: CSR, rows: np.ndarray,
+            device: torch.device) -> None:
+    part = train.take_rows(rows)
+    batch = SparseBatch.from_csr(part, device)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    with _arm_ops(arm):
         if arm == "dense":
             x = torch.from_numpy(part.to_dense()).to(device)
             loss = dense_loss(model, x, batch, 0.1, 0.1)
         else:
             loss = model.loss(batch, 0.1, 0.1).total
         loss.backward()
-        for opt in opts:
-            opt.step()
+    for opt in opts:
+        opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / (len(batches) - 2)
+
+
+def time_arms(arms: list[str], train: CSR, batches: list[np.ndarray], device: torch.device) -> dict[str, float]:
+    """Seconds per update of each arm: the median over all but the first two (warm-up)
+    batches. The arms take turns, one update each on the same batch, and the arm that goes
+    first rotates, so a drift in the machine's speed during the run falls on every arm alike."""
+    state = {}
+    for arm in arms:
+        torch.manual_seed(0)
+        model = MultiVAE(train.n_cols, ModelConfig()).to(device)
+        state[arm] = model, _optimizers(arm, model)
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    for j, rows in enumerate(batches):
+        for arm in arms[j % len(arms):] + arms[:j % len(arms)]:
+            t = time.perf_counter()
+            _update(arm, *state[arm], train, rows, device)
+            if j >= 2:
+                seconds[arm].append(time.perf_counter() - t)
+    return {arm: float(np.median(s)) for arm, s in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,13 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch = -(-train.n_rows // args.batch_size)
 
     rows = []
-    arms = [("sparse", torch.device("cpu")), ("lazy", torch.device("cpu")), ("frozen", torch.device("cpu")),
-            ("dense", torch.device("cpu"))]
-    if torch.cuda.is_available():
-        arms += [("sparse", torch.device("cuda")), ("dense", torch.device("cuda"))]
-    for arm, device in arms:
-        sec = time_arm(arm, train, batches, device)
-        rows.append((arm, device.type, sec))
+    devices = [torch.device("cpu"), *([torch.device("cuda")] if torch.cuda.is_available() else [])]
+    for device in devices:
+        arms = ["sparse", "unblocked", "lazy", "frozen", "dense"] if device.type == "cpu" else ["sparse", "dense"]
+        rows += [(arm, device.type, sec) for arm, sec in time_arms(arms, train, batches, device).items()]
     base = {dev: sec for arm, dev, sec in rows if arm == "dense"}
     print()
     print("| input | device | s / update | samples/s | epoch (extrapolated) | speed-up vs dense |")

@@ -64,6 +64,37 @@ def test_multinomial_nll_backward_runs_twice_through_a_retained_graph():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_logsumexp_equals_torch_logsumexp_bit_for_bit(monkeypatch, threads):
+    """The CPU likelihood takes its log-sum-exp in blocks of rows; each block has at least two
+    rows (a one-row reduction may split across threads) and the result is torch's, bit for bit,
+    so the trainer's weights do not move."""
+    from piarec.models import ops
+
+    monkeypatch.setattr(ops, "_LSE_BLOCK_FLOATS", 6 * 37)  # 6 rows of 37 items per block
+    calls: list[int] = []
+    whole = torch.logsumexp
+
+    def spy(x, dim, out=None):
+        calls.append(x.shape[0])
+        return whole(x, dim) if out is None else whole(x, dim, out=out)
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        blocks = {1: [1], 2: [2], 6: [6], 7: [7], 13: [6, 7], 14: [6, 6, 2], 50: [6] * 8 + [2]}
+        for n, expected in blocks.items():
+            logits = torch.randn(n, 37) * 20.0
+            calls.clear()
+            monkeypatch.setattr(ops.torch, "logsumexp", spy)
+            got = ops._row_logsumexp(logits)
+            monkeypatch.setattr(ops.torch, "logsumexp", whole)
+            assert torch.equal(got, torch.logsumexp(logits, dim=1)), n
+            assert calls == expected, (n, calls)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def test_alignment_closed_form_matches_monte_carlo():
     torch.manual_seed(1)
     mu, logvar = torch.randn(3, 4), torch.randn(3, 4) * 0.3
