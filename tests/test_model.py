@@ -64,6 +64,34 @@ def test_multinomial_nll_backward_runs_twice_through_a_retained_graph():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+def test_reused_logits_take_their_own_gradient_bit_for_bit():
+    leaf = torch.randn(3, 8, requires_grad=True)
+    grads = {}
+    for reuse in (False, True):
+        logits = leaf * 2.0  # a temporary of the loss, as the decoder's output is
+        (grads[reuse],) = torch.autograd.grad(multinomial_nll(logits, _batch(), reuse_logits=reuse), logits)
+        assert (grads[reuse].data_ptr() == logits.data_ptr()) is reuse  # no new [B, I] buffer
+    assert torch.equal(grads[True], grads[False])
+
+
+def test_reused_logits_refuse_a_second_backward_through_a_retained_graph():
+    logits = torch.randn(3, 8, requires_grad=True) * 2.0
+    loss = multinomial_nll(logits, _batch(), reuse_logits=True)
+    torch.autograd.grad(loss, logits, retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        torch.autograd.grad(loss, logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_callers_leaf_or_bf16_logits_are_never_overwritten(dtype):
+    """A leaf is the caller's; bf16 logits are copied to fp32 first and only the copy is reused."""
+    logits = torch.randn(3, 8).to(dtype).requires_grad_(True)
+    before = logits.detach().clone()
+    multinomial_nll(logits, _batch(), reuse_logits=True).backward()
+    assert torch.equal(logits.detach(), before)
+    assert logits.grad is not None and bool(logits.grad.abs().sum() > 0)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_blocked_logsumexp_equals_torch_logsumexp_bit_for_bit(monkeypatch, threads):
     """The CPU likelihood takes its log-sum-exp in blocks of rows; each block has at least two

@@ -158,7 +158,7 @@ class MultiVAE(nn.Module):
             log_p = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(dim=1)
             kl = (log_q - log_p).mean()
         logits = self.logits(z)
-        nll = multinomial_nll(logits, batch)
+        nll = multinomial_nll(logits, batch, reuse_logits=True)  # its backward overwrites logits
         if lambda_a > 0:
             align = alignment_closed_form(mu, logvar, self.anchors, batch).mean()
         else:

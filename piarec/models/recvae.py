@@ -133,7 +133,7 @@ class RecVAE(nn.Module):
         mu, logvar = self.encoder(batch, phase.keep_prob)
         mu, logvar = mu.float(), logvar.float()  # the loss terms in fp32 under bf16 autocast
         z = mu + torch.exp(0.5 * logvar) * standard_normal(batch, mu)
-        nll = multinomial_nll(self.logits(z), batch)
+        nll = multinomial_nll(self.logits(z), batch, reuse_logits=True)
         zero = torch.zeros((), device=mu.device)
         if phase.terms == "nll":
             return LossParts(nll, nll, zero, zero)
