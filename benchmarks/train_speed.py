@@ -136,7 +136,7 @@ def _whole_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=1)
 
 
-def _nll_into_new_buffer(logits: torch.Tensor, batch: SparseBatch, reuse_logits: bool = False) -> torch.Tensor:
+def _nll_into_new_buffer(logits: torch.Tensor, batch: SparseBatch, *, reuse_logits: bool = False) -> torch.Tensor:
     return multinomial_nll(logits, batch)
 
 
@@ -195,7 +195,10 @@ def _one_allocator(args: argparse.Namespace, batches: int, skip: int) -> dict[st
     if args.allocator == "heap" and not keep_buffers_on_heap():
         raise SystemExit("--allocator heap and both need glibc's malloc")
     torch.set_num_threads(args.threads)
+    t = time.perf_counter()
     train = synthetic_ml20m(args.users, args.items, args.positives)
+    print(f"synthetic matrix ({args.allocator}): {train.n_rows} users x {train.n_cols} items, {train.nnz} positives "
+          f"({time.perf_counter() - t:.1f}s to build)", file=sys.stderr, flush=True)  # stdout: a child's JSON
     order = np.random.default_rng(0).permutation(train.n_rows)
     rows = [order[(skip + j) * args.batch_size:(skip + j + 1) * args.batch_size] for j in range(batches + 2)]
     out = {}
@@ -214,7 +217,8 @@ def _children(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[fl
         cmd = [sys.executable, __file__, "--allocator", allocator, "--child-skip", str(skip), "--batches", str(half),
                "--users", str(args.users), "--items", str(args.items), "--positives", str(args.positives),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-        got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        # stdout only: the child's matrix line and any traceback reach the terminal
+        got = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
         for dev, arms in got.items():
             for arm, sec in arms.items():
                 merged[allocator].setdefault(dev, {}).setdefault(arm, []).extend(sec)
@@ -237,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_one_allocator(args, args.batches, args.child_skip)))
         return
 
-    print(f"synthetic matrix: {args.users} users x {args.items} items, ~{args.positives} positives; "
-          f"batch {args.batch_size}; torch threads {args.threads}; allocator {args.allocator}", flush=True)
+    print(f"batch {args.batch_size}; torch threads {args.threads}; allocator {args.allocator}", flush=True)
     runs = _children(args) if args.allocator == "both" else {args.allocator: _one_allocator(args, args.batches, 0)}
     steps_per_epoch = -(-args.users // args.batch_size)
     median = {(alloc, dev, arm): float(np.median(sec)) for alloc, devs in runs.items()
